@@ -1,0 +1,1 @@
+"""The loft-probe command line (shipped as loft_probe.cli)."""

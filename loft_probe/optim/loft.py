@@ -1,0 +1,327 @@
+"""The LoFT optimizer: bookkeeping around the math of :mod:`loft_probe.optim.functional`.
+
+Parameter groups are of two kinds. A *pair group* holds exactly ``[B, A]`` of one LoRA layer and its scale
+``lora_scale`` (s in ``W = W0 + s·B·A``); it gets LoFT. Every other group (``lora_scale=None``) gets AdamW.
+:meth:`LoFT.from_model` builds both kinds from a model.
+
+State per pair, all tensors in ``optimizer.state`` (so ``state_dict`` round-trips it):
+``state[B]``: ``step``, ``phase`` (0: B moves next, 1: A moves next), ``exp_avg`` m_B (m×r),
+``exp_avg_sq`` S_B (m×T), ``prev_partner`` (A at the previous step, r×n).
+``state[A]``: ``exp_avg`` m_A (r×n), ``exp_avg_sq`` S_A (n×T), ``prev_partner`` (B at the previous step).
+T = r(r+1)/2 for ``second_moment="full"`` (packed symmetric), r for ``"simple"`` (elementwise).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from loft_probe.optim import functional as F
+
+SECOND_MOMENTS = ("full", "simple")
+
+
+class _Side(NamedTuple):
+    """One factor of a pair seen as the left factor L (k×r) of ``s·L·R``; see functional's docstring."""
+
+    factor: Tensor  # (k, r) compute-dtype view of the parameter (B, or Aᵀ)
+    partner: Tensor  # (r, l) the other factor (A, or Bᵀ), as in the forward pass
+    grad: Tensor  # (k, r)
+    exp_avg: Tensor  # (k, r)
+    exp_avg_sq: Tensor  # (k, T)
+    prev_partner: Tensor  # (r, l)
+
+
+class LoFT(torch.optim.Optimizer):
+    """LoFT (Tastan et al., ICLR 2026): AdamW for LoRA factors that applies full fine-tuning's AdamW update,
+    restricted to the subspace the adapter can express.
+
+    Args:
+        params: parameter groups; pair groups are ``{"params": [B, A], "lora_scale": s}`` with B (m×r),
+            A (r×n). Prefer :meth:`from_model`.
+        lr, betas, eps: as in ``torch.optim.AdamW``.
+        weight_decay: decoupled, ``(1 − lr·λ)`` on the moving factor: it decays the adapter product
+            ``s·B·A``, never the frozen ``W0``.
+        alternating: move one factor per step (B first, since PEFT starts from B = 0). Off: both move.
+        scale_gradients: precondition factor gradients by the inverse partner Gram (step 1).
+        transport: carry the moments over when the partner factor changes (steps 2–3).
+        second_moment: ``"full"`` (per-row r×r matrices, exact full-space reconstruction) or ``"simple"``
+            (their diagonals: elementwise, the memory of plain Adam).
+        projected_update: apply the full-space AdamW direction projected onto the adapter (step 5).
+            Off: Adam in factor coordinates (needs ``second_moment="simple"``).
+        max_grad_norm: clip by the global full-space gradient norm (see :func:`clip_grad_norm_`).
+
+    With ``alternating, scale_gradients, transport, projected_update`` all off and ``"simple"`` second
+    moments, LoFT is AdamW on the factors (plain LoRA).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        alternating: bool = True,
+        scale_gradients: bool = True,
+        transport: bool = True,
+        second_moment: str = "full",
+        projected_update: bool = True,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        _check_hyperparameters(lr, betas, eps, weight_decay, second_moment, projected_update, max_grad_norm)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lora_scale=None,
+            alternating=alternating, scale_gradients=scale_gradients, transport=transport,
+            second_moment=second_moment, projected_update=projected_update,
+        )
+        self.max_grad_norm = max_grad_norm
+        self._bases: dict[tuple, F.SecondMomentBasis] = {}  # index tensors, one per (rank, variant, device)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_group(group)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, lr: float = 1e-3, **kwargs: Any) -> LoFT:
+        """LoFT for every trainable LoRA pair of ``model`` (PEFT, torchtune-style or ``add_lora`` layers),
+        AdamW for every other trainable parameter (biases, heads, norms, DoRA magnitudes).
+
+        A model without LoRA pairs gets plain AdamW on every trainable parameter, with a warning.
+        """
+        from loft_probe.lora import lora_pairs
+
+        pairs = [p for p in lora_pairs(model) if p.A.requires_grad and p.B.requires_grad]
+        if not pairs:
+            warnings.warn("LoFT.from_model found no trainable LoRA pairs; every trainable parameter "
+                          "gets plain AdamW", stacklevel=2)
+        in_pairs = {id(t) for pair in pairs for t in (pair.A, pair.B)}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
+        groups: list[dict[str, Any]] = [
+            {"params": [pair.B, pair.A], "lora_scale": pair.scale, "name": pair.name} for pair in pairs
+        ]
+        if rest:
+            groups.append({"params": rest, "name": "adamw"})
+        return cls(groups, lr=lr, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.max_grad_norm is not None:
+            clip_grad_norm_(self, self.max_grad_norm)
+        for group in self.param_groups:
+            if group["lora_scale"] is None:
+                self._adamw_group(group)
+            else:
+                self._pair_step(group)
+        return loss
+
+    # ---------------------------------------------------------------- AdamW for every other parameter
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            _reject_sparse(p.grad)
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, dtype=_compute_dtype(p))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_compute_dtype(p))
+            state["step"] += 1
+            param = p.detach().to(_compute_dtype(p))
+            F.adamw_update_(param, p.grad.to(param.dtype), state["exp_avg"], state["exp_avg_sq"],
+                            int(state["step"]), group["lr"], beta1, beta2, group["eps"],
+                            group["weight_decay"])
+            if param is not p:
+                p.copy_(param)
+
+    # ---------------------------------------------------------------- LoFT for one LoRA pair
+    def _pair_step(self, group: dict[str, Any]) -> None:
+        B, A = group["params"]
+        if B.grad is None and A.grad is None:
+            return
+        for g in (B.grad, A.grad):
+            if g is not None:
+                _reject_sparse(g)
+        state_B, state_A = self._pair_state(group)
+        state_B["step"] += 1
+        t = int(state_B["step"])
+        beta1, beta2 = group["betas"]
+        scale, basis = group["lora_scale"], self._basis(group, B)
+        b_side, a_side = _sides(B, A, state_B, state_A)
+
+        # Phase one: update both factors' states with the factors of the forward pass (spec step 4).
+        grams = (F.GramSolver(b_side.partner), F.GramSolver(a_side.partner))
+        for side, gram in zip((b_side, a_side), grams, strict=True):
+            h = F.scaled_gradient(side.grad, scale, gram) if group["scale_gradients"] else side.grad
+            if group["transport"]:
+                C = F.transport_matrix(side.prev_partner, side.partner, gram)  # (r, r)
+                side.exp_avg.copy_(side.exp_avg @ C)
+                side.exp_avg_sq.copy_(side.exp_avg_sq @ basis.transport(C))
+            side.exp_avg.lerp_(h, 1 - beta1)
+            side.exp_avg_sq.mul_(beta2).add_(basis.features(h), alpha=1 - beta2)
+
+        # Phase two: compute the moving factors' steps, remember the partners, then move.
+        moving = (0, 1) if not group["alternating"] else (int(state_B["phase"]),)
+        lr, step_size = group["lr"], group["lr"] / (1 - beta1**t)
+        steps = {}
+        for i in moving:
+            side, gram = (b_side, a_side)[i], grams[i]
+            if group["projected_update"]:
+                direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, side.partner, basis,
+                                                  t, beta2, group["eps"])
+                steps[i] = gram.right(direction).mul_(step_size / scale)  # (k, r)
+            else:
+                denom = F.adam_denominator_(side.exp_avg_sq.clone(), t, beta2, group["eps"])
+                steps[i] = (side.exp_avg / denom).mul_(step_size)
+        state_B["prev_partner"].copy_(a_side.factor.T)
+        state_A["prev_partner"].copy_(b_side.factor)
+        for i, delta in steps.items():
+            factor = (b_side, a_side)[i].factor
+            factor.mul_(1 - lr * group["weight_decay"]).sub_(delta)
+        state_B["phase"].fill_(1 - int(state_B["phase"]))
+        for param, side in ((B, b_side.factor), (A, a_side.factor.T)):
+            if param.dtype != side.dtype:  # low-precision factor: computed in float32, stored back
+                param.copy_(side)
+
+    def _pair_state(self, group: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        B, A = group["params"]
+        state_B, state_A = self.state[B], self.state[A]
+        if not state_B:
+            dtype, width = _compute_dtype(B), self._basis(group, B).width
+            state_B["step"] = torch.tensor(0.0)
+            state_B["phase"] = torch.tensor(0.0)
+            state_B["exp_avg"] = torch.zeros_like(B, dtype=dtype)  # (m, r)
+            state_B["exp_avg_sq"] = B.new_zeros(B.shape[0], width, dtype=dtype)  # (m, T)
+            state_B["prev_partner"] = A.detach().to(dtype, copy=True)  # (r, n)
+            state_A["exp_avg"] = torch.zeros_like(A, dtype=dtype)  # (r, n)
+            state_A["exp_avg_sq"] = A.new_zeros(A.shape[1], width, dtype=dtype)  # (n, T)
+            state_A["prev_partner"] = B.detach().to(dtype, copy=True)  # (m, r)
+        return state_B, state_A
+
+    def _basis(self, group: dict[str, Any], B: Tensor) -> F.SecondMomentBasis:
+        key = (B.shape[1], group["second_moment"], B.device)
+        if key not in self._bases:
+            self._bases[key] = F.SecondMomentBasis(B.shape[1], group["second_moment"] == "full", B.device)
+        return self._bases[key]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except that state keeps the dtype it was saved in: torch would cast it to the
+        parameter's dtype, and LoFT keeps bf16/fp16 factors' state in float32."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key, value in saved.items():
+                if torch.is_tensor(value) and key not in ("step", "phase"):
+                    self.state[params[index]][key] = value.to(device=params[index].device, copy=True)
+
+
+def clip_grad_norm_(optimizer: LoFT, max_norm: float) -> Tensor:
+    """Clip all gradients by the global norm of what LoFT will use; returns that norm (before clipping).
+
+    Per pair, the moving factor's full-space gradient norm ``‖G·P_A‖ = ‖h_B·A‖`` (or its A-side twin; both
+    when not alternating) when gradients are scaled, else the raw factor gradients' norms; plus the raw
+    gradient norm of every other parameter. All raw gradients are multiplied by
+    ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    squares, grads = [], []
+    for group in optimizer.param_groups:
+        group_grads = [p.grad for p in group["params"] if p.grad is not None]
+        grads += group_grads
+        if group["lora_scale"] is None or not group["scale_gradients"]:
+            squares += [g.detach().float().pow(2).sum() for g in group_grads]
+            continue
+        B, A = group["params"]
+        state_B = optimizer.state[B]
+        phase = int(state_B["phase"]) if state_B else 0
+        moving = (0, 1) if not group["alternating"] else (phase,)
+        Bc, Ac, gB, gA = _compute_views(B, A)
+        views = ((gB, Ac), (gA.T, Bc.T))  # (gradient, partner) of the B-side and of the A-side
+        for grad, partner in (views[i] for i in moving):
+            gram = F.GramSolver(partner)
+            h = F.scaled_gradient(grad, group["lora_scale"], gram)
+            squares.append(F.fullspace_sq_norm(h, gram).float())
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.stack([s.to(grads[0].device) for s in squares]).sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype))
+    return total
+
+
+def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(B, A, g_B, g_A)`` in the compute dtype: the parameters themselves unless they are low-precision.
+
+    A missing gradient reads as zero (a factor that did not take part in the loss).
+    """
+    dtype = _compute_dtype(B)
+    Bc, Ac = B.detach().to(dtype), A.detach().to(dtype)
+    gB = B.grad.to(dtype) if B.grad is not None else torch.zeros_like(Bc)
+    gA = A.grad.to(dtype) if A.grad is not None else torch.zeros_like(Ac)
+    return Bc, Ac, gB, gA
+
+
+def _sides(B: Tensor, A: Tensor, state_B: dict, state_A: dict) -> tuple[_Side, _Side]:
+    """The B-side (L = B, R = A) and the A-side (L = Aᵀ, R = Bᵀ) of a pair."""
+    Bc, Ac, gB, gA = _compute_views(B, A)
+    b_side = _Side(Bc, Ac, gB, state_B["exp_avg"], state_B["exp_avg_sq"], state_B["prev_partner"])
+    a_side = _Side(Ac.T, Bc.T, gA.T, state_A["exp_avg"].T, state_A["exp_avg_sq"], state_A["prev_partner"].T)
+    return b_side, a_side
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 parameters (LoFT's solves need it), the parameter's dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
+def _reject_sparse(grad: Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError("LoFT does not support sparse gradients; use dense gradients (e.g. "
+                           "nn.Embedding(sparse=False))")
+
+
+def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                           second_moment: str, projected_update: bool, max_grad_norm: float | None) -> None:
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
+    if not projected_update and second_moment == "full":
+        raise ValueError("projected_update=False needs second_moment='simple': full r×r second moments "
+                         "have no elementwise direction in factor coordinates")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                           group["second_moment"], group["projected_update"], None)
+    if group["lora_scale"] is None:
+        return
+    params = group["params"]
+    name = group.get("name", "a pair group")
+    if len(params) != 2:
+        raise ValueError(f"{name}: a pair group holds exactly [B, A], got {len(params)} parameters")
+    B, A = params
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"{name}: pair group needs B (m×r) and A (r×n), got shapes "
+                         f"{tuple(B.shape)} and {tuple(A.shape)}")
+    if not group["lora_scale"] > 0:
+        raise ValueError(f"{name}: lora_scale must be > 0, got {group['lora_scale']}")

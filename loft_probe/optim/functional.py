@@ -90,11 +90,11 @@ class SecondMomentBasis:
 
     def features(self, h: Tensor) -> Tensor:
         """``h_p·h_q`` for every stored (p, q): (k, r) → (k, T). Its EMA is the state."""
-        return h[:, self.p] * h[:, self.q]
+        return h.index_select(1, self.p) * h.index_select(1, self.q)
 
     def kernel(self, R: Tensor) -> Tensor:
         """(T, n) matrix K with ``V = S·K``, ``V_ij = r_jᵀ·S_i·r_j`` (r_j: column j of R)."""
-        K = R[self.p] * R[self.q]
+        K = R.index_select(0, self.p) * R.index_select(0, self.q)
         return torch.where(self.off_diagonal[:, None], 2 * K, K)
 
     def transport(self, C: Tensor) -> Tensor:
@@ -135,17 +135,34 @@ def adamw_update_(
     param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 
+# Rows of the k×n reconstruction handled at once: two such blocks stay in cache, so the elementwise
+# passes of the Adam direction cost little and the step never allocates (let alone faults in) k×n memory.
+BLOCK_ELEMENTS = 1 << 18
+
+
 def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, R: Tensor, basis: SecondMomentBasis,
                         step: int, beta2: float, eps: float) -> Tensor:
-    """Step 5: the full-space Adam direction, undivided by ``1 − β1ᵗ``, times ``Rᵀ`` (k×r).
+    """Step 5: ``D·Rᵀ`` (k×r), D the full-space Adam direction (k×n), undivided by ``1 − β1ᵗ``.
 
-    ``M = m·R`` and ``V = S·kernel(R)`` are the reconstructed full-space moments (k×n);
-    ``D = M / (sqrt(V)/sqrt(1 − β2ᵗ) + ε)``; returns ``D·Rᵀ``. Two k×n buffers at most.
+    ``D = M / (sqrt(V/(1 − β2ᵗ)) + ε)`` with the reconstructed moments ``M = m·R``, ``V = S·kernel(R)``
+    (see :func:`reconstruct_moments`), computed block of rows by block of rows: the transient memory is
+    two blocks of ``BLOCK_ELEMENTS`` numbers, not two k×n buffers.
     """
-    M, V = reconstruct_moments(exp_avg, exp_avg_sq, R, basis)  # (k, n) each
-    D = M.div_(adam_denominator_(V, step, beta2, eps))
-    del V
-    return D @ R.T  # (k, r)
+    k, n = exp_avg.shape[0], R.shape[1]
+    rows = max(1, min(k, BLOCK_ELEMENTS // n))
+    K = basis.kernel(R).div_(1 - beta2**step)  # (T, n); the bias correction folded in once
+    M = exp_avg.new_empty(rows, n)
+    V = exp_avg.new_empty(rows, n)
+    out = exp_avg.new_empty(k, R.shape[0])  # (k, r)
+    for start in range(0, k, rows):
+        stop = min(start + rows, k)
+        M_b, V_b = M[: stop - start], V[: stop - start]
+        torch.mm(exp_avg[start:stop], R, out=M_b)
+        torch.mm(exp_avg_sq[start:stop], K, out=V_b)
+        # clamp: roundoff can take a reconstructed second moment slightly below 0
+        M_b.div_(V_b.clamp_min_(0).sqrt_().add_(eps))
+        torch.mm(M_b, R.T, out=out[start:stop])
+    return out
 
 
 def reconstruct_moments(exp_avg: Tensor, exp_avg_sq: Tensor, R: Tensor,

@@ -416,3 +416,53 @@ def test_cuda_matches_cpu():
             opt.step()
         results.append((B @ A).detach().cpu())
     assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def test_from_model_alpha_invariance_through_add_lora():
+    """α = r and α = 4r give the same effective weights when LoFT steps an add_lora model."""
+    from loft_probe import add_lora, lora_pairs
+
+    X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    effective = []
+    for alpha in (2.0, 8.0):
+        model = add_lora(_mlp(0), rank=2, alpha=alpha, targets=["0", "2"])
+        opt = LoFT.from_model(model, lr=1e-2, weight_decay=0.01)
+        assert [g["lora_scale"] for g in opt.param_groups] == [alpha / 2, alpha / 2]
+        for _ in range(12):
+            opt.zero_grad()
+            model(X).pow(2).mean().backward()
+            opt.step()
+        effective.append(torch.cat([(p.base_weight() + p.delta_weight()).flatten() for p in lora_pairs(model)]))
+    assert_close(effective[0], effective[1], rtol=1e-10, atol=1e-12)
+
+
+def test_from_model_gives_other_trainable_parameters_adamw():
+    from loft_probe import add_lora
+
+    model = add_lora(_mlp(1), rank=2, targets=["0"])
+    model[2].weight.requires_grad_(True)  # a trainable head, as PEFT's modules_to_save
+    opt = LoFT.from_model(model, lr=1e-2)
+    pair_group, rest = opt.param_groups
+    assert pair_group["params"] == [model[0].lora_B.weight, model[0].lora_A.weight]
+    assert rest["lora_scale"] is None and rest["params"] == [model[2].weight]
+
+
+def test_from_model_without_lora_warns_and_is_adamw():
+    model = _mlp(2)
+    twin = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="no trainable LoRA pairs"):
+        opt = LoFT.from_model(model, lr=1e-2)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0, foreach=False)
+    X = torch.randn(16, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
+    for net, optimizer in ((model, opt), (twin, adamw)):
+        for _ in range(5):
+            optimizer.zero_grad()
+            net(X).pow(2).mean().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert_close(a, b, rtol=0, atol=1e-14)

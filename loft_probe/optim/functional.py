@@ -115,24 +115,25 @@ def adam_denominator_(exp_avg_sq: Tensor, step: int, beta2: float, eps: float) -
     return exp_avg_sq.sqrt_().div_(math.sqrt(1 - beta2**step)).add_(eps)
 
 
-def adamw_update_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One AdamW step, in place on ``param`` and both moments (any shape); torch's arithmetic order."""
-    param.mul_(1 - lr * weight_decay)
+def adam_moments_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float) -> None:
+    """In place: the EMAs of the gradient and of its square (any shape)."""
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def adamw_move_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
+                beta2: float, eps: float, weight_decay: float) -> Tensor:
+    """In place: ``param ← (1 − lr·λ)·param − lr·m̂/(sqrt(v̂) + ε)`` from moments already updated; returns it."""
+    param.mul_(1 - lr * weight_decay)
     denom = adam_denominator_(exp_avg_sq.clone(), step, beta2, eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    return param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+
+
+def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW step, in place on ``param`` and both moments; torch.optim.AdamW's arithmetic."""
+    adam_moments_(grad, exp_avg, exp_avg_sq, beta1, beta2)
+    adamw_move_(param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
 
 
 # Rows of the k×n reconstruction handled at once: two such blocks stay in cache, so the elementwise

@@ -208,7 +208,8 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
             {"step": "int64", "layer": "string", "metric": "string", "value": "float64"})
     except (ValueError, TypeError) as exc:
         raise RunDirError(f"{folder}: metrics of the wrong type ({exc})") from None
-    return metrics
+    # A run resumed from a checkpoint records some steps again: the later part wins.
+    return metrics.drop_duplicates(["step", "layer", "metric"], keep="last").reset_index(drop=True)
 
 
 def read_snapshot_steps(run_dir: Path) -> list[int]:

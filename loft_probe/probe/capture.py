@@ -1,0 +1,52 @@
+"""The true full-weight gradient of a LoRA layer, ``G = ∂L/∂W`` (m×n), captured from the layer's input and
+the gradient of its output (the frozen base weight has no ``.grad`` of its own)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class GradCapture:
+    """Accumulates ``G += ∂L/∂yᵀ·x`` over every backward pass while active (gradient accumulation sums,
+    as ``.grad`` does) until :meth:`reset`.
+
+    The module's input is kept alive from the forward to the backward pass: capture costs activation memory,
+    which is why it is optional. ``y`` is the whole layer's output: the same G for every adapter of a layer.
+    """
+
+    def __init__(self, module: nn.Module, shape: tuple[int, int], dtype: torch.dtype) -> None:
+        self.shape, self.dtype = shape, dtype
+        self.active = False
+        self.grad: Tensor | None = None  # (m, n), allocated on first use and reused
+        self.filled = False
+        self._handle = module.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not (self.active and torch.is_grad_enabled() and args and isinstance(output, Tensor)
+                and output.requires_grad):
+            return
+        x = args[0].detach()
+        output.register_hook(lambda grad_out: self._accumulate(grad_out, x))
+
+    def _accumulate(self, grad_out: Tensor, x: Tensor) -> None:
+        m, n = self.shape
+        g = grad_out.detach().reshape(-1, m).to(self.dtype)  # (tokens, m)
+        inputs = x.reshape(-1, n).to(self.dtype)  # (tokens, n)
+        if self.grad is None:
+            self.grad = g.T @ inputs
+        elif not self.filled:
+            torch.mm(g.T, inputs, out=self.grad)
+        else:
+            self.grad.addmm_(g.T, inputs)
+        self.filled = True
+
+    def take(self) -> Tensor | None:
+        """The accumulated G (m×n), or None when no backward pass ran since the last reset."""
+        return self.grad if self.filled else None
+
+    def reset(self) -> None:
+        self.filled = False
+
+    def remove(self) -> None:
+        self._handle.remove()

@@ -1,0 +1,527 @@
+"""``attach``: a probe that records, layer by layer, how a training run's optimizer differs from full
+fine-tuning — through hooks only, without a call in the user's loop.
+
+At every optimizer step the probe (pre-step hook) takes each probed layer's full-weight gradient G — ``W.grad``
+for a dense weight, the captured ``∂L/∂yᵀ·x`` for a LoRA layer — and feeds the shadow AdamW with it. At
+recorded steps it also keeps the weights from before the step, and after the step (post-step hook) writes
+the metrics of :mod:`loft_probe.probe.measure`; at snapshot steps the top-k singular triplets of the
+cumulative ΔW. Under DDP every rank captures and all-reduces G; rank 0 alone measures and writes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fnmatch
+import hashlib
+import time
+import traceback
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from loft_probe import metrics as M
+from loft_probe.lora import LoraPair, lora_pairs
+from loft_probe.optim import LoFT
+from loft_probe.optim import functional as F
+from loft_probe.probe import measure, rundir
+from loft_probe.probe.capture import GradCapture
+from loft_probe.probe.schedule import Schedule, as_schedule, every
+from loft_probe.probe.shadow import ShadowAdamW
+
+
+class ProbeWarning(UserWarning):
+    """The probe met something it cannot measure, or disabled itself; training goes on unchanged."""
+
+
+@dataclass
+class _Layer:
+    """One probed weight: a LoRA pair (``pair``) or a dense 2-D parameter (``param``)."""
+
+    name: str
+    pair: LoraPair | None
+    param: nn.Parameter | None
+    capture: GradCapture | None = None
+    shadow: ShadowAdamW | None = None
+    initial_factors: tuple[Tensor, Tensor] | None = None  # LoRA: (B, A) at attach time
+    base_norm: float = 0.0  # ‖W_0‖
+    grad: Tensor | None = None  # this step's G (m×n)
+    before: tuple[Tensor, ...] | None = None  # recorded steps: (B, A) or (W,) from before the step
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.pair is not None else "full"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pair.shape if self.pair is not None else tuple(self.param.shape)
+
+    @property
+    def key_param(self) -> nn.Parameter:
+        """The parameter whose optimizer group holds this layer's lr and betas."""
+        return self.pair.B if self.pair is not None else self.param
+
+    def compute_dtype(self) -> torch.dtype:
+        dtype = self.key_param.dtype
+        return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+    def state_now(self) -> tuple[Tensor, ...]:
+        dtype = self.compute_dtype()
+        if self.pair is not None:
+            return self.pair.B.detach().to(dtype, copy=True), self.pair.A.detach().to(dtype, copy=True)
+        return (self.param.detach().to(dtype, copy=True),)
+
+    def weight(self, state: tuple[Tensor, ...]) -> Tensor:
+        """The effective weight W (m×n) of a saved state."""
+        if self.pair is None:
+            return state[0]
+        B, A = state
+        return self.pair.base_weight().to(B.dtype) + self.pair.scale * (B @ A)
+
+
+class Probe:
+    """Records gradients, moments, updates and a shadow full fine-tuning of a run; see :func:`attach`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Path,
+                 every: int | Iterable[int] | Schedule = 16, shadow: bool = False,
+                 capture_grad: bool | None = None, layers: str | Iterable[str] | None = None,
+                 snapshots: int | Iterable[int] | Schedule | None = None, snapshot_k: int = 32,
+                 intruders: bool = True, shadow_dtype: torch.dtype | None = None, grad_scaler: Any = None,
+                 seed: int | None = None, data_order: str | None = None, name: str | None = None,
+                 extra_meta: dict[str, Any] | None = None) -> None:
+        self.schedule = as_schedule(every)
+        self.snapshots = as_schedule(snapshots) if snapshots is not None else _default_snapshots(self.schedule)
+        if isinstance(snapshot_k, bool) or not isinstance(snapshot_k, int) or snapshot_k < 1:
+            raise ValueError(f"snapshot_k must be an integer >= 1, got {snapshot_k!r}")
+        if capture_grad is None:
+            capture_grad = shadow
+        if shadow and not capture_grad:
+            raise ValueError("shadow=True needs capture_grad=True: the shadow AdamW is fed the true gradient")
+        if shadow_dtype not in (None, torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"shadow_dtype must be None, float32, bfloat16 or float64, got {shadow_dtype}")
+        model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel wrap the model
+        self.model, self.optimizer, self.grad_scaler = model, optimizer, grad_scaler
+        self.run_dir = Path(run_dir)
+        self.snapshot_k, self.intruders = snapshot_k, intruders
+        self.rank, self.world = _distributed()
+        self.layers = _select_layers(model, layers)
+        self.method = _method(optimizer, self.layers)
+        self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for layer in self.layers:
+            if id(layer.key_param) not in self._groups:
+                raise ValueError(f"layer {layer.name!r} is not optimized by the given optimizer")
+        self._prepare_layers(capture_grad, shadow, shadow_dtype)
+        self.step = self._open_run_dir(seed, data_order, name, shadow, capture_grad, extra_meta or {})
+        self._rows: list[tuple[int, str, str, float]] = []
+        self._warned: set[str] = set()
+        self._enabled = True
+        self._pending_skip = False
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
+                         optimizer.register_step_post_hook(self._post_step)]
+        if grad_scaler is not None:
+            self._wrap_scaler_update(grad_scaler)
+        self._set_capture(self.step + 1)
+        atexit.register(self.close)
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_layers(self, capture_grad: bool, shadow: bool, shadow_dtype: torch.dtype | None) -> None:
+        for layer in self.layers:
+            dtype, device = layer.compute_dtype(), layer.key_param.device
+            if layer.pair is not None:
+                layer.initial_factors = layer.state_now()
+                layer.base_norm = float(layer.pair.base_weight().float().norm())
+                if capture_grad:
+                    layer.capture = GradCapture(layer.pair.module, layer.shape, dtype)
+            else:
+                layer.base_norm = float(layer.param.detach().float().norm())
+            if shadow and self.rank == 0:
+                layer.shadow = ShadowAdamW(layer.shape, dtype, device, shadow_dtype)
+
+    def _open_run_dir(self, seed, data_order, name, shadow, capture_grad, extra_meta) -> int:
+        """Creates the run directory, or re-opens one of the same run to append; returns the start step."""
+        fingerprint = self._fingerprint()
+        layer_table = [{"name": layer.name, "shape": list(layer.shape), "kind": layer.kind,
+                        "rank": layer.pair.rank if layer.pair else None,
+                        "scale": layer.pair.scale if layer.pair else None} for layer in self.layers]
+        start = 0
+        if (self.run_dir / "meta.json").exists():
+            old = rundir.read_meta(self.run_dir)
+            start = _optimizer_step(self.optimizer)
+            # A fully fine-tuned weight has moved since W_0: mid-run, only the layer table can be checked.
+            same_base = old.get("fingerprint") == fingerprint or (start > 0 and self._has_dense_layers())
+            if not same_base or old.get("layers") != layer_table:
+                raise rundir.RunDirError(f"{self.run_dir}: holds a different run (base weights or layers "
+                                         "differ); choose another run_dir")
+            fingerprint = old["fingerprint"]
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise rundir.RunDirError(f"{self.run_dir}: exists and is not a run directory; choose another")
+        self.meta = {
+            "name": name or self.run_dir.name, "method": self.method,
+            "optimizer": type(self.optimizer).__name__, "hyperparameters": _hyperparameters(self.optimizer),
+            "seed": seed, "data_order": data_order, "fingerprint": fingerprint, "layers": layer_table,
+            "schedule": self.schedule.describe(), "snapshots": self.snapshots.describe(),
+            "snapshot_k": self.snapshot_k, "shadow": shadow, "capture_grad": capture_grad,
+            "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": self.world, "closed": False, **extra_meta,
+        }
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if start == 0 and self._has_dense_layers():
+                self._write_initial_weights()
+            rundir.write_meta(self.run_dir, self.meta)
+        return start
+
+    def _has_dense_layers(self) -> bool:
+        return any(layer.pair is None for layer in self.layers)
+
+    def _fingerprint(self) -> str:
+        """sha256 over the probed layers' names, shapes and base weights (W_0; the frozen base of LoRA)."""
+        digest = hashlib.sha256()
+        for layer in self.layers:
+            base = layer.pair.base_weight() if layer.pair is not None else layer.param.detach()
+            digest.update(f"{layer.name}:{tuple(base.shape)}:{base.dtype}".encode())
+            digest.update(base.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _write_initial_weights(self) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {layer.name: layer.param.detach().cpu().contiguous() for layer in self.layers
+                   if layer.pair is None}
+        rundir.atomic_write(self.run_dir / "initial.safetensors", lambda p: save_file(tensors, str(p)))
+
+    def _initial_weight(self, layer: _Layer) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.run_dir / "initial.safetensors"), framework="pt") as f:
+            return f.get_tensor(layer.name).to(layer.param.device, layer.compute_dtype())
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self._guarded(self._before_step)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        self._guarded(self._after_step)
+
+    def _guarded(self, body) -> None:
+        """Runs a hook body; an error disables the probe with one warning instead of crashing training."""
+        if not self._enabled:
+            return
+        try:
+            body()
+        except OSError as exc:
+            self._disable(f"cannot write to {self.run_dir} ({exc})")
+        except Exception as exc:
+            self._disable(f"{type(exc).__name__}: {exc} at {traceback.format_tb(exc.__traceback__)[-1].strip()}")
+
+    def _before_step(self) -> None:
+        t = self.step + 1
+        recorded = self.schedule(t) or self.snapshots(t)
+        for layer in self.layers:
+            layer.grad = self._full_gradient(layer)
+            if layer.grad is not None and not bool(torch.isfinite(layer.grad).all()):
+                self._rows.append((t, layer.name, "nonfinite_grad", 1.0))
+                layer.grad = None
+            if layer.shadow is not None and layer.grad is not None:
+                beta1, beta2 = self._group(layer)["betas"]
+                layer.shadow.feed(layer.grad, beta1, beta2)
+            if recorded and self.rank == 0:
+                layer.before = layer.state_now()
+
+    def _after_step(self) -> None:
+        self.step += 1
+        t = self.step
+        if self.rank == 0 and self.schedule(t):
+            for layer in self.layers:
+                self._record(t, layer)
+        if self.rank == 0 and self.snapshots(t):
+            self._snapshot(t)
+        for layer in self.layers:
+            layer.grad, layer.before = None, None
+            if layer.capture is not None:
+                layer.capture.reset()
+        self._pending_skip = False
+        self._set_capture(t + 1)
+        self._flush()
+
+    def _full_gradient(self, layer: _Layer) -> Tensor | None:
+        """G (m×n) of this step: ``W.grad``, or the captured gradient (unscaled, averaged over ranks)."""
+        if layer.pair is None:
+            grad = layer.param.grad
+            return None if grad is None else grad.detach().to(layer.compute_dtype())
+        if layer.capture is None or (grad := layer.capture.take()) is None:
+            return None
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            grad = grad / self.grad_scaler.get_scale()  # hooks see the scaled loss's gradient
+        if self.world > 1:
+            torch.distributed.all_reduce(grad)
+            grad = grad / self.world
+        return grad
+
+    def _set_capture(self, next_step: int) -> None:
+        """Capture G for the next step only when something needs it (the shadow always does)."""
+        needed = self.schedule(next_step) or self.snapshots(next_step)
+        for layer in self.layers:
+            if layer.capture is not None:
+                layer.capture.active = needed or layer.shadow is not None or self.world > 1
+
+    def _wrap_scaler_update(self, scaler) -> None:
+        """A GradScaler skips ``optimizer.step`` on inf/NaN gradients; then its captured G must not leak
+        into the next step. ``scaler.update()`` follows every (possibly skipped) step: reset there."""
+        original = scaler.update
+        self._pending_skip = True
+
+        def update(*args, **kwargs):
+            if self._pending_skip:  # no optimizer step since the last update: this one was skipped
+                self._rows.append((self.step + 1, rundir.RUN_LAYER, "skipped_step", 1.0))
+                for layer in self.layers:
+                    if layer.capture is not None:
+                        layer.capture.reset()
+            self._pending_skip = True
+            return original(*args, **kwargs)
+
+        scaler.update = update
+
+    # ------------------------------------------------------------------ measuring
+    def _group(self, layer: _Layer) -> dict[str, Any]:
+        return self._groups[id(layer.key_param)]
+
+    def _record(self, t: int, layer: _Layer) -> None:
+        if layer.before is None:
+            return
+        group = self._group(layer)
+        after = layer.state_now()
+        W_before = layer.weight(layer.before)
+        update = layer.weight(after) - W_before  # (m, n)
+        values = measure.update_metrics(update, W_before, layer.grad)
+        values["weight_change_norm"] = float(self._cumulative_delta_norm(layer, after))
+        if layer.pair is not None:
+            B, A = layer.pair.B.grad, layer.pair.A.grad
+            if B is not None and A is not None:
+                values["factor_grad_norm"] = float(torch.sqrt(B.float().norm() ** 2 + A.float().norm() ** 2))
+            if layer.grad is not None:
+                values.update(measure.residual_metrics(layer.grad, *layer.before))
+        moments = self._full_space_moments(layer)
+        if moments is not None and layer.grad is not None:
+            values["cos_moment_grad"] = float(M.cosine(moments[0], layer.grad))
+        elif layer.pair is not None and (factor_cos := self._factor_moment_cosine(layer)) is not None:
+            values["cos_moment_grad"] = factor_cos
+        if layer.shadow is not None and layer.shadow.step > 0:
+            beta1, beta2 = group["betas"]
+            shadow_next = layer.shadow.next_weight(W_before, group["lr"], beta1, beta2, group["eps"],
+                                                   group.get("weight_decay", 0.0))
+            values.update(measure.shadow_metrics(update, shadow_next - W_before))
+            if moments is not None:
+                first, second, project = moments
+                shadow_m, shadow_v = layer.shadow.moments()
+                projected = project(shadow_m) if project is not None else None
+                values.update(measure.moment_metrics(first, second, shadow_m, shadow_v, projected,
+                                                     group["eps"]))
+        self._rows += [(t, layer.name, metric, float(v)) for metric, v in values.items()]
+
+    def _cumulative_delta_norm(self, layer: _Layer, state: tuple[Tensor, ...]) -> Tensor:
+        if layer.pair is not None:
+            delta = M.lowrank_update(*layer.initial_factors, *state, scale=layer.pair.scale)
+            return M.lowrank_norm(*delta)
+        return (state[0] - self._initial_weight(layer)).norm()
+
+    def _full_space_moments(self, layer: _Layer):
+        """``(M, V, project)``: the optimizer's full-space first and second moments (m×n) after the step, and
+        the projection of an m×n matrix onto what the moved factor can express (None for dense layers)."""
+        state = self.optimizer.state.get(layer.key_param, {})
+        if layer.pair is None:
+            if "exp_avg" in state and "exp_avg_sq" in state:
+                dtype = layer.compute_dtype()
+                return state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype), None
+            self._warn_once("layout", f"{type(self.optimizer).__name__} keeps no exp_avg/exp_avg_sq: moments "
+                                      "are not recorded, gradients and updates are")
+            return None
+        if not isinstance(self.optimizer, LoFT) or "prev_partner" not in state:
+            return None
+        group = self._group(layer)
+        state_B, state_A = state, self.optimizer.state[layer.pair.A]
+        basis = F.SecondMomentBasis(layer.pair.rank, group["second_moment"] == "full", layer.key_param.device)
+        B_moved = not group["alternating"] or int(state_B["phase"]) == 1  # the phase flipped after the step
+        if B_moved:  # M = m_B·A0, A0 = the partner of the forward pass
+            A0 = state_B["prev_partner"]
+            first, second = F.reconstruct_moments(state_B["exp_avg"], state_B["exp_avg_sq"], A0, basis)
+            Q = M.orth(A0.T)  # (n, r)
+            return first, second, lambda X: (X @ Q) @ Q.T
+        B0 = state_A["prev_partner"]  # M = B0·m_A, computed on transposes
+        first, second = F.reconstruct_moments(state_A["exp_avg"].T, state_A["exp_avg_sq"], B0.T, basis)
+        Q = M.orth(B0)  # (m, r)
+        return first.T, second.T, lambda X: Q @ (Q.T @ X)
+
+    def _factor_moment_cosine(self, layer: _Layer) -> float | None:
+        """cos(first moment, gradient) over both factors, for optimizers with factor-space moments."""
+        moments, grads = [], []
+        for p in (layer.pair.B, layer.pair.A):
+            state = self.optimizer.state.get(p, {})
+            if "exp_avg" not in state or p.grad is None or isinstance(self.optimizer, LoFT):
+                return None
+            moments.append(state["exp_avg"].float().flatten())
+            grads.append(p.grad.float().flatten())
+        return float(M.cosine(torch.cat(moments), torch.cat(grads), dim=-1))
+
+    def _snapshot(self, t: int) -> None:
+        tensors: dict[str, Tensor] = {}
+        for layer in self.layers:
+            key = lambda what, part, name=layer.name: rundir.snapshot_key(name, what, part)  # noqa: E731
+            if layer.pair is not None:
+                B, A = layer.state_now()
+                delta_lr = M.lowrank_update(*layer.initial_factors, B, A, scale=layer.pair.scale)
+                delta = _truncate(M.lowrank_svd(*delta_lr), self.snapshot_k)
+                tensors[key("adapter", "B")], tensors[key("adapter", "A")] = B, A
+                scores = (_intruder_scores(layer.pair.base_weight().to(B.dtype), layer.weight((B, A)))
+                          if self.intruders else None)
+            else:
+                W, W0 = layer.state_now()[0], self._initial_weight(layer)
+                delta = M.top_singular(W - W0, min(self.snapshot_k, *W.shape))
+                scores = _intruder_scores(W0, W) if self.intruders else None
+            for part, tensor in zip(("U", "S", "Vh"), delta, strict=True):
+                tensors[key("delta", part)] = tensor
+            if layer.shadow is not None and layer.shadow.step > 0:
+                shadow_m = layer.shadow.moments()[0]
+                for part, tensor in zip(("U", "S", "Vh"),
+                                        M.top_singular(shadow_m, min(self.snapshot_k, *shadow_m.shape)),
+                                        strict=True):
+                    tensors[key("shadow_m", part)] = tensor
+            values = measure.spectrum_metrics(delta, layer.base_norm, scores)
+            self._rows += [(t, layer.name, metric, v) for metric, v in values.items()]
+        rundir.write_snapshot(self.run_dir, t, tensors)
+
+    # ------------------------------------------------------------------ output
+    def log(self, **values: float) -> None:
+        """Run-level values (``loss=...``) at the step just completed: call it after ``optimizer.step()``."""
+        if self.rank != 0 or not self._enabled:
+            return
+        for metric, value in values.items():
+            self._rows.append((self.step, rundir.RUN_LAYER, metric, float(value)))
+
+    def _flush(self) -> None:
+        if self.rank == 0 and self._rows:
+            rows, self._rows = self._rows, []
+            rundir.write_metrics_part(self.run_dir, rows)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"loft_probe: {message}", ProbeWarning, stacklevel=3)
+
+    def _disable(self, why: str) -> None:
+        self._enabled = False
+        self._remove_hooks()
+        warnings.warn(f"loft_probe: probe disabled, training continues: {why}", ProbeWarning, stacklevel=3)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer in self.layers:
+            if layer.capture is not None:
+                layer.capture.remove()
+
+    def close(self) -> None:
+        """Writes what is pending, a snapshot of the last step, and marks the run closed. Idempotent."""
+        atexit.unregister(self.close)
+        if not self._enabled:
+            return
+        self._enabled = False
+        self._remove_hooks()
+        if self.rank != 0:
+            return
+        try:
+            if self.step > 0 and self.step not in rundir.read_snapshot_steps(self.run_dir):
+                self._snapshot(self.step)
+            self._flush()
+            rundir.write_meta(self.run_dir, {**self.meta, "closed": True, "last_step": self.step})
+        except OSError as exc:
+            warnings.warn(f"loft_probe: could not finish writing {self.run_dir} ({exc})", ProbeWarning,
+                          stacklevel=2)
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Path, **options: Any) -> Probe:
+    """Attach a probe to a model and its optimizer; the training loop stays as it is.
+
+    Args:
+        every: record schedule: an int k (every k steps), a list of steps, or a :class:`Schedule`.
+        shadow: keep a shadow AdamW per probed layer (2·m·n numbers each) fed the true gradient every step.
+        capture_grad: capture LoRA layers' full-weight gradient G (activation memory); default = ``shadow``.
+        layers: fnmatch pattern(s) on layer names; default every LoRA layer, or every 2-D weight without LoRA.
+        snapshots: schedule of ΔW snapshots (default every 4th recorded step), plus the last step at close.
+        snapshot_k: singular triplets per snapshot (default 32). intruders: count intruder dimensions there.
+        shadow_dtype: ``torch.bfloat16`` halves the shadow's memory.
+        grad_scaler: the ``torch.amp.GradScaler`` of an AMP run, so that captured G is recorded unscaled.
+        seed, data_order, name: recorded in meta.json; runs compare only with equal seed and data order.
+    """
+    return Probe(model, optimizer, run_dir, **options)
+
+
+def _default_snapshots(schedule: Schedule) -> Schedule:
+    return every(4 * schedule.k) if schedule.kind == "every" and not schedule.dense else schedule
+
+
+def _select_layers(model: nn.Module, patterns: str | Iterable[str] | None) -> list[_Layer]:
+    pairs = [p for p in lora_pairs(model) if p.A.requires_grad and p.B.requires_grad]
+    if pairs:
+        layers = [_Layer(pair.name, pair, None) for pair in pairs]
+    else:
+        layers = [_Layer(name.removesuffix(".weight"), None, param) for name, param in model.named_parameters()
+                  if param.requires_grad and param.dim() == 2]
+    if patterns is not None:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        layers = [layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)]
+    if not layers:
+        raise ValueError(f"no layer to probe: the model has no trainable LoRA pair or 2-D weight matching "
+                         f"{patterns!r}")
+    return layers
+
+
+def _method(optimizer: torch.optim.Optimizer, layers: list[_Layer]) -> str:
+    lora = any(layer.pair is not None for layer in layers)
+    if isinstance(optimizer, LoFT):
+        return "loft" if lora else "full"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "lora" if lora else "full"
+    return "other"
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    keep = ("lr", "betas", "eps", "weight_decay", "alternating", "scale_gradients", "transport",
+            "second_moment", "projected_update")
+    group = optimizer.param_groups[0]
+    out = {k: (list(group[k]) if isinstance(group[k], tuple) else group[k]) for k in keep if k in group}
+    if getattr(optimizer, "max_grad_norm", None) is not None:
+        out["max_grad_norm"] = optimizer.max_grad_norm
+    return out
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
+    """The number of steps an optimizer has taken, from its state (0 for a fresh one)."""
+    steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
+    return max(steps, default=0)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _intruder_scores(W0: Tensor, W: Tensor) -> Tensor:
+    """The top-10 (fewer for small layers) intruder scores of the tuned weight, as in Shuttleworth et al."""
+    return M.intruder_scores(W0, W, k=min(10, *W.shape))
+
+
+def _truncate(svd: M.SVD, k: int) -> M.SVD:
+    return M.SVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k])

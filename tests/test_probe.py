@@ -1,0 +1,322 @@
+"""Probes against oracles: torch.optim.AdamW, a dense autograd gradient, the literal LoFT reference."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import loft_probe
+from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
+from loft_probe.optim.reference import ReferenceLoFT
+from loft_probe.probe import ProbeWarning, RunDirError, at, dense_then_every, every, log_spaced, rundir
+
+F64 = torch.float64
+
+
+def mlp(seed: int = 0, dtype=F64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)).to(dtype)
+
+
+def lora_mlp(seed: int = 0, rank: int = 2) -> torch.nn.Module:
+    model = add_lora(mlp(seed), rank=rank, alpha=2 * rank, targets=["0", "2"])
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # a non-zero B: PEFT's B = 0 hides every A-side bug
+        for pair in lora_pairs(model):
+            pair.B.copy_(0.3 * torch.randn(pair.B.shape, generator=gen, dtype=F64))
+    return model
+
+
+def batches(n: int, seed: int = 0, batch: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 8, generator=gen, dtype=F64), torch.randn(batch, 5, generator=gen, dtype=F64))
+            for _ in range(n)]
+
+
+def train(model, optimizer, data, probe=None):
+    for x, y in data:
+        optimizer.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        if probe is not None:
+            probe.log(loss=loss.item())
+
+
+@pytest.fixture(autouse=True)
+def probe_errors_fail_tests():
+    """A probe that disables itself would let a test pass on nothing: make its warning an error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=ProbeWarning)
+        yield
+
+
+def test_shadow_is_adamw_and_full_finetuning_update_cosine_is_one(tmp_path):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    probe = attach(model, opt, tmp_path / "run", every=1, shadow=True)
+    train(model, opt, batches(12), probe)
+    probe.close()
+    for layer in probe.layers:
+        state = opt.state[layer.param]
+        assert_close(layer.shadow.exp_avg, state["exp_avg"], rtol=0, atol=1e-12)
+        assert_close(layer.shadow.exp_avg_sq, state["exp_avg_sq"], rtol=0, atol=1e-12)
+    metrics = load_run(tmp_path / "run").metrics
+    cos = metrics[metrics.metric == "shadow_update_cosine"]["value"]
+    rel = metrics[metrics.metric == "shadow_update_rel_norm"]["value"]
+    assert len(cos) == 12 * 2
+    assert_close(torch.tensor(cos.to_numpy()), torch.ones(len(cos), dtype=F64), rtol=0, atol=1e-10)
+    assert_close(torch.tensor(rel.to_numpy()), torch.ones(len(rel), dtype=F64), rtol=0, atol=1e-10)
+    m_err = metrics[metrics.metric == "shadow_m_rel_error"]["value"]
+    assert m_err.max() < 1e-12
+
+
+def test_captured_gradient_equals_dense_autograd(tmp_path):
+    model = lora_mlp()
+    opt = LoFT.from_model(model, lr=1e-2)
+    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True)
+    x, y = batches(1)[0]
+    # Dense oracle: the same network with W = W0 + s·B·A as a leaf.
+    pairs = lora_pairs(model)
+    dense_W = [(p.base_weight() + p.delta_weight()).clone().requires_grad_(True) for p in pairs]
+    biases = [model[0].base_layer.bias, model[2].base_layer.bias]
+    h = torch.tanh(x @ dense_W[0].T + biases[0])
+    ((h @ dense_W[1].T + biases[1] - y).pow(2).mean()).backward()
+    opt.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    captured = [layer.capture.take().clone() for layer in probe.layers]
+    for G, W, pair in zip(captured, dense_W, pairs, strict=True):
+        assert_close(G, W.grad, rtol=0, atol=1e-12)
+        assert_close(pair.A.grad, pair.scale * pair.B.detach().T @ G, rtol=0, atol=1e-12)  # g_A = s·Bᵀ·G
+        assert_close(pair.B.grad, pair.scale * G @ pair.A.detach().T, rtol=0, atol=1e-12)  # g_B = s·G·Aᵀ
+    opt.step()
+    probe.close()
+    metrics = load_run(tmp_path / "run").metrics
+    grad_norms = metrics[(metrics.metric == "grad_norm")].set_index("layer")["value"]
+    for layer, W in zip(probe.layers, dense_W, strict=True):
+        assert grad_norms[layer.name] == pytest.approx(float(W.grad.norm()), rel=1e-12)
+
+
+def test_recorded_loft_moments_equal_the_reference(tmp_path):
+    """The probe's full-space LoFT moments are the literal reference's dense moments."""
+    model = add_lora(torch.nn.Sequential(torch.nn.Linear(9, 7, bias=False)).double(), rank=3, targets=["0"])
+    pair = lora_pairs(model)[0]
+    with torch.no_grad():
+        pair.B.copy_(torch.randn(pair.B.shape, generator=torch.Generator().manual_seed(1), dtype=F64))
+    ref = ReferenceLoFT(pair.B, pair.A, pair.scale, lr=1e-2)
+    opt = LoFT.from_model(model, lr=1e-2)
+    probe = attach(model, opt, tmp_path / "run", every=1, shadow=True)
+    gen = torch.Generator().manual_seed(2)
+    for t in range(1, 7):
+        x = torch.randn(20, 9, generator=gen, dtype=F64)
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        ref.step(pair.B.grad.clone(), pair.A.grad.clone())
+        opt.step()
+        first, second, _ = probe._full_space_moments(probe.layers[0])
+        M_B, V_B, M_A, V_A = ref.full_moments()
+        moved_B = t % 2 == 1
+        assert_close(first, M_B if moved_B else M_A, rtol=1e-10, atol=1e-13)
+        assert_close(second, (V_B if moved_B else V_A).clamp_min(0), rtol=1e-10, atol=1e-13)
+    probe.close()
+
+
+def test_probing_does_not_change_training(tmp_path):
+    data = batches(9)
+    with_probe, without = lora_mlp(), lora_mlp()
+    for model, run in ((with_probe, tmp_path / "probed"), (without, None)):
+        opt = LoFT.from_model(model, lr=1e-2)
+        probe = attach(model, opt, run, every=2, shadow=True) if run else None
+        train(model, opt, data, probe)
+        if probe:
+            probe.close()
+    for a, b in zip(with_probe.parameters(), without.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_records_once_per_step_on_the_summed_gradient(tmp_path):
+    model = lora_mlp()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True)
+    data = batches(6)
+    for step in range(3):
+        opt.zero_grad()
+        dense = [(p.base_weight() + p.delta_weight()).clone().requires_grad_(True) for p in lora_pairs(model)]
+        for x, y in data[2 * step: 2 * step + 2]:  # two micro-batches per optimizer step
+            (model(x) - y).pow(2).mean().backward()
+            h = torch.tanh(x @ dense[0].T + model[0].base_layer.bias)
+            ((h @ dense[1].T + model[2].base_layer.bias - y).pow(2).mean()).backward()
+        for layer, W in zip(probe.layers, dense, strict=True):
+            assert_close(layer.capture.take(), W.grad, rtol=0, atol=1e-12)
+        opt.step()
+    probe.close()
+    steps = sorted(load_run(tmp_path / "run").metrics.query("metric == 'grad_norm'")["step"].unique())
+    assert steps == [1, 2, 3]
+
+
+def test_amp_grad_scaler_records_unscaled_gradients(tmp_path):
+    model = lora_mlp()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True, grad_scaler=scaler)
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    scaler.scale((model(x) - y).pow(2).mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    probe.close()
+    recorded = load_run(tmp_path / "run").metrics.query("metric == 'grad_norm'").set_index("layer")["value"]
+    # Oracle: the same model, an unscaled backward pass, captured by a probe without a scaler.
+    oracle = attach(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad]), tmp_path / "twin",
+                    every=1, capture_grad=True)
+    (twin(x) - y).pow(2).mean().backward()
+    for layer in oracle.layers:
+        assert recorded[layer.name] == pytest.approx(float(layer.capture.take().norm()), rel=1e-12)
+    oracle.close()
+
+
+def test_run_directory_round_trip_and_snapshots(tmp_path):
+    model = lora_mlp()
+    opt = LoFT.from_model(model, lr=1e-2)
+    probe = attach(model, opt, tmp_path / "run", every=2, snapshots=[4], shadow=True, seed=3,
+                   data_order="test:3", name="loft-r2")
+    train(model, opt, batches(5), probe)
+    probe.close()
+    run = load_run(tmp_path / "run")
+    assert run.meta["method"] == "loft" and run.meta["seed"] == 3 and run.meta["closed"] is True
+    assert [layer["name"] for layer in run.meta["layers"]] == ["0", "2"]
+    assert run.snapshot_steps == [4, 5]  # the schedule's own, plus the last step
+    assert set(run.metrics.metric) >= {"loss", "update_norm", "shadow_update_cosine", "shadow_m_cosine",
+                                       "shadow_v_cosine", "residual_tangent", "intruders", "delta_rel_size"}
+    assert set(run.metrics.metric) <= set(rundir.METRICS)
+    assert run.last_step == 5
+    snap = run.snapshot(5)
+    for pair in lora_pairs(model):
+        s = snap[pair.name]
+        expected = torch.linalg.svdvals(pair.delta_weight() - _initial_delta(probe, pair.name))
+        assert_close(s["delta.S"].double(), expected[: s["delta.S"].numel()], rtol=1e-5, atol=1e-6)
+        assert s["adapter.B"].shape == pair.B.shape and s["shadow_m.U"].shape[0] == pair.shape[0]
+
+
+def _initial_delta(probe, name):
+    layer = next(layer for layer in probe.layers if layer.name == name)
+    B0, A0 = layer.initial_factors
+    return layer.pair.scale * B0 @ A0
+
+
+def test_resume_appends_and_refuses_another_run(tmp_path):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = batches(8)
+    probe = attach(model, opt, tmp_path / "run", every=1)
+    train(model, opt, data[:4], probe)
+    probe.close()
+    probe = attach(model, opt, tmp_path / "run", every=1)  # re-attach: same base weights, same layers
+    assert probe.step == 4
+    train(model, opt, data[4:], probe)
+    probe.close()
+    assert sorted(load_run(tmp_path / "run").metrics.step.unique()) == list(range(1, 9))
+    other = mlp(seed=5)
+    with pytest.raises(RunDirError, match="different run"):
+        attach(other, torch.optim.AdamW(other.parameters()), tmp_path / "run")
+
+
+def test_unwritable_run_directory_disables_the_probe_not_training(tmp_path, monkeypatch):
+    model = lora_mlp()
+    opt = LoFT.from_model(model, lr=1e-2)
+    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "write_metrics_part", disk_full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, batches(4), probe)
+    assert [str(w.message) for w in caught if issubclass(w.category, ProbeWarning)] == [
+        f"loft_probe: probe disabled, training continues: cannot write to {tmp_path / 'run'} "
+        "([Errno 28] No space left on device)"]
+    assert not probe.layers[0].capture._handle.hooks_dict_ref()  # hooks removed
+
+
+def test_optimizer_without_adam_state_is_probed_with_a_warning(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    probe = attach(model, opt, tmp_path / "run", every=1)
+    with pytest.warns(ProbeWarning, match="keeps no exp_avg"):
+        train(model, opt, batches(3), probe)
+    probe.close()
+    run = load_run(tmp_path / "run")
+    assert run.meta["method"] == "other" and "update_norm" in set(run.metrics.metric)
+
+
+KILLED_RUN = """
+import sys, time, torch
+from loft_probe import LoFT, add_lora, attach
+torch.manual_seed(0)
+model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
+                 rank=2, targets=["0", "2"])
+opt = LoFT.from_model(model, lr=1e-2)
+probe = attach(model, opt, sys.argv[1], every=1, snapshots=[3], shadow=True)
+for step in range(100000):
+    opt.zero_grad()
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    opt.step()
+    time.sleep(0.01)
+"""
+
+
+def test_killed_run_leaves_a_readable_directory(tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_RUN), str(run_dir)])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list((run_dir / "metrics").glob("part-*.parquet"))) < 8:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run = load_run(run_dir)
+    assert run.meta["closed"] is False
+    assert run.last_step >= 8
+    assert set(run.metrics.groupby("step").size().index) == set(range(1, run.last_step + 1))
+    assert 3 in run.snapshot_steps
+
+
+def test_schedules():
+    assert [t for t in range(1, 13) if every(4)(t)] == [4, 8, 12]
+    assert [t for t in range(1, 13) if dense_then_every(3, 5)(t)] == [1, 2, 3, 5, 10]
+    assert [t for t in range(1, 13) if at([2, 11])(t)] == [2, 11]
+    steps = [t for t in range(1, 1001) if log_spaced(5)(t)]
+    assert steps[:3] == [1, 2, 3] and len(steps) == 16
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            every(bad)
+
+
+def test_bad_arguments(tmp_path):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="needs capture_grad=True"):
+        attach(model, opt, tmp_path / "a", shadow=True, capture_grad=False)
+    with pytest.raises(ValueError, match="no layer to probe"):
+        attach(model, opt, tmp_path / "b", layers="nothing*")
+    with pytest.raises(ValueError, match="snapshot_k must be an integer >= 1, got 0"):
+        attach(model, opt, tmp_path / "c", snapshot_k=0)
+    with pytest.raises(ValueError, match="not optimized by the given optimizer"):
+        attach(model, torch.optim.AdamW(model[0].parameters()), tmp_path / "d")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not a run directory"):
+        attach(model, opt, tmp_path / "e")
+    assert loft_probe.load_run is load_run

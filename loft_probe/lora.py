@@ -119,7 +119,7 @@ def add_lora(
     lora_names = _lora_module_names(model)
     linear_names = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
     for t in exclude:
-        if not any(_matches(name, t) for name in modules):
+        if not any(matches_target(name, t) for name in modules):
             raise ValueError(f"exclude {t!r} matches no module; some nn.Linear names: {linear_names[:5]}")
 
     if targets == "all-linear":
@@ -130,10 +130,10 @@ def add_lora(
     else:
         chosen = []
         for t in targets:
-            wrapped = [name for name in lora_names if _matches(name, t)]
+            wrapped = [name for name in lora_names if matches_target(name, t)]
             if wrapped:
                 raise ValueError(f"target {t!r} matches {wrapped[0]!r}, which already has LoRA")
-            hits = [name for name in modules if _matches(name, t)]
+            hits = [name for name in modules if matches_target(name, t)]
             if not hits:
                 raise ValueError(f"target {t!r} matches no module; some nn.Linear names: {linear_names[:5]}")
             for name in hits:
@@ -141,7 +141,7 @@ def add_lora(
                     kind = type(modules[name]).__name__
                     raise ValueError(f"target {t!r} matches {name!r}, a {kind}, not an nn.Linear")
             chosen += [name for name in hits if name not in chosen]
-    chosen = [name for name in chosen if not any(_matches(name, t) for t in exclude)]
+    chosen = [name for name in chosen if not any(matches_target(name, t) for t in exclude)]
     if not chosen:
         raise ValueError(f"targets {targets!r} minus exclude {tuple(exclude)!r} leave no nn.Linear to adapt")
 
@@ -198,7 +198,7 @@ def _check_args(rank: int, alpha: float | None, dropout: float) -> tuple[int, fl
     return int(rank), float(alpha)
 
 
-def _matches(name: str, target: str) -> bool:
+def matches_target(name: str, target: str) -> bool:
     """PEFT's target_modules rule: whole trailing components of the dotted path."""
     return name == target or name.endswith("." + target)
 

@@ -1,0 +1,56 @@
+"""The Hugging Face Trainer callback on a tiny PEFT BERT built from a config (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from loft_probe import LoFT, load_run  # noqa: E402
+from loft_probe.integrations.hf import ProbeCallback  # noqa: E402
+
+
+class TinyData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 50, (n, 8), generator=gen)
+        self.labels = (self.ids[:, 0] > 25).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
+
+
+def tiny_peft_bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=37, vocab_size=50, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    return peft.get_peft_model(model, lora)
+
+
+@pytest.mark.parametrize("use_loft", [False, True])
+def test_trainer_callback_records_a_run(tmp_path, use_loft):
+    model = tiny_peft_bert()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8,
+                                          gradient_accumulation_steps=2, logging_steps=2, report_to=[], use_cpu=True,
+                                          save_strategy="no", learning_rate=1e-3, seed=7, disable_tqdm=True)
+    optimizers = (LoFT.from_model(model, lr=1e-3), None) if use_loft else (None, None)
+    callback = ProbeCallback(tmp_path / "run", every=2, shadow=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TinyData(), callbacks=[callback],
+                                   optimizers=optimizers)
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    assert run.meta["method"] == ("loft" if use_loft else "lora")
+    assert run.meta["seed"] == 7 and run.meta["closed"] is True
+    assert [layer["name"] for layer in run.meta["layers"]] == [
+        f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
+    metrics = run.metrics
+    assert sorted(metrics.query("metric == 'loss'").step) == [2, 4, 6]
+    assert sorted(metrics.query("metric == 'shadow_update_cosine'").step.unique()) == [2, 4, 6]
+    assert metrics.value.notna().all()

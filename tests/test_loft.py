@@ -467,3 +467,32 @@ def test_from_model_without_lora_warns_and_is_adamw():
             optimizer.step()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_nonfinite_gradient_skips_the_step_and_keeps_the_state_clean():
+    prob = Problem(8, 6, seed=18)
+    B, A = pair_params(8, 6, 2, prob.gen)
+    bias = torch.nn.Parameter(torch.zeros(8, 1, dtype=F64))
+    opt = LoFT([{"params": [B, A], "lora_scale": 1.0}, {"params": [bias]}], lr=1e-2)
+    for _ in range(3):
+        for p in (B, A, bias):
+            p.grad = None
+        prob.loss(prob.W0 + B @ A + bias).backward()
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    params = [p.detach().clone() for p in (B, A, bias)]
+    for bad in (float("nan"), float("inf")):
+        A.grad[0, 0] = bad
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, (B, A, bias), strict=True))
+    assert all(torch.equal(v, opt.state_dict()["state"][0][k]) for k, v in before.items())
+    assert [g["skipped_steps"] for g in opt.param_groups] == [2, 2]
+    prob.backward_pair(B, A, 1.0)
+    opt.step()  # training goes on: this step moves A (B moved at steps 1 and 3)
+    assert torch.isfinite(A).all() and not torch.equal(A.detach(), params[1])
+    strict = LoFT([{"params": [B, A], "lora_scale": 1.0}], lr=1e-2, nonfinite="raise")
+    A.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        strict.step()
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        LoFT([{"params": [B, A], "lora_scale": 1.0}], nonfinite="ignore")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from loft_probe.optim import functional as F
 
 SECOND_MOMENTS = ("full", "simple")
+NONFINITE = ("skip", "raise")
 
 
 class _Side(NamedTuple):
@@ -54,6 +55,9 @@ class LoFT(torch.optim.Optimizer):
         projected_update: apply the full-space AdamW direction projected onto the adapter (step 5).
             Off: Adam in factor coordinates (needs ``second_moment="simple"``).
         max_grad_norm: clip by the global full-space gradient norm (see :func:`clip_grad_norm_`).
+        nonfinite: what a step with a NaN or Inf gradient does. ``"skip"`` (default): nothing moves, no state
+            changes, and every group's ``skipped_steps`` counts it (saved in ``state_dict``), as AMP's
+            GradScaler skips such steps. ``"raise"``: ``FloatingPointError``, state untouched.
 
     With ``alternating, scale_gradients, transport, projected_update`` all off and ``"simple"`` second
     moments, LoFT is AdamW on the factors (plain LoRA).
@@ -73,14 +77,17 @@ class LoFT(torch.optim.Optimizer):
         second_moment: str = "full",
         projected_update: bool = True,
         max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay, second_moment, projected_update, max_grad_norm)
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lora_scale=None,
             alternating=alternating, scale_gradients=scale_gradients, transport=transport,
-            second_moment=second_moment, projected_update=projected_update,
+            second_moment=second_moment, projected_update=projected_update, skipped_steps=0,
         )
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
         self._bases: dict[tuple, F.SecondMomentBasis] = {}  # index tensors, one per (rank, variant, device)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -114,6 +121,12 @@ class LoFT(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._gradients_finite():
+            if self.nonfinite == "raise":
+                raise FloatingPointError("LoFT: a gradient holds NaN or Inf; the step was not taken")
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return loss
         if self.max_grad_norm is not None:
             clip_grad_norm_(self, self.max_grad_norm)
         for group in self.param_groups:
@@ -123,13 +136,20 @@ class LoFT(torch.optim.Optimizer):
                 self._pair_step(group)
         return loss
 
+    def _gradients_finite(self) -> bool:
+        """Rejects sparse gradients; then one check (one device sync) that every gradient is finite."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("LoFT does not support sparse gradients; use dense gradients (e.g. "
+                               "nn.Embedding(sparse=False))")
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
     # ---------------------------------------------------------------- AdamW for every other parameter
     def _adamw_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         for p in group["params"]:
             if p.grad is None:
                 continue
-            _reject_sparse(p.grad)
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
@@ -148,9 +168,6 @@ class LoFT(torch.optim.Optimizer):
         B, A = group["params"]
         if B.grad is None and A.grad is None:
             return
-        for g in (B.grad, A.grad):
-            if g is not None:
-                _reject_sparse(g)
         state_B, state_A = self._pair_state(group)
         state_B["step"] += 1
         t = int(state_B["step"])
@@ -283,12 +300,6 @@ def _sides(B: Tensor, A: Tensor, state_B: dict, state_A: dict) -> tuple[_Side, _
 def _compute_dtype(p: Tensor) -> torch.dtype:
     """float32 for bf16/fp16 parameters (LoFT's solves need it), the parameter's dtype otherwise."""
     return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-
-
-def _reject_sparse(grad: Tensor) -> None:
-    if grad.is_sparse:
-        raise RuntimeError("LoFT does not support sparse gradients; use dense gradients (e.g. "
-                           "nn.Embedding(sparse=False))")
 
 
 def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,

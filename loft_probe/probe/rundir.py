@@ -34,6 +34,7 @@ METRICS = {
     "eval_accuracy": "held-out accuracy (built-in tasks)",
     "skipped_step": "1 when the optimizer step was skipped for non-finite gradients",
     # per layer, every recorded step
+    "nonfinite_grad": "1 when the layer's gradient held NaN or Inf (the shadow skipped it)",
     "grad_norm": "‖G‖, the full-weight gradient (W.grad, or the captured G of a LoRA layer)",
     "factor_grad_norm": "sqrt(‖g_A‖² + ‖g_B‖²), the LoRA factor gradients",
     "update_norm": "‖ΔW‖ of this step's effective-weight update",

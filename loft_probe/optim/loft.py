@@ -321,6 +321,11 @@ def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, we
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
 
 
+def is_sharded(tensor: Tensor) -> bool:
+    """True for FSDP-sharded parameters: DTensors (FSDP2, tensor parallel) and FSDP1's flat parameters."""
+    return type(tensor).__name__ in ("DTensor", "FlatParameter") or hasattr(tensor, "_is_flat_param")
+
+
 def _check_group(group: dict[str, Any]) -> None:
     _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                            group["second_moment"], group["projected_update"], None)
@@ -328,6 +333,11 @@ def _check_group(group: dict[str, Any]) -> None:
         return
     params = group["params"]
     name = group.get("name", "a pair group")
+    if any(is_sharded(p) for p in params):
+        # LoFT's m×n work splits by rows and columns, but each step needs the whole small partner factor
+        # and its Gram matrix: gathering them is not implemented, and a local shard would give wrong math.
+        raise ValueError(f"{name}: LoFT does not support FSDP-sharded (DTensor/flat) LoRA factors yet; "
+                         "use DDP, or shard only the frozen base weights")
     if len(params) != 2:
         raise ValueError(f"{name}: a pair group holds exactly [B, A], got {len(params)} parameters")
     B, A = params

@@ -28,6 +28,7 @@ from loft_probe import metrics as M
 from loft_probe.lora import LoraPair, lora_pairs
 from loft_probe.optim import LoFT
 from loft_probe.optim import functional as F
+from loft_probe.optim.loft import is_sharded
 from loft_probe.probe import measure, rundir
 from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.schedule import Schedule, as_schedule, every
@@ -484,6 +485,10 @@ def _select_layers(model: nn.Module, patterns: str | Iterable[str] | None) -> li
     if not layers:
         raise ValueError(f"no layer to probe: the model has no trainable LoRA pair or 2-D weight matching "
                          f"{patterns!r}")
+    sharded = [layer.name for layer in layers if is_sharded(layer.key_param)]
+    if sharded:
+        raise ValueError(f"the probe does not support FSDP-sharded parameters yet (layer {sharded[0]!r}); "
+                         "use DDP")
     return layers
 
 

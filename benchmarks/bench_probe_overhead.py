@@ -45,7 +45,7 @@ def main() -> None:
 
     seconds = {name: [] for name in configs}
     for _ in range(args.rounds):
-        for name, (model, optimizer, probe, batches) in runs.items():
+        for name, (model, optimizer, _, batches) in runs.items():
             start = time.perf_counter()
             for _ in range(args.steps):
                 optimizer.zero_grad(set_to_none=True)

@@ -37,7 +37,7 @@ COLUMNS = ("step", "layer", "method", "kind", "reference", "metric", "value")
 COMPARE_METRICS = {
     "angle_left_max": "largest principal angle (rad) between span(B) and the reference's top-r left subspace",
     "angle_left_mean": "mean principal angle (rad) on the left",
-    "angle_right_max": "largest principal angle (rad) between span(Aᵀ) and the reference's top-r right subspace",
+    "angle_right_max": "largest principal angle (rad) between span(Aᵀ) and the reference's top-r right one",
     "angle_right_mean": "mean principal angle (rad) on the right",
     "grassmann_left": "Grassmann distance sqrt(Σθ²) on the left (rad)",
     "grassmann_right": "Grassmann distance on the right (rad)",
@@ -66,7 +66,8 @@ WORSE_IS_HIGHER: dict[str, bool | None] = {
     "loss_gap": True,
 }
 
-SUMMARY_COLUMNS = ("method", "kind", "reference", "metric", "step", "layers", "median", "worst_layer", "worst")
+SUMMARY_COLUMNS = ("method", "kind", "reference", "metric", "step", "layers", "median", "worst_layer",
+                   "worst")
 
 _SHOWN = 3  # layer names a message lists before "and N more"
 _SNAPSHOT_EPS = torch.finfo(torch.float32).eps  # snapshots are stored in float32
@@ -124,6 +125,7 @@ def _differences(run: Run, ref: Run) -> list[str]:
     found = [f"{key}: {run.name} has {run.meta.get(key)!r}, {ref.name} has {ref.meta.get(key)!r}"
              for key in ("seed", "data_order") if run.meta.get(key) != ref.meta.get(key)]
     mine, theirs = _layer_table(run), _layer_table(ref)
+    # The run with fewer layers must have them all in the other (a LoRA run probes a subset of a full run's).
     small, large = (run, ref) if len(mine) <= len(theirs) else (ref, run)
     missing = [name for name in _layer_table(small) if name not in _layer_table(large)]
     if missing:
@@ -142,8 +144,9 @@ def _differences(run: Run, ref: Run) -> list[str]:
         differ = [name for name in common if mine[name]["fingerprint"] != theirs[name]["fingerprint"]]
         if differ:
             first = differ[0]
-            found.append(f"fingerprint: layer {first!r} is {_short(mine[first]['fingerprint'])} in "
-                         f"{run.name}, {_short(theirs[first]['fingerprint'])} in {ref.name}" + _more(differ, 1))
+            a, b = _short(mine[first]["fingerprint"]), _short(theirs[first]["fingerprint"])
+            found.append(f"fingerprint: layer {first!r} is {a} in {run.name}, {b} in {ref.name}"
+                         + _more(differ, 1))
     else:
         found.append(f"fingerprint: covers {len(mine)} layers in {run.name}, {len(theirs)} in {ref.name}, "
                      "so the base weights cannot be checked (no per-layer fingerprints)")
@@ -163,7 +166,9 @@ def _more(items: list, shown: int) -> str:
 
 
 def _short(fingerprint: object) -> str:
-    return f"{fingerprint[:12]}…" if isinstance(fingerprint, str) else repr(fingerprint)
+    """A fingerprint for a message: sha256 digests differ within their first 12 hex digits."""
+    long = isinstance(fingerprint, str) and len(fingerprint) > 12
+    return repr(f"{fingerprint[:12]}…" if long else fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -200,8 +205,6 @@ def compare(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
           itself (method = reference = the reference's name), so that the frame keeps one shape;
         - loss_gap (layer ""): loss_run − loss_ref at every step where both recorded "loss".
 
-        A step recorded twice (a resumed run) counts with its last value.
-
     Raises:
         RunSelectionError: no reference can be chosen, or two runs share a name.
         IncompatibleRunsError: the runs differ (see `check_compatible`), unless ``force=True``.
@@ -212,8 +215,9 @@ def compare(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
     layers = {run.name: _common_layers(run, ref) for run in others}
     steps = {run.name: sorted(set(run.snapshot_steps) & set(ref.snapshot_steps)) for run in others}
 
+    compared = sorted({step for run_steps in steps.values() for step in run_steps})
     rows = []
-    for step in sorted({step for run_steps in steps.values() for step in run_steps}):
+    for step in compared:
         ref_snapshot = ref.snapshot(step)  # loaded once per step: it holds every layer of the reference
         for run in others:
             if step not in steps[run.name]:
@@ -228,12 +232,12 @@ def compare(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
 
     pieces = [pd.DataFrame(rows, columns=list(COLUMNS))]
     for run in others:
-        pieces.append(_labelled(_recorded(run, "intruders", steps[run.name], layers[run.name]),
+        pieces.append(_labelled(_recorded(run, "intruders", layers[run.name], steps[run.name]),
                                 run, ref, "intruders"))
         pieces.append(_labelled(_loss_gap(run, ref), run, ref, "loss_gap"))
-    ref_steps = sorted({step for run_steps in steps.values() for step in run_steps})
     ref_layers = list(dict.fromkeys(layer for run_layers in layers.values() for layer in run_layers))
-    pieces.append(_labelled(_recorded(ref, "intruders", ref_steps, ref_layers), ref, ref, "intruders"))
+    pieces.append(_labelled(_recorded(ref, "intruders", ref_layers, compared), ref, ref, "intruders"))
+    # Empty pieces are dropped: pandas is deprecating their effect on the concatenated dtypes.
     frame = pd.concat([piece for piece in pieces if len(piece)] or pieces[:1], ignore_index=True)
     return frame.astype({"step": "int64", "layer": "string", "method": "string", "kind": "string",
                          "reference": "string", "metric": "string", "value": "float64"})
@@ -261,15 +265,15 @@ def _select(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
         if not match:
             raise RunSelectionError(f"reference {reference!r} is not one of the runs {names}")
         return runs, match[0]
-    full = [run.name for run in runs if run.method == "full"]
+    full = [run for run in runs if run.method == "full"]
     if len(full) != 1:
         raise RunSelectionError(f"need exactly one run with method 'full' as the default reference, got "
-                                f"{full}; pass reference= one of {names}")
-    return runs, runs[[run.name for run in runs].index(full[0])]
+                                f"{[run.name for run in full]}; pass reference= one of {names}")
+    return runs, full[0]
 
 
 def _common_layers(run: Run, ref: Run) -> list[str]:
-    """Layers both runs probe with the same shape, in the reference's order (others are skipped under force)."""
+    """Layers both runs probe with the same shape, in the reference's order (force may let others through)."""
     mine = _layer_table(run)
     return [name for name, layer in _layer_table(ref).items()
             if name in mine and mine[name]["shape"] == layer["shape"]]
@@ -319,7 +323,7 @@ def _side(span: Tensor, ref_vectors: Tensor) -> dict[str, float]:
     Returns {"max", "mean", "grassmann", "phi"}, or {} when either subspace is empty.
     """
     Q = orth(span)  # (d, r)
-    P = orth(ref_vectors[:, : Q.shape[1]])  # (d, min(r, k)); orth again: float32 storage is orthonormal to 1e-7
+    P = orth(ref_vectors[:, : Q.shape[1]])  # (d, min(r, k)); stored in float32: orthonormal to 1e-7 only
     if Q.shape[1] == 0 or P.shape[1] == 0:
         return {}
     theta = principal_angles(Q, P, orthonormal=True)  # (min(r, k),) ascending
@@ -335,7 +339,8 @@ def _layer_metrics(run: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, 
     left, right = _spans(run)
     out = {}
     # The right side is the left side of the transposes (ΔWᵀ = Vh ᵀ·S·Uᵀ): one function, two calls.
-    for side, span, ref_vectors in (("left", left, theirs.U[:, :r_ref]), ("right", right, theirs.Vh[:r_ref].mT)):
+    for side, span, ref_vectors in (("left", left, theirs.U[:, :r_ref]),
+                                    ("right", right, theirs.Vh[:r_ref].mT)):
         values = _side(span, ref_vectors)
         out |= {f"angle_{side}_{key}": values[key] for key in ("max", "mean") if key in values}
         out |= {f"{key}_{side}": values[key] for key in ("grassmann", "phi") if key in values}
@@ -346,16 +351,17 @@ def _layer_metrics(run: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, 
     return out
 
 
-def _recorded(run: Run, metric: str, steps: list[int], layers: list[str]) -> pd.DataFrame:
-    """(step, layer, value) of a recorded metric at the given steps and layers; a repeated step keeps its last."""
-    rows = run.metrics[(run.metrics["metric"] == metric) & run.metrics["step"].isin(steps)
-                       & run.metrics["layer"].isin(layers)]
-    return rows.drop_duplicates(["step", "layer"], keep="last")[["step", "layer", "value"]]
+def _recorded(run: Run, metric: str, layers: list[str], steps: list[int] | None = None) -> pd.DataFrame:
+    """(step, layer, value) of a recorded metric at these layers, and these steps unless None."""
+    rows = run.metrics[(run.metrics["metric"] == metric) & run.metrics["layer"].isin(layers)]
+    if steps is not None:
+        rows = rows[rows["step"].isin(steps)]
+    return rows[["step", "layer", "value"]]
 
 
 def _loss_gap(run: Run, ref: Run) -> pd.DataFrame:
     """(step, layer "", loss_run − loss_ref) at every step where both runs recorded a loss."""
-    mine, theirs = (_recorded(r, "loss", r.metrics["step"].unique().tolist(), [RUN_LAYER]) for r in (run, ref))
+    mine, theirs = _recorded(run, "loss", [RUN_LAYER]), _recorded(ref, "loss", [RUN_LAYER])
     both = mine.merge(theirs, on=["step", "layer"], suffixes=("", "_ref"))
     return both.assign(value=both["value"] - both["value_ref"])[["step", "layer", "value"]]
 
@@ -365,7 +371,8 @@ def _labelled(table: pd.DataFrame, run: Run, ref: Run, metric: str) -> pd.DataFr
     return table.assign(method=run.name, kind=run.method, reference=ref.name, metric=metric)[list(COLUMNS)]
 
 
-def phi_grid(run: Run, ref: Run, step: int, layer: str, side: str = "left", size: int | None = None) -> Tensor:
+def phi_grid(run: Run, ref: Run, step: int, layer: str, side: str = "left",
+             size: int | None = None) -> Tensor:
     """The φ grid of one layer at one step (for a heat map): run's vs reference's top singular vectors.
 
     Args:
@@ -406,7 +413,8 @@ def phi_grid(run: Run, ref: Run, step: int, layer: str, side: str = "left", size
 def _snapshot_layer(run: Run, step: int, layer: str) -> dict[str, dict[str, Tensor]]:
     snapshot = run.snapshot(step)
     if layer not in snapshot:
-        raise RunDirError(f"{run.path}: snapshot at step {step} has no layer {layer!r}; it has {list(snapshot)}")
+        raise RunDirError(f"{run.path}: snapshot at step {step} has no layer {layer!r}; "
+                          f"it has {list(snapshot)}")
     return snapshot
 
 
@@ -426,7 +434,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
-        raise ValueError(f"frame lacks columns {missing}; summarize expects a compare() frame {list(COLUMNS)}")
+        raise ValueError(f"frame lacks columns {missing}; summarize takes a compare() frame {list(COLUMNS)}")
     unknown = sorted(set(frame["metric"]) - WORSE_IS_HIGHER.keys())
     if unknown:
         raise ValueError(f"no worse direction for metrics {unknown}; known: {sorted(WORSE_IS_HIGHER)}")

@@ -320,3 +320,37 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(RunDirError, match="not a run directory"):
         attach(model, opt, tmp_path / "e")
     assert loft_probe.load_run is load_run
+
+
+def test_checkpoint_resume_continues_the_record_exactly(tmp_path):
+    """Optimizer + probe checkpoint mid-run → fresh objects → the same metrics as an uninterrupted run."""
+    data = batches(10)
+    model = lora_mlp()
+    opt = LoFT.from_model(model, lr=1e-2)
+    with attach(model, opt, tmp_path / "whole", every=2, shadow=True) as probe:
+        train(model, opt, data, probe)
+
+    model = lora_mlp()
+    opt = LoFT.from_model(model, lr=1e-2)
+    probe = attach(model, opt, tmp_path / "resumed", every=2, shadow=True)
+    train(model, opt, data[:5], probe)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "probe": probe.state_dict()},
+               tmp_path / "ckpt.pt")
+    probe._flush()  # a crash right after the checkpoint: nothing else written, the probe is never closed
+    probe._remove_hooks()
+
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = lora_mlp(seed=0)
+    model.load_state_dict(checkpoint["model"])
+    opt = LoFT.from_model(model, lr=1e-2)
+    opt.load_state_dict(checkpoint["opt"])
+    probe = attach(model, opt, tmp_path / "resumed", every=2, shadow=True)  # appends to the same directory
+    probe.load_state_dict(checkpoint["probe"])
+    train(model, opt, data[5:], probe)
+    probe.close()
+
+    whole, resumed = (load_run(tmp_path / name).metrics.sort_values(["step", "layer", "metric"])
+                      .reset_index(drop=True) for name in ("whole", "resumed"))
+    assert whole[["step", "layer", "metric"]].equals(resumed[["step", "layer", "metric"]])
+    assert_close(torch.tensor(resumed.value.to_numpy()), torch.tensor(whole.value.to_numpy()), rtol=1e-12,
+                 atol=1e-14)

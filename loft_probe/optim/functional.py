@@ -29,24 +29,25 @@ from torch import Tensor
 class GramSolver:
     """Solves against the guarded Gram matrix ``R·Rᵀ + δ·I`` (r×r) of a factor ``R`` (r×n).
 
-    ``δ = eps(dtype)·trace(R·Rᵀ)/r + tiny``: relative to the Gram's scale, so it vanishes against the
-    eigenvalues of a well-conditioned factor (the full-rank limit stays exact to ~1e-14 in float64),
-    yet keeps the solve finite for a singular one. ``R = 0`` gives ``δ = tiny`` and every solve of a
-    zero right-hand side returns 0, never NaN.
+    ``δ = eps(R.dtype)·trace(R·Rᵀ)/r + tiny``: relative to the Gram's scale, so it vanishes against the
+    eigenvalues of a well-conditioned factor (the full-rank limit stays exact to ~1e-14 in float64), yet
+    bounds the solve for a singular one. The Gram and the solves are float64 whatever R's dtype: for a nearly
+    singular float32 factor a float32 Gram can come out indefinite by more than δ, and the solve explodes.
+    ``R = 0`` gives ``δ = tiny`` and every solve of a zero right-hand side returns 0, never NaN.
     """
 
     def __init__(self, R: Tensor) -> None:
-        gram = R @ R.T  # (r, r)
-        self.gram = gram
-        r = gram.shape[0]
-        finfo = torch.finfo(gram.dtype)
-        ridge = finfo.eps * gram.diagonal().sum() / r + finfo.tiny
-        guarded = gram + ridge * torch.eye(r, dtype=gram.dtype, device=gram.device)
+        self.dtype = R.dtype
+        R64 = R.to(torch.float64)
+        self.gram = R64 @ R64.T  # (r, r)
+        r = self.gram.shape[0]
+        ridge = torch.finfo(R.dtype).eps * self.gram.diagonal().sum() / r + torch.finfo(torch.float64).tiny
+        guarded = self.gram + ridge * torch.eye(r, dtype=torch.float64, device=R.device)
         self._lu, self._pivots = torch.linalg.lu_factor(guarded)
 
     def right(self, X: Tensor) -> Tensor:
-        """``X·(R·Rᵀ)⁻¹`` for X (k, r)."""
-        return torch.linalg.lu_solve(self._lu, self._pivots, X, left=False)
+        """``X·(R·Rᵀ)⁻¹`` for X (k, r), in X's dtype."""
+        return torch.linalg.lu_solve(self._lu, self._pivots, X.to(torch.float64), left=False).to(X.dtype)
 
 
 def scaled_gradient(grad: Tensor, scale: float, gram: GramSolver) -> Tensor:
@@ -56,6 +57,7 @@ def scaled_gradient(grad: Tensor, scale: float, gram: GramSolver) -> Tensor:
 
 def fullspace_sq_norm(h: Tensor, gram: GramSolver) -> Tensor:
     """``‖h·R‖²_F = trace(h·(R·Rᵀ)·hᵀ)`` without forming the k×n product h·R."""
+    h = h.to(torch.float64)
     return (h * (h @ gram.gram)).sum()
 
 

@@ -144,20 +144,21 @@ class Probe:
 
     def _open_run_dir(self, seed, data_order, name, shadow, capture_grad, extra_meta) -> int:
         """Creates the run directory, or re-opens one of the same run to append; returns the start step."""
-        fingerprint = self._fingerprint()
+        fingerprint, layer_fingerprints = self._fingerprints()
         layer_table = [{"name": layer.name, "shape": list(layer.shape), "kind": layer.kind,
                         "rank": layer.pair.rank if layer.pair else None,
-                        "scale": layer.pair.scale if layer.pair else None} for layer in self.layers]
+                        "scale": layer.pair.scale if layer.pair else None,
+                        "fingerprint": layer_fingerprints[layer.name]} for layer in self.layers]
         start = 0
         if (self.run_dir / "meta.json").exists():
             old = rundir.read_meta(self.run_dir)
             start = _optimizer_step(self.optimizer)
             # A fully fine-tuned weight has moved since W_0: mid-run, only the layer table can be checked.
             same_base = old.get("fingerprint") == fingerprint or (start > 0 and self._has_dense_layers())
-            if not same_base or old.get("layers") != layer_table:
+            if not same_base or _without_fingerprints(old.get("layers")) != _without_fingerprints(layer_table):
                 raise rundir.RunDirError(f"{self.run_dir}: holds a different run (base weights or layers "
                                          "differ); choose another run_dir")
-            fingerprint = old["fingerprint"]
+            fingerprint, layer_table = old["fingerprint"], old["layers"]
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise rundir.RunDirError(f"{self.run_dir}: exists and is not a run directory; choose another")
         self.meta = {
@@ -179,14 +180,16 @@ class Probe:
     def _has_dense_layers(self) -> bool:
         return any(layer.pair is None for layer in self.layers)
 
-    def _fingerprint(self) -> str:
-        """sha256 over the probed layers' names, shapes and base weights (W_0; the frozen base of LoRA)."""
-        digest = hashlib.sha256()
+    def _fingerprints(self) -> tuple[str, dict[str, str]]:
+        """sha256 of each probed layer's base weight (W_0; the frozen base of LoRA), and of all of them."""
+        per_layer = {}
         for layer in self.layers:
             base = layer.pair.base_weight() if layer.pair is not None else layer.param.detach()
-            digest.update(f"{layer.name}:{tuple(base.shape)}:{base.dtype}".encode())
+            digest = hashlib.sha256(f"{tuple(base.shape)}:{base.dtype}".encode())
             digest.update(base.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+            per_layer[layer.name] = digest.hexdigest()
+        overall = hashlib.sha256("".join(f"{k}={v};" for k, v in per_layer.items()).encode())
+        return overall.hexdigest(), per_layer
 
     def _write_initial_weights(self) -> None:
         from safetensors.torch import save_file
@@ -395,6 +398,38 @@ class Probe:
             self._rows += [(t, layer.name, metric, v) for metric, v in values.items()]
         rundir.write_snapshot(self.run_dir, t, tensors)
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the record exactly: the step, each layer's attach-time
+        factors (cumulative ΔW is measured from them) and shadow moments. Tensors and ints only, so
+        ``torch.load(..., weights_only=True)`` reads it back; save it with the model and optimizer."""
+        layers = {}
+        for layer in self.layers:
+            entry: dict[str, Any] = {}
+            if layer.initial_factors is not None:
+                entry["initial_B"], entry["initial_A"] = layer.initial_factors
+            if layer.shadow is not None:
+                entry.update(shadow_step=layer.shadow.step, shadow_exp_avg=layer.shadow.exp_avg,
+                             shadow_exp_avg_sq=layer.shadow.exp_avg_sq)
+            layers[layer.name] = entry
+        return {"step": self.step, "layers": layers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` into a probe attached to the same run directory and model."""
+        names = [layer.name for layer in self.layers]
+        if sorted(state.get("layers", {})) != sorted(names):
+            raise ValueError(f"probe state has layers {sorted(state.get('layers', {}))}, this probe {sorted(names)}")
+        self.step = int(state["step"])
+        for layer in self.layers:
+            entry = state["layers"][layer.name]
+            if layer.initial_factors is not None:
+                layer.initial_factors = (entry["initial_B"].clone(), entry["initial_A"].clone())
+            if layer.shadow is not None and "shadow_step" in entry:
+                layer.shadow.step = int(entry["shadow_step"])
+                layer.shadow.exp_avg.copy_(entry["shadow_exp_avg"])
+                layer.shadow.exp_avg_sq.copy_(entry["shadow_exp_avg_sq"])
+        self._set_capture(self.step + 1)
+
     # ------------------------------------------------------------------ output
     def log(self, **values: float) -> None:
         """Run-level values (``loss=...``) at the step just completed: call it after ``optimizer.step()``."""
@@ -466,6 +501,13 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Pa
         seed, data_order, name: recorded in meta.json; runs compare only with equal seed and data order.
     """
     return Probe(model, optimizer, run_dir, **options)
+
+
+def _without_fingerprints(table: Any) -> Any:
+    if not isinstance(table, list):
+        return table
+    return [{k: v for k, v in entry.items() if k != "fingerprint"} if isinstance(entry, dict) else entry
+            for entry in table]
 
 
 def _default_snapshots(schedule: Schedule) -> Schedule:

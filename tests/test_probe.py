@@ -354,3 +354,24 @@ def test_checkpoint_resume_continues_the_record_exactly(tmp_path):
     assert whole[["step", "layer", "metric"]].equals(resumed[["step", "layer", "metric"]])
     assert_close(torch.tensor(resumed.value.to_numpy()), torch.tensor(whole.value.to_numpy()), rtol=1e-12,
                  atol=1e-14)
+
+
+def test_nonfinite_gradient_is_recorded_and_kept_out_of_the_shadow(tmp_path):
+    model = lora_mlp()
+    opt = LoFT.from_model(model, lr=1e-2)  # skips non-finite steps
+    probe = attach(model, opt, tmp_path / "run", every=1, shadow=True)
+    data = batches(4)
+    train(model, opt, data[:2], probe)
+    shadows = [(layer.shadow.exp_avg.clone(), layer.shadow.step) for layer in probe.layers]
+    x, y = data[2]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    train(model, opt, [(x, y)], probe)  # every gradient is NaN: LoFT skips, the probe records it
+    for layer, (exp_avg, step) in zip(probe.layers, shadows, strict=True):
+        assert torch.equal(layer.shadow.exp_avg, exp_avg) and layer.shadow.step == step
+    train(model, opt, data[3:], probe)
+    probe.close()
+    metrics = load_run(tmp_path / "run").metrics
+    flagged = metrics.query("metric == 'nonfinite_grad'")
+    assert sorted(flagged.layer) == ["0", "2"] and set(flagged.step) == {3}
+    assert torch.isfinite(torch.tensor(metrics.query("step == 4 and layer != ''").value.to_numpy())).all()

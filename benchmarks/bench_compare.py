@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loft_probe.compare import compare
+from loft_probe.comparison import compare
 from loft_probe.metrics import lowrank_svd, lowrank_update
 from loft_probe.probe.rundir import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
 

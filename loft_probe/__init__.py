@@ -1,10 +1,13 @@
 """loft_probe: why LoRA does not behave like full fine-tuning, measured."""
 
+from loft_probe.comparison import compare
+from loft_probe.diagnosis import diagnose
 from loft_probe.lora import LoraLinear, LoraPair, add_lora, lora_pairs
 from loft_probe.optim import LoFT, clip_grad_norm_
 from loft_probe.probe import Probe, Run, attach, load_run
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "LoFT",
@@ -15,6 +18,18 @@ __all__ = [
     "add_lora",
     "attach",
     "clip_grad_norm_",
+    "compare",
+    "diagnose",
     "load_run",
     "lora_pairs",
+    "report",
 ]
+
+
+def __getattr__(name: str):
+    # The report pulls in matplotlib and seaborn (1.5 s): imported on first use, not with the package.
+    if name == "report":
+        from loft_probe.reporting import report
+
+        return report
+    raise AttributeError(f"module 'loft_probe' has no attribute {name!r}")

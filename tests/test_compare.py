@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from loft_probe.compare import (
+from loft_probe.comparison import (
     COLUMNS,
     COMPARE_METRICS,
     SUMMARY_COLUMNS,

@@ -19,11 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from loft_probe import load_run
-from loft_probe.compare import compare
+from loft_probe.comparison import compare
 from loft_probe.probe.rundir import RUN_LAYER, write_metrics_part, write_snapshot
-from loft_probe.report import SUMMARY_COLUMNS, figures, report, summary_table
-from loft_probe.report.frames import run_frame
-from loft_probe.report.page import CSP
+from loft_probe.reporting import SUMMARY_COLUMNS, figures, report, summary_table
+from loft_probe.reporting.frames import run_frame
+from loft_probe.reporting.page import CSP
 from loft_probe.runner import RunConfig
 from loft_probe.runner import run as train
 

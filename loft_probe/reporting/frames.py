@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from loft_probe.compare import (
+from loft_probe.comparison import (
     COMPARE_METRICS,
     IncompatibleRunsError,
     RunSelectionError,

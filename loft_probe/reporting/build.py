@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from loft_probe.compare import COMPARE_METRICS
+from loft_probe.comparison import COMPARE_METRICS
 from loft_probe.probe.rundir import METRICS, Run
-from loft_probe.report import figures
-from loft_probe.report.frames import (
+from loft_probe.reporting import figures
+from loft_probe.reporting.frames import (
     PHI_SIZE,
     SUMMARY_COLUMNS,
     comparison,
@@ -22,7 +22,7 @@ from loft_probe.report.frames import (
     summary_table,
     worst_layer,
 )
-from loft_probe.report.page import Section, html_page, markdown_page
+from loft_probe.reporting.page import Section, html_page, markdown_page
 
 FIGURE_DIR = "figures"
 # Meta fields of the runs table; "created" and other timestamps stay out, so that a report reproduces.

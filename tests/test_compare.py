@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import F64, gen
 from torch.testing import assert_close
 
 from loft_probe.comparison import (
@@ -29,7 +30,6 @@ from loft_probe.comparison import (
 )
 from loft_probe.probe.rundir import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
 
-F64 = torch.float64
 M, N = 24, 20
 R = 3  # adapter rank
 K = 8  # singular triplets kept by the full run's snapshots
@@ -39,10 +39,6 @@ STEPS = (10, 20)  # the full run's snapshots; the adapter runs also have one at 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # Rotation angles per layer, left and right; l1 is the worse layer everywhere.
 ROTATED = {"l0": ([0.1, 0.4, 0.9], [0.2, 0.6, 1.2]), "l1": ([0.3, 0.6, 1.1], [0.4, 0.8, 1.4])}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def orthogonal(d: int, seed: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import F64, TOL, gen, randn
 from torch.testing import assert_close
 
 from loft_probe.metrics import (
@@ -16,17 +17,6 @@ from loft_probe.metrics import (
     relative_norm,
     update_cosine,
 )
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-10}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed), dtype=F64)
 
 
 def test_cosine_matches_flattened_vectors_and_is_batched():

@@ -2,17 +2,12 @@
 
 import pytest
 import torch
+from helpers import F64, TOL, gen
 from torch.testing import assert_close
 
 from loft_probe.metrics import projection_residuals, projection_residuals_from_grads, tangent_projection
 
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-10}
 ZERO = torch.tensor(0.0, dtype=F64)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def setup(m: int = 9, n: int = 7, r: int = 2, seed: int = 0):

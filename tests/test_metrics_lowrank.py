@@ -2,16 +2,10 @@
 
 import pytest
 import torch
+from helpers import F64, TOL, gen
 from torch.testing import assert_close
 
 from loft_probe.metrics import SVD, lowrank_svd, orth, orth_coords, principal_angles, top_singular
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-10}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_orth_is_orthonormal_and_spans_the_input():

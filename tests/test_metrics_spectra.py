@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import F64, TOL, randn
 from torch.testing import assert_close
 
 from loft_probe.metrics import (
@@ -18,17 +19,6 @@ from loft_probe.metrics import (
     relative_size,
     stable_rank,
 )
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-10}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed), dtype=F64)
 
 
 def brute_r90(S: torch.Tensor, fraction: float = 0.9) -> int:

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers import F64, TOL, gen
 from torch.testing import assert_close
 
 from loft_probe.metrics import grassmann_distance, principal_angles, projection_distance, subspace_similarity
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-10}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def rotated_pair(thetas: list[float], extra_q: int = 0, d: int = 16, seed: int = 0):

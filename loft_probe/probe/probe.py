@@ -34,6 +34,8 @@ from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.schedule import Schedule, as_schedule, every
 from loft_probe.probe.shadow import ShadowAdamW
 
+INTRUDER_K = 10  # top singular vectors of the tuned weight checked for intruders (Shuttleworth et al.)
+
 
 class ProbeWarning(UserWarning):
     """The probe met something it cannot measure, or disabled itself; training goes on unchanged."""
@@ -52,6 +54,7 @@ class _Layer:
     base_norm: float = 0.0  # ‖W_0‖
     grad: Tensor | None = None  # this step's G (m×n)
     before: tuple[Tensor, ...] | None = None  # recorded steps: (B, A) or (W,) from before the step
+    base_svd: M.SVD | None = None  # LoRA: W_0's thin SVD, for intruder counts (W_0 is frozen: computed once)
 
     @property
     def kind(self) -> str:
@@ -380,8 +383,7 @@ class Probe:
                 delta_lr = M.lowrank_update(*layer.initial_factors, B, A, scale=layer.pair.scale)
                 delta = _truncate(M.lowrank_svd(*delta_lr), self.snapshot_k)
                 tensors[key("adapter", "B")], tensors[key("adapter", "A")] = B, A
-                scores = (_intruder_scores(layer.pair.base_weight().to(B.dtype), layer.weight((B, A)))
-                          if self.intruders else None)
+                scores = self._lora_intruder_scores(layer, B, A) if self.intruders else None
             else:
                 W, W0 = layer.state_now()[0], self._initial_weight(layer)
                 delta = M.top_singular(W - W0, min(self.snapshot_k, *W.shape))
@@ -397,6 +399,16 @@ class Probe:
             values = measure.spectrum_metrics(delta, layer.base_norm, scores)
             self._rows += [(t, layer.name, metric, v) for metric, v in values.items()]
         rundir.write_snapshot(self.run_dir, t, tensors)
+
+    def _lora_intruder_scores(self, layer: _Layer, B: Tensor, A: Tensor) -> Tensor | None:
+        """Intruder scores of W_0 + s·B·A from W_0's SVD, cached at the first snapshot (memory: about one
+        copy of W_0 per layer; ``intruders=False`` spares it), and the rank-r update: no m×n SVD per snapshot."""
+        if layer.base_svd is None:
+            layer.base_svd = M.SVD(*torch.linalg.svd(layer.pair.base_weight().to(B.dtype), full_matrices=False))
+        k = min(INTRUDER_K, layer.base_svd.S.numel() - 1)  # the low-rank path needs k < min(m, n)
+        if k < 1:
+            return None
+        return M.intruder_scores_lowrank(layer.base_svd, M.LowRank(layer.pair.scale * B, A), k=k)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -566,8 +578,8 @@ def _distributed() -> tuple[int, int]:
 
 
 def _intruder_scores(W0: Tensor, W: Tensor) -> Tensor:
-    """The top-10 (fewer for small layers) intruder scores of the tuned weight, as in Shuttleworth et al."""
-    return M.intruder_scores(W0, W, k=min(10, *W.shape))
+    """The top-10 (fewer for small layers) intruder scores of a dense tuned weight (Shuttleworth et al.)."""
+    return M.intruder_scores(W0, W, k=min(INTRUDER_K, *W.shape))
 
 
 def _truncate(svd: M.SVD, k: int) -> M.SVD:

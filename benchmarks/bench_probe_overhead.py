@@ -5,7 +5,8 @@
 LoRA r = 8 on every linear layer of the encoder, AdamW, batch 16 × 64 tokens. Three copies of the same run
 train side by side, interleaved in rounds so that machine noise hits all three alike:
   baseline: no probe;  light: ``every=16``, no shadow, no gradient capture;
-  full: ``every=16`` with shadow AdamW and full-gradient capture on every adapted layer.
+  full: ``every=16`` with shadow AdamW and full-gradient capture on every adapted layer;
+  baseline again: no probe, a second copy — the noise floor of the comparison.
 Each round is ``--steps`` optimizer steps (64 covers 4 recorded steps and one ΔW snapshot).
 """
 
@@ -35,7 +36,9 @@ def main() -> None:
     task = build_task("minilm-sentiment", seed=0, layers=args.layers, n_train=16 * args.steps, n_eval=16)
     add_lora(task.model, rank=8, targets=task.lora_targets)
     tmp = tempfile.TemporaryDirectory()
-    configs = {"baseline": None, "light": dict(every=16), "full": dict(every=16, shadow=True)}
+    # "baseline again" is an A/A control: its ratio shows how much of a difference is machine noise.
+    configs = {"baseline": None, "light": dict(every=16), "full": dict(every=16, shadow=True),
+               "baseline again": None}
     runs = {}
     for name, options in configs.items():
         model = copy.deepcopy(task.model)

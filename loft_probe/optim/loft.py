@@ -186,24 +186,25 @@ class LoFT(torch.optim.Optimizer):
             side.exp_avg.lerp_(h, 1 - beta1)
             side.exp_avg_sq.mul_(beta2).add_(basis.features(h), alpha=1 - beta2)
 
-        # Phase two: compute the moving factors' steps, remember the partners, then move.
+        # Phase two: compute the moving factors' projected steps (they read the partners), then move.
         moving = (0, 1) if not group["alternating"] else (int(state_B["phase"]),)
-        lr, step_size = group["lr"], group["lr"] / (1 - beta1**t)
+        lr, weight_decay = group["lr"], group["weight_decay"]
         steps = {}
-        for i in moving:
-            side, gram = (b_side, a_side)[i], grams[i]
-            if group["projected_update"]:
-                direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, side.partner, basis,
-                                                  t, beta2, group["eps"])
-                steps[i] = gram.right(direction).mul_(step_size / scale)  # (k, r)
-            else:
-                denom = F.adam_denominator_(side.exp_avg_sq.clone(), t, beta2, group["eps"])
-                steps[i] = (side.exp_avg / denom).mul_(step_size)
+        if group["projected_update"]:
+            for i in moving:
+                side = (b_side, a_side)[i]
+                direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, side.partner, basis, t, beta2,
+                                                  group["eps"])
+                steps[i] = grams[i].right(direction).mul_(lr / (1 - beta1**t) / scale)  # (k, r)
         state_B["prev_partner"].copy_(a_side.factor.T)
         state_A["prev_partner"].copy_(b_side.factor)
-        for i, delta in steps.items():
-            factor = (b_side, a_side)[i].factor
-            factor.mul_(1 - lr * group["weight_decay"]).sub_(delta)
+        for i in moving:
+            side = (b_side, a_side)[i]
+            if group["projected_update"]:
+                side.factor.mul_(1 - lr * weight_decay).sub_(steps[i])
+            else:  # Adam in factor coordinates (elementwise second moment)
+                F.adamw_move_(side.factor, side.exp_avg, side.exp_avg_sq, t, lr, beta1, beta2, group["eps"],
+                              weight_decay)
         state_B["phase"].fill_(1 - int(state_B["phase"]))
         for param, side in ((B, b_side.factor), (A, a_side.factor.T)):
             if param.dtype != side.dtype:  # low-precision factor: computed in float32, stored back

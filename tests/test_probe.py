@@ -122,7 +122,9 @@ def test_recorded_loft_moments_equal_the_reference(tmp_path):
         model(x).pow(2).sum().backward()
         ref.step(pair.B.grad.clone(), pair.A.grad.clone())
         opt.step()
-        first, second, _ = probe._full_space_moments(probe.layers[0])
+        layer = probe.layers[0]
+        moments = probe.layout.full_space(opt, probe._group(layer), layer)
+        first, second = moments.first, moments.second
         M_B, V_B, M_A, V_A = ref.full_moments()
         moved_B = t % 2 == 1
         assert_close(first, M_B if moved_B else M_A, rtol=1e-10, atol=1e-13)

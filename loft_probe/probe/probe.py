@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from loft_probe import metrics as M
 from loft_probe.lora import LoraPair, lora_pairs
 from loft_probe.optim import LoFT
-from loft_probe.optim import functional as F
 from loft_probe.optim.loft import is_sharded
 from loft_probe.probe import measure, rundir
 from loft_probe.probe.capture import GradCapture
+from loft_probe.probe.layouts import layout_of
 from loft_probe.probe.schedule import Schedule, as_schedule, every
 from loft_probe.probe.shadow import ShadowAdamW
 
@@ -114,6 +114,7 @@ class Probe:
         self.rank, self.world = _distributed()
         self.layers = _select_layers(model, layers)
         self.method = _method(optimizer, self.layers)
+        self.layout = layout_of(optimizer)
         self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for layer in self.layers:
             if id(layer.key_param) not in self._groups:
@@ -312,10 +313,13 @@ class Probe:
                 values["factor_grad_norm"] = float(torch.sqrt(B.float().norm() ** 2 + A.float().norm() ** 2))
             if layer.grad is not None:
                 values.update(measure.residual_metrics(layer.grad, *layer.before))
-        moments = self._full_space_moments(layer)
+        if not self.layout.known(self.optimizer, layer.key_param):
+            self._warn_once("layout", f"{type(self.optimizer).__name__} keeps no exp_avg/exp_avg_sq: moments "
+                                      "are not recorded, gradients and updates are")
+        moments = self.layout.full_space(self.optimizer, group, layer)
         if moments is not None and layer.grad is not None:
-            values["cos_moment_grad"] = float(M.cosine(moments[0], layer.grad))
-        elif layer.pair is not None and (factor_cos := self._factor_moment_cosine(layer)) is not None:
+            values["cos_moment_grad"] = float(M.cosine(moments.first, layer.grad))
+        elif layer.pair is not None and (factor_cos := self.layout.factor_cosine(self.optimizer, layer)) is not None:
             values["cos_moment_grad"] = factor_cos
         if layer.shadow is not None and layer.shadow.step > 0:
             beta1, beta2 = group["betas"]
@@ -323,10 +327,9 @@ class Probe:
                                                    group.get("weight_decay", 0.0))
             values.update(measure.shadow_metrics(update, shadow_next - W_before))
             if moments is not None:
-                first, second, project = moments
                 shadow_m, shadow_v = layer.shadow.moments()
-                projected = project(shadow_m) if project is not None else None
-                values.update(measure.moment_metrics(first, second, shadow_m, shadow_v, projected,
+                projected = moments.project(shadow_m) if moments.project is not None else None
+                values.update(measure.moment_metrics(moments.first, moments.second, shadow_m, shadow_v, projected,
                                                      group["eps"]))
         self._rows += [(t, layer.name, metric, float(v)) for metric, v in values.items()]
 
@@ -335,44 +338,6 @@ class Probe:
             delta = M.lowrank_update(*layer.initial_factors, *state, scale=layer.pair.scale)
             return M.lowrank_norm(*delta)
         return (state[0] - self._initial_weight(layer)).norm()
-
-    def _full_space_moments(self, layer: _Layer):
-        """``(M, V, project)``: the optimizer's full-space first and second moments (m×n) after the step, and
-        the projection of an m×n matrix onto what the moved factor can express (None for dense layers)."""
-        state = self.optimizer.state.get(layer.key_param, {})
-        if layer.pair is None:
-            if "exp_avg" in state and "exp_avg_sq" in state:
-                dtype = layer.compute_dtype()
-                return state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype), None
-            self._warn_once("layout", f"{type(self.optimizer).__name__} keeps no exp_avg/exp_avg_sq: moments "
-                                      "are not recorded, gradients and updates are")
-            return None
-        if not isinstance(self.optimizer, LoFT) or "prev_partner" not in state:
-            return None
-        group = self._group(layer)
-        state_B, state_A = state, self.optimizer.state[layer.pair.A]
-        basis = F.SecondMomentBasis(layer.pair.rank, group["second_moment"] == "full", layer.key_param.device)
-        B_moved = not group["alternating"] or int(state_B["phase"]) == 1  # the phase flipped after the step
-        if B_moved:  # M = m_B·A0, A0 = the partner of the forward pass
-            A0 = state_B["prev_partner"]
-            first, second = F.reconstruct_moments(state_B["exp_avg"], state_B["exp_avg_sq"], A0, basis)
-            Q = M.orth(A0.T)  # (n, r)
-            return first, second, lambda X: (X @ Q) @ Q.T
-        B0 = state_A["prev_partner"]  # M = B0·m_A, computed on transposes
-        first, second = F.reconstruct_moments(state_A["exp_avg"].T, state_A["exp_avg_sq"], B0.T, basis)
-        Q = M.orth(B0)  # (m, r)
-        return first.T, second.T, lambda X: Q @ (Q.T @ X)
-
-    def _factor_moment_cosine(self, layer: _Layer) -> float | None:
-        """cos(first moment, gradient) over both factors, for optimizers with factor-space moments."""
-        moments, grads = [], []
-        for p in (layer.pair.B, layer.pair.A):
-            state = self.optimizer.state.get(p, {})
-            if "exp_avg" not in state or p.grad is None or isinstance(self.optimizer, LoFT):
-                return None
-            moments.append(state["exp_avg"].float().flatten())
-            grads.append(p.grad.float().flatten())
-        return float(M.cosine(torch.cat(moments), torch.cat(grads), dim=-1))
 
     def _snapshot(self, t: int) -> None:
         tensors: dict[str, Tensor] = {}

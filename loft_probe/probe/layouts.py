@@ -1,0 +1,87 @@
+"""How a probe reads an optimizer's moments: one small adapter per state layout.
+
+- :class:`AdamLayout` — Adam, AdamW and any optimizer keeping ``exp_avg``/``exp_avg_sq`` per parameter.
+  A dense weight's moments are full-space (m×n); a LoRA pair's live on the factors.
+- :class:`LoFTLayout` — a pair's full-space moments are rebuilt from LoFT's factor-coordinate state
+  (spec: docs/loft-spec.md); LoFT's other parameters follow the Adam layout.
+
+An optimizer whose state has neither layout is probed for gradients and updates only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loft_probe import metrics as M
+from loft_probe.optim import LoFT
+from loft_probe.optim import functional as F
+
+
+@dataclass
+class FullSpaceMoments:
+    first: Tensor  # (m, n) first moment, in the weight's space
+    second: Tensor  # (m, n) second moment
+    project: Callable[[Tensor], Tensor] | None  # (m, n) → what the factor that moved can express; None: dense
+
+
+class AdamLayout:
+    """``state[p]["exp_avg"]``, ``state[p]["exp_avg_sq"]`` per parameter."""
+
+    def known(self, optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
+        state = optimizer.state.get(param, {})
+        return "exp_avg" in state and "exp_avg_sq" in state
+
+    def full_space(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], layer) -> FullSpaceMoments | None:
+        """A dense layer's moments (m×n); a LoRA pair has none under Adam."""
+        if layer.pair is not None or not self.known(optimizer, layer.param):
+            return None
+        state, dtype = optimizer.state[layer.param], layer.compute_dtype()
+        return FullSpaceMoments(state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype), None)
+
+    def factor_cosine(self, optimizer: torch.optim.Optimizer, layer) -> float | None:
+        """cos(first moment, gradient) over both factors of a LoRA pair, in factor space."""
+        factors = (layer.pair.B, layer.pair.A)
+        if not all(self.known(optimizer, p) and p.grad is not None for p in factors):
+            return None
+        moments = torch.cat([optimizer.state[p]["exp_avg"].float().flatten() for p in factors])
+        grads = torch.cat([p.grad.float().flatten() for p in factors])
+        return float(M.cosine(moments, grads, dim=-1))
+
+
+class LoFTLayout(AdamLayout):
+    """LoFT's pair state (``prev_partner``, packed ``exp_avg_sq``, ``phase``); AdamW for the rest."""
+
+    def known(self, optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
+        return "exp_avg" in optimizer.state.get(param, {})
+
+    def full_space(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], layer) -> FullSpaceMoments | None:
+        """The moved factor's reconstructed moments after the step: ``m_B·A0`` (B moved) or ``B0·m_A``, with
+        the partner of the forward pass, and the projection onto what that factor can express."""
+        if layer.pair is None:
+            return super().full_space(optimizer, group, layer)
+        state_B, state_A = optimizer.state.get(layer.pair.B, {}), optimizer.state.get(layer.pair.A, {})
+        if "prev_partner" not in state_B:
+            return None
+        basis = F.SecondMomentBasis(layer.pair.rank, group["second_moment"] == "full", layer.key_param.device)
+        B_moved = not group["alternating"] or int(state_B["phase"]) == 1  # the phase flipped after the step
+        if B_moved:
+            A0 = state_B["prev_partner"]  # (r, n)
+            first, second = F.reconstruct_moments(state_B["exp_avg"], state_B["exp_avg_sq"], A0, basis)
+            Q = M.orth(A0.T)  # (n, r): the row space a B-step can write to
+            return FullSpaceMoments(first, second, lambda X: (X @ Q) @ Q.T)
+        B0 = state_A["prev_partner"]  # (m, r); the A-side is the B-side on transposes
+        first, second = F.reconstruct_moments(state_A["exp_avg"].T, state_A["exp_avg_sq"], B0.T, basis)
+        Q = M.orth(B0)  # (m, r): the column space an A-step can write to
+        return FullSpaceMoments(first.T, second.T, lambda X: Q @ (Q.T @ X))
+
+    def factor_cosine(self, optimizer: torch.optim.Optimizer, layer) -> float | None:
+        return None  # LoFT's factor-coordinate moments are not gradients' EMAs: use the full-space cosine
+
+
+def layout_of(optimizer: torch.optim.Optimizer) -> AdamLayout:
+    return LoFTLayout() if isinstance(optimizer, LoFT) else AdamLayout()

@@ -207,7 +207,7 @@ def _not_recorded(run: Run, late: _LateMedians | None) -> list[Finding]:
     if not late.has("delta_r90"):
         missing["rank check"] = "a snapshot (every 4th recorded step, and the last one when the probe closes)"
     if not late.has("intruders"):
-        missing["intruder check"] = "intruders=True and a snapshot"
+        missing["intruder check"] = "intruders=\"last\" or \"all\" and a closed run"
     if not missing:
         return []
     return [Finding("not_recorded", "info", "Skipped for lack of metrics: " + "; ".join(missing) + ".",

@@ -53,11 +53,13 @@ def moment_metrics(first: Tensor, second: Tensor | None, shadow_first: Tensor, s
     return out
 
 
-def spectrum_metrics(delta: M.SVD, base_norm: float, intruder_scores: Tensor | None) -> dict[str, float]:
-    """The cumulative ΔW from its (top-k) singular values; intruder count at ε = 0.5 when scores are given."""
+def spectrum_metrics(delta: M.SVD, base_norm: float) -> dict[str, float]:
+    """The cumulative ΔW from its (top-k) singular values."""
     S = delta.S
-    out = {"delta_rel_size": _f(S.norm()) / base_norm if base_norm > 0 else 0.0,
-           "delta_stable_rank": _f(M.stable_rank(S)), "delta_r90": _f(M.r90(S))}
-    if intruder_scores is not None:
-        out["intruders"] = _f(M.intruder_counts(intruder_scores, 0.5))
-    return out
+    return {"delta_rel_size": _f(S.norm()) / base_norm if base_norm > 0 else 0.0,
+            "delta_stable_rank": _f(M.stable_rank(S)), "delta_r90": _f(M.r90(S))}
+
+
+def intruder_metrics(scores: Tensor) -> dict[str, float]:
+    """Intruder dimensions at ε = 0.5 (Shuttleworth et al.'s default) from the tuned weight's scores."""
+    return {"intruders": _f(M.intruder_counts(scores, 0.5))}

@@ -35,6 +35,7 @@ from loft_probe.probe.schedule import Schedule, as_schedule, every
 from loft_probe.probe.shadow import ShadowAdamW
 
 INTRUDER_K = 10  # top singular vectors of the tuned weight checked for intruders (Shuttleworth et al.)
+INTRUDER_MODES = ("last", "all", "none")  # intruder counts at the last step, at every snapshot, never
 
 
 class ProbeWarning(UserWarning):
@@ -94,7 +95,7 @@ class Probe:
                  every: int | Iterable[int] | Schedule = 16, shadow: bool = False,
                  capture_grad: bool | None = None, layers: str | Iterable[str] | None = None,
                  snapshots: int | Iterable[int] | Schedule | None = None, snapshot_k: int = 32,
-                 intruders: bool = True, shadow_dtype: torch.dtype | None = None, grad_scaler: Any = None,
+                 intruders: str = "last", shadow_dtype: torch.dtype | None = None, grad_scaler: Any = None,
                  seed: int | None = None, data_order: str | None = None, name: str | None = None,
                  extra_meta: dict[str, Any] | None = None) -> None:
         self.schedule = as_schedule(every)
@@ -105,6 +106,8 @@ class Probe:
             capture_grad = shadow
         if shadow and not capture_grad:
             raise ValueError("shadow=True needs capture_grad=True: the shadow AdamW is fed the true gradient")
+        if intruders not in INTRUDER_MODES:
+            raise ValueError(f"intruders must be one of {INTRUDER_MODES}, got {intruders!r}")
         if shadow_dtype not in (None, torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"shadow_dtype must be None, float32, bfloat16 or float64, got {shadow_dtype}")
         model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel wrap the model
@@ -348,11 +351,9 @@ class Probe:
                 delta_lr = M.lowrank_update(*layer.initial_factors, B, A, scale=layer.pair.scale)
                 delta = _truncate(M.lowrank_svd(*delta_lr), self.snapshot_k)
                 tensors[key("adapter", "B")], tensors[key("adapter", "A")] = B, A
-                scores = self._lora_intruder_scores(layer, B, A) if self.intruders else None
             else:
                 W, W0 = layer.state_now()[0], self._initial_weight(layer)
                 delta = M.top_singular(W - W0, min(self.snapshot_k, *W.shape))
-                scores = _intruder_scores(W0, W) if self.intruders else None
             for part, tensor in zip(("U", "S", "Vh"), delta, strict=True):
                 tensors[key("delta", part)] = tensor
             if layer.shadow is not None and layer.shadow.step > 0:
@@ -361,13 +362,26 @@ class Probe:
                                         M.top_singular(shadow_m, min(self.snapshot_k, *shadow_m.shape)),
                                         strict=True):
                     tensors[key("shadow_m", part)] = tensor
-            values = measure.spectrum_metrics(delta, layer.base_norm, scores)
+            values = measure.spectrum_metrics(delta, layer.base_norm)
             self._rows += [(t, layer.name, metric, v) for metric, v in values.items()]
         rundir.write_snapshot(self.run_dir, t, tensors)
+        if self.intruders == "all":
+            self._record_intruders(t)
+
+    def _record_intruders(self, t: int) -> None:
+        """Intruder counts of every layer's current weight: an SVD of W_0 per layer, so by default only once,
+        at the last step (``intruders="last"``)."""
+        for layer in self.layers:
+            if layer.pair is not None:
+                scores = self._lora_intruder_scores(layer, *layer.state_now())
+            else:
+                scores = _intruder_scores(self._initial_weight(layer), layer.state_now()[0])
+            if scores is not None:
+                self._rows += [(t, layer.name, metric, v) for metric, v in measure.intruder_metrics(scores).items()]
 
     def _lora_intruder_scores(self, layer: _Layer, B: Tensor, A: Tensor) -> Tensor | None:
         """Intruder scores of W_0 + s·B·A from W_0's SVD, cached at the first snapshot (memory: about one
-        copy of W_0 per layer; ``intruders=False`` spares it), and the rank-r update: no m×n SVD per snapshot."""
+        copy of W_0 per layer) and the rank-r update: no m×n SVD per count."""
         if layer.base_svd is None:
             layer.base_svd = M.SVD(*torch.linalg.svd(layer.pair.base_weight().to(B.dtype), full_matrices=False))
         k = min(INTRUDER_K, layer.base_svd.S.numel() - 1)  # the low-rank path needs k < min(m, n)
@@ -450,6 +464,8 @@ class Probe:
         try:
             if self.step > 0 and self.step not in rundir.read_snapshot_steps(self.run_dir):
                 self._snapshot(self.step)
+            if self.step > 0 and self.intruders == "last":
+                self._record_intruders(self.step)
             self._flush()
             rundir.write_meta(self.run_dir, {**self.meta, "closed": True, "last_step": self.step})
         except OSError as exc:
@@ -472,7 +488,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Pa
         capture_grad: capture LoRA layers' full-weight gradient G (activation memory); default = ``shadow``.
         layers: fnmatch pattern(s) on layer names; default every LoRA layer, or every 2-D weight without LoRA.
         snapshots: schedule of ΔW snapshots (default every 4th recorded step), plus the last step at close.
-        snapshot_k: singular triplets per snapshot (default 32). intruders: count intruder dimensions there.
+        snapshot_k: singular triplets per snapshot (default 32).
+        intruders: intruder-dimension counts (an SVD of W_0 per layer) at the ``"last"`` step (default), at
+            ``"all"`` snapshots, or ``"none"``.
         shadow_dtype: ``torch.bfloat16`` halves the shadow's memory.
         grad_scaler: the ``torch.amp.GradScaler`` of an AMP run, so that captured G is recorded unscaled.
         seed, data_order, name: recorded in meta.json; runs compare only with equal seed and data order.

@@ -1,6 +1,6 @@
 """The ``loft-probe`` command: parse arguments, call the library, print its results.
 
-Errors become one ``error: ...`` line and exit code 2 in one place (`loft_probe.cli.errors`); ``--debug``
+Errors become one ``error: ...`` line and exit code 2 in one place (`cli/errors.py`); ``--debug``
 shows the traceback instead. The report's matplotlib and the comparison are imported inside the commands
 that use them, so ``--help`` stays quick.
 """

@@ -1,7 +1,7 @@
 """Cross-run comparison: adapter runs (LoRA, LoFT, ...) against a reference run, snapshot by snapshot.
 
 Runs compare only when they share base weights, layer names and shapes, seed and data order
-(spec/metrics.md, "Cross-run comparison"): `check_compatible` refuses them otherwise. `compare` reads the
+(docs/metrics-spec.md, "Cross-run comparison"): `check_compatible` refuses them otherwise. `compare` reads the
 runs' snapshots (top-k singular triplets of the cumulative ΔW = W_t − W_0, and the adapter factors B, A)
 and returns one tidy long-form frame; `summarize` reduces it to one row per (run, metric) for a report
 table. Every number comes from `loft_probe.metrics`; no m×n matrix is formed.

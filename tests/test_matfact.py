@@ -1,4 +1,4 @@
-"""The matrix-factorisation experiment of the LoFT paper (spec: shared/spec/loft.md, "Known facts")."""
+"""The matrix-factorisation experiment of the LoFT paper (spec: docs/loft-spec.md, "Known facts")."""
 
 from __future__ import annotations
 

@@ -359,21 +359,32 @@ def test_checkpoint_resume_continues_the_record_exactly(tmp_path):
 
 
 def test_nonfinite_gradient_is_recorded_and_kept_out_of_the_shadow(tmp_path):
-    model = lora_mlp()
-    opt = LoFT.from_model(model, lr=1e-2)  # skips non-finite steps
-    probe = attach(model, opt, tmp_path / "run", every=1, shadow=True)
     data = batches(4)
+    x, y = data[2]
+    bad = (x.clone().index_fill_(1, torch.tensor([0]), float("nan")), y)  # every gradient becomes NaN
+    # LoFT skips the step: the probe records the skip and does not count it as a step.
+    model = lora_mlp()
+    opt = LoFT.from_model(model, lr=1e-2)
+    probe = attach(model, opt, tmp_path / "loft", every=1, shadow=True)
     train(model, opt, data[:2], probe)
     shadows = [(layer.shadow.exp_avg.clone(), layer.shadow.step) for layer in probe.layers]
-    x, y = data[2]
-    x = x.clone()
-    x[0, 0] = float("nan")
-    train(model, opt, [(x, y)], probe)  # every gradient is NaN: LoFT skips, the probe records it
+    train(model, opt, [bad], probe)
     for layer, (exp_avg, step) in zip(probe.layers, shadows, strict=True):
         assert torch.equal(layer.shadow.exp_avg, exp_avg) and layer.shadow.step == step
+    assert probe.step == 2
     train(model, opt, data[3:], probe)
     probe.close()
-    metrics = load_run(tmp_path / "run").metrics
-    flagged = metrics.query("metric == 'nonfinite_grad'")
+    metrics = load_run(tmp_path / "loft").metrics
+    assert metrics.query("metric == 'skipped_step'")[["step", "layer"]].values.tolist() == [[3, ""]]
+    assert torch.isfinite(torch.tensor(metrics.query("step == 3 and layer != ''").value.to_numpy())).all()
+    # AdamW takes the step: the probe flags each layer's gradient and keeps it out of the shadow.
+    model = lora_mlp()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    probe = attach(model, opt, tmp_path / "adamw", every=1, shadow=True)
+    train(model, opt, data[:2], probe)
+    shadows = [layer.shadow.exp_avg.clone() for layer in probe.layers]
+    train(model, opt, [bad], probe)
+    assert all(torch.equal(layer.shadow.exp_avg, m) for layer, m in zip(probe.layers, shadows, strict=True))
+    probe.close()
+    flagged = load_run(tmp_path / "adamw").metrics.query("metric == 'nonfinite_grad'")
     assert sorted(flagged.layer) == ["0", "2"] and set(flagged.step) == {3}
-    assert torch.isfinite(torch.tensor(metrics.query("step == 4 and layer != ''").value.to_numpy())).all()

@@ -28,7 +28,9 @@ class ProbeCallback(TrainerCallback):
         self.probe: Probe | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        # accelerate wraps the optimizer; its step() calls the wrapped one, whose hooks the probe uses
+        # accelerate wraps the optimizer (and, under fp16, its GradScaler): the probe needs the scaler to
+        # unscale captured gradients, and hooks the wrapped optimizer, which the wrapper's step() calls
+        self.options.setdefault("grad_scaler", getattr(optimizer, "scaler", None))
         optimizer = getattr(optimizer, "optimizer", optimizer)
         self.options.setdefault("seed", args.seed)
         self.probe = attach(model, optimizer, self.run_dir, **self.options)

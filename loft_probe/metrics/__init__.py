@@ -1,4 +1,4 @@
-"""Alignment metrics: pure functions on torch tensors (definitions in spec/metrics.md).
+"""Alignment metrics: pure functions on torch tensors (definitions in docs/metrics-spec.md).
 
 - `lowrank`: orthonormal bases, exact thin SVD of s·B·A from its factors.
 - `subspace`: principal angles, Grassmann and projection distances, the φ similarity grid.

@@ -1,4 +1,4 @@
-"""LoFT's math as pure functions of tensors (spec: shared/spec/loft.md).
+"""LoFT's math as pure functions of tensors (spec: docs/loft-spec.md).
 
 Every function is written once, for the *left* factor ``L`` (m×r) of ``W = s·L·R`` with its partner
 ``R`` (r×n). That is the B-side of a PEFT pair (L = B, R = A). The A-side is the same call on transposes,

@@ -142,7 +142,10 @@ class LoFT(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads):
             raise RuntimeError("LoFT does not support sparse gradients; use dense gradients (e.g. "
                                "nn.Embedding(sparse=False))")
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        flags: dict[torch.device, list[Tensor]] = {}  # stacked per device: a model may span several
+        for g in grads:
+            flags.setdefault(g.device, []).append(torch.isfinite(g).all())
+        return all(bool(torch.stack(f).all()) for f in flags.values())
 
     # ---------------------------------------------------------------- AdamW for every other parameter
     def _adamw_group(self, group: dict[str, Any]) -> None:
@@ -153,14 +156,14 @@ class LoFT(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, dtype=_compute_dtype(p))
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_compute_dtype(p))
+                state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype(p))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype(p))
             state["step"] += 1
-            param = p.detach().to(_compute_dtype(p))
+            param = p.detach().to(compute_dtype(p))  # the parameter itself unless it is low-precision
             F.adamw_update_(param, p.grad.to(param.dtype), state["exp_avg"], state["exp_avg_sq"],
                             int(state["step"]), group["lr"], beta1, beta2, group["eps"],
                             group["weight_decay"])
-            if param is not p:
+            if param.dtype != p.dtype:
                 p.copy_(param)
 
     # ---------------------------------------------------------------- LoFT for one LoRA pair
@@ -176,10 +179,13 @@ class LoFT(torch.optim.Optimizer):
         b_side, a_side = _sides(B, A, state_B, state_A)
 
         # Phase one: update both factors' states with the factors of the forward pass (spec step 4).
+        # Only a factor about to move has a partner that changed since its state was last transported
+        # (alternating: the partner moved at the previous step); for the other, C = I and is skipped.
+        moving = (0, 1) if not group["alternating"] else (int(state_B["phase"]),)
         grams = (F.GramSolver(b_side.partner), F.GramSolver(a_side.partner))
-        for side, gram in zip((b_side, a_side), grams, strict=True):
+        for i, (side, gram) in enumerate(zip((b_side, a_side), grams, strict=True)):
             h = F.scaled_gradient(side.grad, scale, gram) if group["scale_gradients"] else side.grad
-            if group["transport"]:
+            if group["transport"] and i in moving:
                 C = F.transport_matrix(side.prev_partner, side.partner, gram)  # (r, r)
                 side.exp_avg.copy_(side.exp_avg @ C)
                 side.exp_avg_sq.copy_(side.exp_avg_sq @ basis.transport(C))
@@ -187,7 +193,6 @@ class LoFT(torch.optim.Optimizer):
             side.exp_avg_sq.mul_(beta2).add_(basis.features(h), alpha=1 - beta2)
 
         # Phase two: compute the moving factors' projected steps (they read the partners), then move.
-        moving = (0, 1) if not group["alternating"] else (int(state_B["phase"]),)
         lr, weight_decay = group["lr"], group["weight_decay"]
         steps = {}
         if group["projected_update"]:
@@ -214,7 +219,7 @@ class LoFT(torch.optim.Optimizer):
         B, A = group["params"]
         state_B, state_A = self.state[B], self.state[A]
         if not state_B:
-            dtype, width = _compute_dtype(B), self._basis(group, B).width
+            dtype, width = compute_dtype(B), self._basis(group, B).width
             state_B["step"] = torch.tensor(0.0)
             state_B["phase"] = torch.tensor(0.0)
             state_B["exp_avg"] = torch.zeros_like(B, dtype=dtype)  # (m, r)
@@ -233,13 +238,14 @@ class LoFT(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, except that state keeps the dtype it was saved in: torch would cast it to the
-        parameter's dtype, and LoFT keeps bf16/fp16 factors' state in float32."""
+        parameter's dtype, and LoFT keeps bf16/fp16 factors' state in float32 and ``step``/``phase`` on the CPU."""
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
             for key, value in saved.items():
-                if torch.is_tensor(value) and key not in ("step", "phase"):
-                    self.state[params[index]][key] = value.to(device=params[index].device, copy=True)
+                if torch.is_tensor(value):
+                    device = "cpu" if key in ("step", "phase") else params[index].device
+                    self.state[params[index]][key] = value.to(device=device, copy=True)
 
 
 def clip_grad_norm_(optimizer: LoFT, max_norm: float) -> Tensor:
@@ -283,7 +289,7 @@ def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor
 
     A missing gradient reads as zero (a factor that did not take part in the loss).
     """
-    dtype = _compute_dtype(B)
+    dtype = compute_dtype(B)
     Bc, Ac = B.detach().to(dtype), A.detach().to(dtype)
     gB = B.grad.to(dtype) if B.grad is not None else torch.zeros_like(Bc)
     gA = A.grad.to(dtype) if A.grad is not None else torch.zeros_like(Ac)
@@ -298,7 +304,7 @@ def _sides(B: Tensor, A: Tensor, state_B: dict, state_A: dict) -> tuple[_Side, _
     return b_side, a_side
 
 
-def _compute_dtype(p: Tensor) -> torch.dtype:
+def compute_dtype(p: Tensor) -> torch.dtype:
     """float32 for bf16/fp16 parameters (LoFT's solves need it), the parameter's dtype otherwise."""
     return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
 

@@ -1,6 +1,6 @@
 """A slow, literal LoFT for one LoRA pair: dense m×n quantities, explicit inverses, full r×r matrices.
 
-It follows shared/spec/loft.md line by line and is the oracle the fast optimizer is tested against in
+It follows docs/loft-spec.md line by line and is the oracle the fast optimizer is tested against in
 float64. Not for training: it needs full-rank factors (it inverts Gram matrices without a guard) and
 memory of order m·n·r.
 """

@@ -12,7 +12,10 @@ class GradCapture:
     as ``.grad`` does) until :meth:`reset`.
 
     The module's input is kept alive from the forward to the backward pass: capture costs activation memory,
-    which is why it is optional. ``y`` is the whole layer's output: the same G for every adapter of a layer.
+    which is why it is optional, plus one m×n buffer (float32, or float64 for float64 layers) kept between
+    steps. ``y`` is the whole layer's output: the same G for every adapter of a layer. With LoRA dropout the
+    factors see a dropped-out input, so ``g_B = s·G·Aᵀ`` then holds only in expectation, and residuals and
+    shadow comparisons are approximate.
     """
 
     def __init__(self, module: nn.Module, shape: tuple[int, int], dtype: torch.dtype) -> None:

@@ -1,7 +1,7 @@
 """What a probe records about one layer at one step: pure functions from tensors to ``{metric: value}``.
 
 Names and meanings are those of :data:`loft_probe.probe.rundir.METRICS`; formulas come from
-:mod:`loft_probe.metrics` (spec: shared/spec/metrics.md).
+:mod:`loft_probe.metrics` (spec: docs/metrics-spec.md).
 """
 
 from __future__ import annotations

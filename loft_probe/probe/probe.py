@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from loft_probe import metrics as M
 from loft_probe.lora import LoraPair, lora_pairs
 from loft_probe.optim import LoFT
-from loft_probe.optim.loft import is_sharded
+from loft_probe.optim.loft import compute_dtype, is_sharded
 from loft_probe.probe import measure, rundir
 from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.layouts import layout_of
@@ -71,8 +71,7 @@ class _Layer:
         return self.pair.B if self.pair is not None else self.param
 
     def compute_dtype(self) -> torch.dtype:
-        dtype = self.key_param.dtype
-        return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        return compute_dtype(self.key_param)
 
     def state_now(self) -> tuple[Tensor, ...]:
         dtype = self.compute_dtype()
@@ -86,6 +85,12 @@ class _Layer:
             return state[0]
         B, A = state
         return self.pair.base_weight().to(B.dtype) + self.pair.scale * (B @ A)
+
+    def update(self, before: tuple[Tensor, ...], after: tuple[Tensor, ...]) -> Tensor:
+        """W_after − W_before (m×n), from the factors: W_0 never enters, so nothing cancels."""
+        if self.pair is None:
+            return after[0] - before[0]
+        return self.pair.scale * (after[0] @ after[1] - before[0] @ before[1])
 
 
 class Probe:
@@ -122,12 +127,16 @@ class Probe:
         for layer in self.layers:
             if id(layer.key_param) not in self._groups:
                 raise ValueError(f"layer {layer.name!r} is not optimized by the given optimizer")
+        self.shadow_requested = shadow
         self._prepare_layers(capture_grad, shadow, shadow_dtype)
         self.step = self._open_run_dir(seed, data_order, name, shadow, capture_grad, extra_meta or {})
+        self._next_part = rundir.next_part_index(self.run_dir) if self.rank == 0 else 0
         self._rows: list[tuple[int, str, str, float]] = []
         self._warned: set[str] = set()
-        self._enabled = True
+        self._enabled = True  # hooks installed
+        self._writing = True  # rank 0 measures and writes; off after an error (the hooks may stay, for DDP)
         self._pending_skip = False
+        self._skipped_seen = sum(group.get("skipped_steps", 0) for group in optimizer.param_groups)
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
         if grad_scaler is not None:
@@ -165,6 +174,9 @@ class Probe:
             if not same_base or _without_fingerprints(old.get("layers")) != _without_fingerprints(layer_table):
                 raise rundir.RunDirError(f"{self.run_dir}: holds a different run (base weights or layers "
                                          "differ); choose another run_dir")
+            if start == 0 and rundir.has_records(self.run_dir):
+                raise rundir.RunDirError(f"{self.run_dir}: already holds this run's records; to resume, attach "
+                                         "with the optimizer restored from a checkpoint, or choose another run_dir")
             fingerprint, layer_table = old["fingerprint"], old["layers"]
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise rundir.RunDirError(f"{self.run_dir}: exists and is not a run directory; choose another")
@@ -193,7 +205,7 @@ class Probe:
         for layer in self.layers:
             base = layer.pair.base_weight() if layer.pair is not None else layer.param.detach()
             digest = hashlib.sha256(f"{tuple(base.shape)}:{base.dtype}".encode())
-            digest.update(base.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            digest.update(base.contiguous().cpu().view(torch.uint8).numpy())  # the buffer, not a bytes copy
             per_layer[layer.name] = digest.hexdigest()
         overall = hashlib.sha256("".join(f"{k}={v};" for k, v in per_layer.items()).encode())
         return overall.hexdigest(), per_layer
@@ -213,15 +225,28 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        self._guarded(self._before_step)
+        """Keeps the weights from before a recorded step (rank 0); nothing else happens before the step."""
+        t = self.step + 1
+        if self._writing and self.rank == 0 and (self.schedule(t) or self.snapshots(t)):
+            self._guarded(lambda: [setattr(layer, "before", layer.state_now()) for layer in self.layers])
 
     def _post_step(self, optimizer, args, kwargs) -> None:
-        self._guarded(self._after_step)
+        """After the optimizer moved: gather G (every rank: the DDP all-reduce), feed the shadow, measure."""
+        if self._optimizer_skipped():  # LoFT skipped a non-finite step: nothing moved, the record waits
+            self._log_row(self.step + 1, rundir.RUN_LAYER, "skipped_step", 1.0)
+            self._end_step(advance=False)
+            return
+        t = self.step + 1
+        measured = self.schedule(t) or self.snapshots(t)
+        for layer in self.layers:
+            layer.grad = self._full_gradient(layer, measured)
+        if self._writing and self.rank == 0:
+            self._guarded(lambda: self._measure(t))
+        self._end_step(advance=True)
 
     def _guarded(self, body) -> None:
-        """Runs a hook body; an error disables the probe with one warning instead of crashing training."""
-        if not self._enabled:
-            return
+        """Runs rank 0's measuring; an error stops measuring and writing with one warning instead of crashing
+        training. Hooks that join collectives stay: under DDP every rank must keep joining the all-reduce."""
         try:
             body()
         except OSError as exc:
@@ -229,41 +254,47 @@ class Probe:
         except Exception as exc:
             self._disable(f"{type(exc).__name__}: {exc} at {traceback.format_tb(exc.__traceback__)[-1].strip()}")
 
-    def _before_step(self) -> None:
-        t = self.step + 1
-        recorded = self.schedule(t) or self.snapshots(t)
+    def _measure(self, t: int) -> None:
         for layer in self.layers:
-            layer.grad = self._full_gradient(layer)
             if layer.grad is not None and not bool(torch.isfinite(layer.grad).all()):
-                self._rows.append((t, layer.name, "nonfinite_grad", 1.0))
+                self._log_row(t, layer.name, "nonfinite_grad", 1.0)
                 layer.grad = None
             if layer.shadow is not None and layer.grad is not None:
                 beta1, beta2 = self._group(layer)["betas"]
                 layer.shadow.feed(layer.grad, beta1, beta2)
-            if recorded and self.rank == 0:
-                layer.before = layer.state_now()
-
-    def _after_step(self) -> None:
-        self.step += 1
-        t = self.step
-        if self.rank == 0 and self.schedule(t):
+        if self.schedule(t):
             for layer in self.layers:
                 self._record(t, layer)
-        if self.rank == 0 and self.snapshots(t):
+        if self.snapshots(t):
             self._snapshot(t)
+        if self.schedule(t) or self.snapshots(t):
+            self._flush()  # recorded steps only: one Parquet part per record, not per step
+
+    def _end_step(self, advance: bool) -> None:
+        if advance:
+            self.step += 1
         for layer in self.layers:
             layer.grad, layer.before = None, None
             if layer.capture is not None:
                 layer.capture.reset()
         self._pending_skip = False
-        self._set_capture(t + 1)
-        self._flush()
+        self._set_capture(self.step + 1)
 
-    def _full_gradient(self, layer: _Layer) -> Tensor | None:
-        """G (m×n) of this step: ``W.grad``, or the captured gradient (unscaled, averaged over ranks)."""
+    def _optimizer_skipped(self) -> bool:
+        skipped = sum(group.get("skipped_steps", 0) for group in self.optimizer.param_groups)
+        if skipped == self._skipped_seen:
+            return False
+        self._skipped_seen = skipped
+        return True
+
+    def _full_gradient(self, layer: _Layer, measured: bool) -> Tensor | None:
+        """G (m×n) of this step: ``W.grad``, or the captured gradient (unscaled, averaged over ranks).
+        Dense gradients are read only on rank 0 when something uses them."""
         if layer.pair is None:
             grad = layer.param.grad
-            return None if grad is None else grad.detach().to(layer.compute_dtype())
+            if grad is None or self.rank != 0 or not (measured or layer.shadow is not None):
+                return None
+            return grad.detach().to(layer.compute_dtype())
         if layer.capture is None or (grad := layer.capture.take()) is None:
             return None
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
@@ -274,11 +305,11 @@ class Probe:
         return grad
 
     def _set_capture(self, next_step: int) -> None:
-        """Capture G for the next step only when something needs it (the shadow always does)."""
-        needed = self.schedule(next_step) or self.snapshots(next_step)
+        """Capture G for the next step only when something needs it; the same decision on every rank."""
+        needed = self.shadow_requested or self.schedule(next_step) or self.snapshots(next_step)
         for layer in self.layers:
             if layer.capture is not None:
-                layer.capture.active = needed or layer.shadow is not None or self.world > 1
+                layer.capture.active = needed
 
     def _wrap_scaler_update(self, scaler) -> None:
         """A GradScaler skips ``optimizer.step`` on inf/NaN gradients; then its captured G must not leak
@@ -288,7 +319,7 @@ class Probe:
 
         def update(*args, **kwargs):
             if self._pending_skip:  # no optimizer step since the last update: this one was skipped
-                self._rows.append((self.step + 1, rundir.RUN_LAYER, "skipped_step", 1.0))
+                self._log_row(self.step + 1, rundir.RUN_LAYER, "skipped_step", 1.0)
                 for layer in self.layers:
                     if layer.capture is not None:
                         layer.capture.reset()
@@ -306,8 +337,11 @@ class Probe:
             return
         group = self._group(layer)
         after = layer.state_now()
+        if not all(bool(torch.isfinite(x).all()) for x in after):  # the optimizer diverged: say so, no spectra
+            self._log_row(t, layer.name, "update_norm", float("nan"))
+            return
         W_before = layer.weight(layer.before)
-        update = layer.weight(after) - W_before  # (m, n)
+        update = layer.update(layer.before, after)  # (m, n)
         values = measure.update_metrics(update, W_before, layer.grad)
         values["weight_change_norm"] = float(self._cumulative_delta_norm(layer, after))
         if layer.pair is not None:
@@ -326,9 +360,9 @@ class Probe:
             values["cos_moment_grad"] = factor_cos
         if layer.shadow is not None and layer.shadow.step > 0:
             beta1, beta2 = group["betas"]
-            shadow_next = layer.shadow.next_weight(W_before, group["lr"], beta1, beta2, group["eps"],
-                                                   group.get("weight_decay", 0.0))
-            values.update(measure.shadow_metrics(update, shadow_next - W_before))
+            shadow_update = layer.shadow.update(W_before, group["lr"], beta1, beta2, group["eps"],
+                                                group.get("weight_decay", 0.0))
+            values.update(measure.shadow_metrics(update, shadow_update))
             if moments is not None:
                 shadow_m, shadow_v = layer.shadow.moments()
                 projected = moments.project(shadow_m) if moments.project is not None else None
@@ -346,6 +380,8 @@ class Probe:
         tensors: dict[str, Tensor] = {}
         for layer in self.layers:
             key = lambda what, part, name=layer.name: rundir.snapshot_key(name, what, part)  # noqa: E731
+            if not all(bool(torch.isfinite(x).all()) for x in layer.state_now()):
+                continue  # a diverged layer has no spectrum: its NaN update norms already say so
             if layer.pair is not None:
                 B, A = layer.state_now()
                 delta_lr = M.lowrank_update(*layer.initial_factors, B, A, scale=layer.pair.scale)
@@ -372,6 +408,8 @@ class Probe:
         """Intruder counts of every layer's current weight: an SVD of W_0 per layer, so by default only once,
         at the last step (``intruders="last"``)."""
         for layer in self.layers:
+            if not all(bool(torch.isfinite(x).all()) for x in layer.state_now()):
+                continue
             if layer.pair is not None:
                 scores = self._lora_intruder_scores(layer, *layer.state_now())
             else:
@@ -380,14 +418,16 @@ class Probe:
                 self._rows += [(t, layer.name, metric, v) for metric, v in measure.intruder_metrics(scores).items()]
 
     def _lora_intruder_scores(self, layer: _Layer, B: Tensor, A: Tensor) -> Tensor | None:
-        """Intruder scores of W_0 + s·B·A from W_0's SVD, cached at the first snapshot (memory: about one
-        copy of W_0 per layer) and the rank-r update: no m×n SVD per count."""
-        if layer.base_svd is None:
-            layer.base_svd = M.SVD(*torch.linalg.svd(layer.pair.base_weight().to(B.dtype), full_matrices=False))
-        k = min(INTRUDER_K, layer.base_svd.S.numel() - 1)  # the low-rank path needs k < min(m, n)
+        """Intruder scores of W_0 + s·B·A from W_0's SVD (kept with ``intruders="all"``: about twice W_0's
+        memory per layer) and the rank-r update: no m×n SVD of the tuned weight."""
+        base_svd = layer.base_svd or M.SVD(*torch.linalg.svd(layer.pair.base_weight().to(B.dtype),
+                                                              full_matrices=False))
+        if self.intruders == "all":  # counted at every snapshot: keep it
+            layer.base_svd = base_svd
+        k = min(INTRUDER_K, base_svd.S.numel() - 1)  # the low-rank path needs k < min(m, n)
         if k < 1:
             return None
-        return M.intruder_scores_lowrank(layer.base_svd, M.LowRank(layer.pair.scale * B, A), k=k)
+        return M.intruder_scores_lowrank(base_svd, M.LowRank(layer.pair.scale * B, A), k=k)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -414,7 +454,9 @@ class Probe:
         for layer in self.layers:
             entry = state["layers"][layer.name]
             if layer.initial_factors is not None:
-                layer.initial_factors = (entry["initial_B"].clone(), entry["initial_A"].clone())
+                device, dtype = layer.key_param.device, layer.compute_dtype()
+                layer.initial_factors = (entry["initial_B"].to(device, dtype, copy=True),
+                                         entry["initial_A"].to(device, dtype, copy=True))
             if layer.shadow is not None and "shadow_step" in entry:
                 layer.shadow.step = int(entry["shadow_step"])
                 layer.shadow.exp_avg.copy_(entry["shadow_exp_avg"])
@@ -423,16 +465,20 @@ class Probe:
 
     # ------------------------------------------------------------------ output
     def log(self, **values: float) -> None:
-        """Run-level values (``loss=...``) at the step just completed: call it after ``optimizer.step()``."""
-        if self.rank != 0 or not self._enabled:
-            return
+        """Run-level values (``loss=...``) at the step just completed: call it after ``optimizer.step()``.
+        They are written with the next recorded step's part (and at close)."""
         for metric, value in values.items():
-            self._rows.append((self.step, rundir.RUN_LAYER, metric, float(value)))
+            self._log_row(self.step, rundir.RUN_LAYER, metric, float(value))
+
+    def _log_row(self, step: int, layer: str, metric: str, value: float) -> None:
+        if self.rank == 0 and self._writing:
+            self._rows.append((step, layer, metric, value))
 
     def _flush(self) -> None:
-        if self.rank == 0 and self._rows:
+        if self.rank == 0 and self._writing and self._rows:
             rows, self._rows = self._rows, []
-            rundir.write_metrics_part(self.run_dir, rows)
+            rundir.write_metrics_part(self.run_dir, rows, self._next_part)
+            self._next_part += 1
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -440,8 +486,11 @@ class Probe:
             warnings.warn(f"loft_probe: {message}", ProbeWarning, stacklevel=3)
 
     def _disable(self, why: str) -> None:
-        self._enabled = False
-        self._remove_hooks()
+        self._writing = False
+        self._rows = []
+        if self.world == 1:  # no other rank to keep in step with: the hooks can go too
+            self._enabled = False
+            self._remove_hooks()
         warnings.warn(f"loft_probe: probe disabled, training continues: {why}", ProbeWarning, stacklevel=3)
 
     def _remove_hooks(self) -> None:
@@ -455,22 +504,30 @@ class Probe:
     def close(self) -> None:
         """Writes what is pending, a snapshot of the last step, and marks the run closed. Idempotent."""
         atexit.unregister(self.close)
-        if not self._enabled:
+        writing = self._writing and self.rank == 0
+        self._writing = False
+        if self._enabled:
+            self._enabled = False
+            self._remove_hooks()
+        if not writing:
             return
-        self._enabled = False
-        self._remove_hooks()
-        if self.rank != 0:
-            return
+        self._writing = True  # for the last writes below only
         try:
             if self.step > 0 and self.step not in rundir.read_snapshot_steps(self.run_dir):
                 self._snapshot(self.step)
             if self.step > 0 and self.intruders == "last":
                 self._record_intruders(self.step)
+        except Exception as exc:  # a failed last measurement must not lose the rows already gathered
+            warnings.warn(f"loft_probe: last snapshot of {self.run_dir} failed ({type(exc).__name__}: {exc})",
+                          ProbeWarning, stacklevel=2)
+        try:
             self._flush()
             rundir.write_meta(self.run_dir, {**self.meta, "closed": True, "last_step": self.step})
         except OSError as exc:
             warnings.warn(f"loft_probe: could not finish writing {self.run_dir} ({exc})", ProbeWarning,
                           stacklevel=2)
+        finally:
+            self._writing = False
 
     def __enter__(self) -> Probe:
         return self

@@ -65,7 +65,7 @@ FORMAT = "loft-probe-run"
 VERSION = 1
 RUN_LAYER = ""  # the layer name of run-level rows (loss, skipped steps)
 COLUMNS = ("step", "layer", "metric", "value")
-_PART = re.compile(r"part-(\d{6})\.parquet")
+_PART = re.compile(r"part-(\d{6,})\.parquet")
 _SNAPSHOT = re.compile(r"step-(\d{9})\.safetensors")
 
 
@@ -88,12 +88,23 @@ def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     atomic_write(run_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
 
-def write_metrics_part(run_dir: Path, rows: list[tuple[int, str, str, float]]) -> Path:
-    """Writes one Parquet part after the last one present; returns its path."""
+def next_part_index(run_dir: Path) -> int:
+    """The number the next metrics part gets: one after the last present (0 for a new run)."""
+    folder = run_dir / "metrics"
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _PART.fullmatch(p.name))] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def has_records(run_dir: Path) -> bool:
+    """True when a run directory already holds metrics or snapshots."""
+    return next_part_index(run_dir) > 0 or bool(read_snapshot_steps(run_dir))
+
+
+def write_metrics_part(run_dir: Path, rows: list[tuple[int, str, str, float]], index: int | None = None) -> Path:
+    """Writes one Parquet part, number ``index`` (default: after the last one present); returns its path."""
     folder = run_dir / "metrics"
     folder.mkdir(exist_ok=True)
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _PART.fullmatch(p.name))]
-    path = folder / f"part-{max(numbers, default=-1) + 1:06d}.parquet"
+    path = folder / f"part-{next_part_index(run_dir) if index is None else index:06d}.parquet"
     frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype(
         {"step": "int64", "layer": "string", "metric": "string", "value": "float64"})
     atomic_write(path, lambda p: frame.to_parquet(p, index=False))
@@ -186,12 +197,27 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     for key, kind in (("method", str), ("layers", list)):
         if not isinstance(meta.get(key), kind):
             raise RunDirError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
+    for entry in meta["layers"]:
+        if not _valid_layer(entry):
+            raise RunDirError(f"{meta_path}: a layers entry is not {{name: str, shape: [m, n], kind: lora|full, "
+                              f"rank: int|null}}: {str(entry)[:80]}")
     return meta
+
+
+def _valid_layer(entry: Any) -> bool:
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("shape"), list) and len(entry["shape"]) == 2
+            and all(is_int(d) and d > 0 for d in entry["shape"])
+            and entry.get("kind") in ("lora", "full") and (entry.get("rank") is None or is_int(entry["rank"])))
 
 
 def read_metrics(run_dir: Path) -> pd.DataFrame:
     folder = run_dir / "metrics"
-    parts = sorted(p for p in folder.iterdir() if _PART.fullmatch(p.name)) if folder.is_dir() else []
+    parts = [p for p in folder.iterdir() if _PART.fullmatch(p.name)] if folder.is_dir() else []
+    parts.sort(key=lambda p: int(_PART.fullmatch(p.name).group(1)))  # numerically: part-1000000 after 999999
     frames = []
     for part in parts:
         try:

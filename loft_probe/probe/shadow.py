@@ -11,7 +11,7 @@ from loft_probe.optim import functional as F
 class ShadowAdamW:
     """An AdamW state for one m×n weight, fed the layer's true gradient G at every optimizer step.
 
-    ``next_weight(W)`` is the weight ``torch.optim.AdamW`` would produce from ``W`` with these moments; the
+    ``update(W)`` is the step ``torch.optim.AdamW`` would take from ``W`` with these moments; the
     run's lr, betas, eps and weight decay are passed per step (schedulers change lr). Moments may be stored
     in bfloat16 to halve the memory (2·m·n numbers); arithmetic is float32 then, or float64 for float64 G.
     """
@@ -37,9 +37,12 @@ class ShadowAdamW:
         """The first and second moments in the compute dtype (views when no conversion is needed)."""
         return self.exp_avg.to(self.compute_dtype), self.exp_avg_sq.to(self.compute_dtype)
 
-    def next_weight(self, weight: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                    weight_decay: float) -> Tensor:
-        """AdamW's next iterate from ``weight`` (m×n), a new tensor; the update is ``result − weight``."""
+    def update(self, weight: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float) -> Tensor:
+        """AdamW's step from ``weight`` (m×n): ``−lr·m̂/(sqrt(v̂) + ε) − lr·λ·weight``, a new tensor.
+
+        The moment part is AdamW's own formula moving a zero weight, so no large weight cancels out of it.
+        """
         m, v = self.moments()
-        return F.adamw_move_(weight.to(self.compute_dtype, copy=True), m, v, max(self.step, 1), lr, beta1,
-                             beta2, eps, weight_decay)
+        step = F.adamw_move_(torch.zeros_like(m), m, v, max(self.step, 1), lr, beta1, beta2, eps, 0.0)
+        return step.sub_(weight.to(self.compute_dtype), alpha=lr * weight_decay)

@@ -338,6 +338,9 @@ def test_bad_pair_groups():
         LoFT([{"params": [B, A.T.detach().clone().requires_grad_()], "lora_scale": 1.0}])
     with pytest.raises(ValueError, match="lora_scale must be > 0"):
         LoFT([{"params": [B, A], "lora_scale": 0.0}])
+    opt = LoFT([{"params": [B, A], "lora_scale": 1.0}])
+    with pytest.raises(ValueError, match="exactly"):  # groups added later are checked too
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], "lora_scale": 1.0})
 
 
 def test_clip_norm_is_the_full_space_norm_of_the_moving_factor():

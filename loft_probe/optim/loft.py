@@ -90,8 +90,12 @@ class LoFT(torch.optim.Optimizer):
         self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
         self._bases: dict[tuple, F.SecondMomentBasis] = {}  # index tensors, one per (rank, variant, device)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's (the constructor calls it for every group), then checks the group: a pair group must be
+        ``[B, A]`` with a positive ``lora_scale``, and the hyperparameters in range."""
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
 
     @classmethod
     def from_model(cls, model: nn.Module, lr: float = 1e-3, **kwargs: Any) -> LoFT:

@@ -18,8 +18,8 @@ class ShadowAdamW:
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
                  storage_dtype: torch.dtype | None = None) -> None:
-        self.compute_dtype = dtype
         storage = storage_dtype or dtype
+        self.compute_dtype = torch.promote_types(dtype, storage)  # float64 storage computes in float64
         self.exp_avg = torch.zeros(shape, dtype=storage, device=device)  # (m, n)
         self.exp_avg_sq = torch.zeros(shape, dtype=storage, device=device)  # (m, n)
         self.step = 0

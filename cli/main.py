@@ -236,7 +236,7 @@ def _value(text: str) -> int | float | bool | str:
 
 
 def _check_new(path: Path) -> None:
-    """Refuse to train into a folder with files in it: the probe would append to the run found there."""
+    """Refuse to train into a folder with files in it before the model loads (the probe would refuse it later)."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists; choose another --out or remove it")
 

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import loft_probe  # noqa: E402
 from loft_probe import LoFT, load_run  # noqa: E402
 from loft_probe.integrations.hf import ProbeCallback  # noqa: E402
 
@@ -54,3 +55,28 @@ def test_trainer_callback_records_a_run(tmp_path, use_loft):
     assert sorted(metrics.query("metric == 'loss'").step) == [2, 4, 6]
     assert sorted(metrics.query("metric == 'shadow_update_cosine'").step.unique()) == [2, 4, 6]
     assert metrics.value.notna().all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_captured_gradient_is_unchanged_by_gradient_checkpointing(tmp_path, reentrant):
+    """Checkpointing re-runs forwards during backward: G must be captured once, equal to the plain run's."""
+    ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(1))
+    captured = []
+    for checkpointing in (False, True):
+        model = tiny_peft_bert()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        probe = loft_probe.attach(model, LoFT.from_model(model, lr=1e-3), tmp_path / f"run{checkpointing}",
+                                  every=1, capture_grad=True)
+        model(input_ids=ids).logits.pow(2).sum().backward()
+        captured.append([layer.capture.take().clone() for layer in probe.layers])
+        probe.close()
+    for plain, checkpointed in zip(*captured, strict=True):
+        assert plain.abs().max() > 1e-8  # a real gradient, not zeros that would match anything
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-12)

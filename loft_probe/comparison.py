@@ -353,7 +353,7 @@ def _layer_metrics(run: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, 
 
 def _recorded(run: Run, metric: str, layers: list[str], steps: list[int] | None = None) -> pd.DataFrame:
     """(step, layer, value) of a recorded metric at these layers, and these steps unless None."""
-    rows = run.metrics[(run.metrics["metric"] == metric) & run.metrics["layer"].isin(layers)]
+    rows = run.rows(metric, layers)
     if steps is not None:
         rows = rows[rows["step"].isin(steps)]
     return rows[["step", "layer", "value"]]

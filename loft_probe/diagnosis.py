@@ -160,7 +160,8 @@ def _in_order(values: pd.Series, order: list[str]) -> pd.Series:
 
 def _last_snapshot(run: Run, metric: str) -> tuple[int, pd.Series]:
     """(step, value per layer) of a snapshot metric at its last recorded step; (0, empty) when never recorded."""
-    rows = run.metrics[(run.metrics["metric"] == metric) & (run.metrics["layer"] != RUN_LAYER)]
+    rows = run.rows(metric)
+    rows = rows[rows["layer"] != RUN_LAYER]
     if not len(rows):
         return 0, pd.Series(dtype="float64")
     step = int(rows["step"].max())
@@ -399,8 +400,8 @@ def _loss_gap(run: Run, reference: Run | None, frame: pd.DataFrame | None) -> li
         return [Finding("loss_gap", "info", f"{run.name} and {reference.name} share no step with a recorded loss.",
                         {"reference": reference.name}, "Log the loss at every step in both runs (probe.log).")]
     late = gaps.iloc[len(gaps) - math.ceil(len(gaps) / 3):]
-    ref_loss = reference.metrics[(reference.metrics["metric"] == "loss") & (reference.metrics["layer"] == RUN_LAYER)
-                                 & reference.metrics["step"].isin(late["step"])]
+    ref_loss = reference.rows("loss", [RUN_LAYER])
+    ref_loss = ref_loss[ref_loss["step"].isin(late["step"])]
     gap, ref_mean = float(late["value"].mean()), float(ref_loss["value"].mean())
     relative = gap / abs(ref_mean) if ref_mean else (math.inf if gap > 0 else 0.0)
     evidence: dict[str, float | str] = {
@@ -424,7 +425,7 @@ def _loss_gap(run: Run, reference: Run | None, frame: pd.DataFrame | None) -> li
 def _last_common_eval(run: Run, reference: Run) -> dict[str, float]:
     """eval_loss of both runs at the last step where both recorded one (empty when none)."""
     def evals(r: Run) -> pd.Series:
-        rows = r.metrics[(r.metrics["metric"] == "eval_loss") & (r.metrics["layer"] == RUN_LAYER)]
+        rows = r.rows("eval_loss", [RUN_LAYER])
         return pd.Series(rows["value"].to_numpy(), index=rows["step"].to_numpy())
 
     mine, theirs = evals(run), evals(reference)

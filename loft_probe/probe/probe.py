@@ -337,7 +337,7 @@ class Probe:
             return
         group = self._group(layer)
         after = layer.state_now()
-        if not all(bool(torch.isfinite(x).all()) for x in after):  # the optimizer diverged: say so, no spectra
+        if not _finite(after):  # the optimizer diverged: say so, no spectra
             self._log_row(t, layer.name, "update_norm", float("nan"))
             return
         W_before = layer.weight(layer.before)
@@ -368,7 +368,7 @@ class Probe:
                 projected = moments.project(shadow_m) if moments.project is not None else None
                 values.update(measure.moment_metrics(moments.first, moments.second, shadow_m, shadow_v, projected,
                                                      group["eps"]))
-        self._rows += [(t, layer.name, metric, float(v)) for metric, v in values.items()]
+        self._log_values(t, layer.name, values)
 
     def _cumulative_delta_norm(self, layer: _Layer, state: tuple[Tensor, ...]) -> Tensor:
         if layer.pair is not None:
@@ -380,15 +380,16 @@ class Probe:
         tensors: dict[str, Tensor] = {}
         for layer in self.layers:
             key = lambda what, part, name=layer.name: rundir.snapshot_key(name, what, part)  # noqa: E731
-            if not all(bool(torch.isfinite(x).all()) for x in layer.state_now()):
+            state = layer.state_now()
+            if not _finite(state):
                 continue  # a diverged layer has no spectrum: its NaN update norms already say so
             if layer.pair is not None:
-                B, A = layer.state_now()
+                B, A = state
                 delta_lr = M.lowrank_update(*layer.initial_factors, B, A, scale=layer.pair.scale)
                 delta = _truncate(M.lowrank_svd(*delta_lr), self.snapshot_k)
                 tensors[key("adapter", "B")], tensors[key("adapter", "A")] = B, A
             else:
-                W, W0 = layer.state_now()[0], self._initial_weight(layer)
+                W, W0 = state[0], self._initial_weight(layer)
                 delta = M.top_singular(W - W0, min(self.snapshot_k, *W.shape))
             for part, tensor in zip(("U", "S", "Vh"), delta, strict=True):
                 tensors[key("delta", part)] = tensor
@@ -399,7 +400,7 @@ class Probe:
                                         strict=True):
                     tensors[key("shadow_m", part)] = tensor
             values = measure.spectrum_metrics(delta, layer.base_norm)
-            self._rows += [(t, layer.name, metric, v) for metric, v in values.items()]
+            self._log_values(t, layer.name, values)
         rundir.write_snapshot(self.run_dir, t, tensors)
         if self.intruders == "all":
             self._record_intruders(t)
@@ -408,14 +409,15 @@ class Probe:
         """Intruder counts of every layer's current weight: an SVD of W_0 per layer, so by default only once,
         at the last step (``intruders="last"``)."""
         for layer in self.layers:
-            if not all(bool(torch.isfinite(x).all()) for x in layer.state_now()):
+            state = layer.state_now()
+            if not _finite(state):
                 continue
             if layer.pair is not None:
-                scores = self._lora_intruder_scores(layer, *layer.state_now())
+                scores = self._lora_intruder_scores(layer, *state)
             else:
-                scores = _intruder_scores(self._initial_weight(layer), layer.state_now()[0])
+                scores = _intruder_scores(self._initial_weight(layer), state[0])
             if scores is not None:
-                self._rows += [(t, layer.name, metric, v) for metric, v in measure.intruder_metrics(scores).items()]
+                self._log_values(t, layer.name, measure.intruder_metrics(scores))
 
     def _lora_intruder_scores(self, layer: _Layer, B: Tensor, A: Tensor) -> Tensor | None:
         """Intruder scores of W_0 + s·B·A from W_0's SVD (kept with ``intruders="all"``: about twice W_0's
@@ -467,8 +469,11 @@ class Probe:
     def log(self, **values: float) -> None:
         """Run-level values (``loss=...``) at the step just completed: call it after ``optimizer.step()``.
         They are written with the next recorded step's part (and at close)."""
+        self._log_values(self.step, rundir.RUN_LAYER, values)
+
+    def _log_values(self, step: int, layer: str, values: dict[str, float]) -> None:
         for metric, value in values.items():
-            self._log_row(self.step, rundir.RUN_LAYER, metric, float(value))
+            self._log_row(step, layer, metric, float(value))
 
     def _log_row(self, step: int, layer: str, metric: str, value: float) -> None:
         if self.rank == 0 and self._writing:
@@ -615,6 +620,10 @@ def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _finite(state: tuple[Tensor, ...]) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in state)
 
 
 def _intruder_scores(W0: Tensor, W: Tensor) -> Tensor:

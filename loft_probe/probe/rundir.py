@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,12 @@ class Run:
     @property
     def method(self) -> str:
         return str(self.meta["method"])
+
+    def rows(self, metric: str, layers: Iterable[str] | None = None) -> pd.DataFrame:
+        """The long-form rows of one metric, at these layers (every layer when None; ``RUN_LAYER`` for run-level
+        rows such as the loss)."""
+        rows = self.metrics[self.metrics["metric"] == metric]
+        return rows if layers is None else rows[rows["layer"].isin(list(layers))]
 
     @property
     def last_step(self) -> int:

@@ -107,11 +107,6 @@ def _final_median(rows: pd.DataFrame) -> float:
     return float(rows.loc[rows["step"] == rows["step"].max(), "value"].median()) if len(rows) else math.nan
 
 
-def _recorded(run: Run, metric: str, layer: str | None = None) -> pd.DataFrame:
-    rows = run.metrics[run.metrics["metric"] == metric]
-    return rows if layer is None else rows[rows["layer"] == layer]
-
-
 def _compared(frame: pd.DataFrame | None, run: Run, metric: str) -> pd.DataFrame:
     """The run's rows of a `compare` metric against the reference (none for the reference itself)."""
     if frame is None:
@@ -131,18 +126,18 @@ def summary_table(runs: Sequence[Run], frame: pd.DataFrame | None) -> pd.DataFra
     """
     rows = []
     for run in runs:
-        shadow = _recorded(run, "shadow_update_cosine")
+        shadow = run.rows("shadow_update_cosine")
         tail = sorted(set(shadow["step"]))[-SHADOW_TAIL:]
         rows.append({
             "run": run.name,
             "method": run.method,
             "rank": run.meta.get("rank"),
             "steps": run.last_step,
-            **{name: _final_median(_recorded(run, name, RUN_LAYER)) for name in ("loss", "eval_loss", "eval_accuracy")},
+            **{name: _final_median(run.rows(name, [RUN_LAYER])) for name in ("loss", "eval_loss", "eval_accuracy")},
             "angle_left_max_deg": math.degrees(_final_median(_compared(frame, run, "angle_left_max"))),
             "delta_cosine": _final_median(_compared(frame, run, "delta_cosine")),
             "shadow_update_cosine": float(shadow.loc[shadow["step"].isin(tail), "value"].median())
             if len(shadow) else math.nan,
-            "intruders": _final_median(_recorded(run, "intruders")),
+            "intruders": _final_median(run.rows("intruders")),
         })
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))

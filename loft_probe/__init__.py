@@ -3,7 +3,7 @@
 from loft_probe.comparison import compare
 from loft_probe.diagnosis import diagnose
 from loft_probe.lora import LoraLinear, LoraPair, add_lora, lora_pairs
-from loft_probe.optim import LoFT, clip_grad_norm_
+from loft_probe.optim import LoFT
 from loft_probe.probe import Probe, Run, attach, load_run
 
 __version__ = "0.1.0"
@@ -17,7 +17,6 @@ __all__ = [
     "Run",
     "add_lora",
     "attach",
-    "clip_grad_norm_",
     "compare",
     "diagnose",
     "load_run",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from loft_probe.optim import LoFT, clip_grad_norm_
+from loft_probe.optim import LoFT
 from loft_probe.optim import functional as F
 from loft_probe.optim.reference import ReferenceLoFT
 
@@ -98,16 +98,18 @@ def test_matches_literal_reference_step_for_step():
     state_B, state_A = opt.state[B], opt.state[A]
     basis = F.SecondMomentBasis(r, full=True)
     M_B, V_B, M_A, V_A = ref.full_moments()
-    got_MB, got_VB = F.reconstruct_moments(state_B["exp_avg"], state_B["exp_avg_sq"], A.detach(), basis)
-    got_MA, got_VA = F.reconstruct_moments(state_A["exp_avg"].T, state_A["exp_avg_sq"], B.detach().T, basis)
+    got_MB, got_VB = F.reconstruct_moments(state_B["exp_avg"], state_B["exp_avg_sq"], state_B["frame"], basis)
+    got_MA, got_VA = F.reconstruct_moments(state_A["exp_avg"].T, state_A["exp_avg_sq"], state_A["frame"], basis)
     assert_close(got_MB, M_B, rtol=1e-10, atol=1e-12)
     assert_close(got_VB, V_B.clamp_min(0), rtol=1e-10, atol=1e-12)
     assert_close(got_MA.T, M_A, rtol=1e-10, atol=1e-12)
     assert_close(got_VA.T, V_A.clamp_min(0), rtol=1e-10, atol=1e-12)
 
 
-def test_transport_keeps_full_space_moments():
-    """Re-parametrising the partner (A → T·A, same row space) leaves m·A and V unchanged."""
+@pytest.mark.parametrize("factor_coordinates", [False, True])
+def test_transport_keeps_full_space_moments(factor_coordinates):
+    """Re-parametrising the partner (A → T·A, same row space) leaves the full-space M and V unchanged, in the
+    orthonormal frame and in raw factor coordinates alike."""
     gen = torch.Generator().manual_seed(3)
     m, n, r = 7, 10, 4
     A = well_conditioned(r, n, gen)
@@ -116,14 +118,17 @@ def test_transport_keeps_full_space_moments():
     h = torch.randn(20, m, r, generator=gen, dtype=F64)
     exp_avg = h.mean(0)  # (m, r)
     exp_avg_sq = torch.stack([basis.features(x) for x in h]).mean(0)  # (m, T), per-row PSD S_i
-    new_A = T @ A
-    C = F.transport_matrix(A, new_A, F.GramSolver(new_A))
-    before = F.reconstruct_moments(exp_avg, exp_avg_sq, A, basis)
-    after = F.reconstruct_moments(exp_avg @ C, exp_avg_sq @ basis.transport(C), new_A, basis)
+    old, new = F.PartnerFrame(A), F.PartnerFrame(T @ A)
+    E_old, E_new = old.matrix(factor_coordinates), new.matrix(factor_coordinates)
+    C = F.transport_matrix(E_old, new, factor_coordinates)
+    if not factor_coordinates:
+        assert float(torch.linalg.matrix_norm(C, ord=2)) <= 1 + 1e-12  # a contraction: nothing is amplified
+    before = F.reconstruct_moments(exp_avg, exp_avg_sq, E_old, basis)
+    after = F.reconstruct_moments(exp_avg @ C, exp_avg_sq @ basis.transport(C), E_new, basis)
     assert_close(after[0], before[0], rtol=0, atol=1e-12)
     assert_close(after[1], before[1], rtol=0, atol=1e-12)
     # The published code's transposed form C·S·Cᵀ breaks the invariant: the test can fail.
-    wrong = F.reconstruct_moments(exp_avg @ C, exp_avg_sq @ basis.transport(C.T), new_A, basis)
+    wrong = F.reconstruct_moments(exp_avg @ C, exp_avg_sq @ basis.transport(C.T), E_new, basis)
     assert (wrong[1] - before[1]).abs().max() > 1e-3
 
 
@@ -359,7 +364,7 @@ def test_clip_norm_is_the_full_space_norm_of_the_moving_factor():
     P_A = A0.T @ torch.linalg.solve(A0 @ A0.T, A0)  # (n, n) dense projector
     expected = torch.sqrt((G @ P_A).pow(2).sum() + bias.grad.pow(2).sum())
     grads = [p.grad.clone() for p in (B, A, bias)]
-    norm = clip_grad_norm_(opt, max_norm=float(expected) / 4)
+    norm = opt.clip_grad_norm_(max_norm=float(expected) / 4)
     assert_close(norm, expected.float(), rtol=1e-6, atol=0)
     for p, g in zip((B, A, bias), grads, strict=True):
         assert_close(p.grad, g * (float(expected) / 4) / (float(expected) + 1e-6), rtol=1e-6, atol=0)
@@ -375,7 +380,7 @@ def test_max_grad_norm_equals_clip_then_step():
         prob.backward_pair(B, A, 1.0)
         clipped.step()
         prob.backward_pair(*twin, 1.0)
-        clip_grad_norm_(manual, 0.1)
+        manual.clip_grad_norm_(0.1)
         manual.step()
     assert_close(B.detach(), twin[0].detach(), rtol=0, atol=1e-14)
 

@@ -1,21 +1,30 @@
 """LoFT's math as pure functions of tensors (spec: docs/loft-spec.md).
 
-Every function is written once, for the *left* factor ``L`` (m×r) of ``W = s·L·R`` with its partner
-``R`` (r×n). That is the B-side of a PEFT pair (L = B, R = A). The A-side is the same call on transposes,
+Every function is written once, for the *left* factor ``L`` (k×r) of ``W = s·L·R`` with its partner
+``R`` (r×l). That is the B-side of a PEFT pair (L = B, R = A). The A-side is the same call on transposes,
 because ``Wᵀ = s·Aᵀ·Bᵀ``: L = Aᵀ (n×r), R = Bᵀ (r×m), gradient ``g_Aᵀ``, moments ``m_Aᵀ``. The optimizer
 makes both calls; nothing here knows which side it is working on.
+
+**Frames.** The partner enters only through its :class:`PartnerFrame`, a truncated SVD
+``R ≈ V·diag(σ)·Qᵀ`` that keeps the singular directions above ``cutoff·σ₁`` (the *numerical rank* ρ). The
+moments of L are stored against a frame matrix E (l×r): the full-space first moment is ``M = m·Eᵀ`` (k×l).
+For LoFT's projected update E = Q, an orthonormal basis of what moving L can express, so the stored numbers
+are the full gradient's own coordinates ``G·Q``: nothing is scaled by the partner's conditioning, moving to a
+new partner is a contraction (``C = Q_oldᵀ·Q``, ‖C‖ ≤ 1), and the only ill-conditioned operation left is the
+final factor update ``ΔL ∝ D·R⁺ = (D·Q)·diag(1/σ)·Vᵀ``. The factor-space ablation (Adam on L itself) keeps
+E = Rᵀ, the raw factor coordinates.
 
 Second moments live in a *feature basis* so that the "full" and "simple" variants share every formula:
 
 =========  =====================================  =========================  ============================
-variant    per-row state (width T)                ``features(h)``            ``kernel(R)`` (T×n)
+variant    per-row state (width T)                ``features(h)``            ``kernel(Eᵀ)`` (T×l)
 =========  =====================================  =========================  ============================
-full       packed upper triangle of S_i (r×r)     ``h_p·h_q`` (p ≤ q)        ``c_pq·R_p·R_q`` (Khatri–Rao)
-simple     diagonal of S_i                        ``h_p²``                   ``R_p²``
+full       packed upper triangle of S_i (r×r)     ``h_p·h_q`` (p ≤ q)        ``c_pq·E_p·E_q`` (Khatri–Rao)
+simple     diagonal of S_i                        ``h_p²``                   ``E_p²``
 =========  =====================================  =========================  ============================
 
-so that the full-space second moment is one matrix multiply ``V = S·kernel(R)`` (m×n), never an
-(m, r, n) tensor, and transport is ``S ← S·transport(C)`` with a T×T matrix.
+so that the full-space second moment is one matrix multiply ``V = S·kernel(Eᵀ)`` (k×l), never an
+(k, r, l) tensor, and transport is ``S ← S·transport(C)`` with a T×T matrix.
 """
 
 from __future__ import annotations
@@ -25,48 +34,79 @@ import math
 import torch
 from torch import Tensor
 
+# Singular directions of a partner below this fraction of its largest are treated as absent. A conditioning
+# choice, not a roundoff guard (docs/loft-spec.md, "Rank-deficient partners"): it bounds every factor step by
+# 1/cutoff times the partner's scale and keeps the full-rank limit exact wherever cond(R) < 1/cutoff.
+PARTNER_CUTOFF = 1e-2
 
-class GramSolver:
-    """Solves against the guarded Gram matrix ``R·Rᵀ + δ·I`` (r×r) of a factor ``R`` (r×n).
 
-    ``δ = eps(R.dtype)·trace(R·Rᵀ)/r + tiny``: relative to the Gram's scale, so it vanishes against the
-    eigenvalues of a well-conditioned factor (the full-rank limit stays exact to ~1e-14 in float64), yet
-    bounds the solve for a singular one. The Gram and the solves are float64 whatever R's dtype: for a nearly
-    singular float32 factor a float32 Gram can come out indefinite by more than δ, and the solve explodes.
-    ``R = 0`` gives ``δ = tiny`` and every solve of a zero right-hand side returns 0, never NaN.
+class PartnerFrame:
+    """The numerically supported row space of a partner factor ``R`` (r×l): ``R ≈ V·diag(σ)·Qᵀ``.
+
+    Singular values at or below ``cutoff·σ₁`` are dropped (σ, 1/σ and Q's columns set to 0 there), so a zero
+    partner has rank 0 and every map below returns 0 for it, never NaN. Computed in float64 by a thin SVD of
+    ``Rᵀ`` (accurate to float64 roundoff at any conditioning, unlike an eigen-decomposition of the Gram
+    matrix); it is a deterministic function of R's values, so an unchanged partner gives the same frame.
+
+    Attributes:
+        basis: Q (l, r), orthonormal columns spanning the kept directions, zero columns beyond the rank; R's dtype.
+        right: V (r, r), float64. sigma, inv_sigma: (r,), float64, 0 beyond the rank.
     """
 
-    def __init__(self, R: Tensor) -> None:
-        self.dtype = R.dtype
-        R64 = R.to(torch.float64)
-        self.gram = R64 @ R64.T  # (r, r)
-        r = self.gram.shape[0]
-        ridge = torch.finfo(R.dtype).eps * self.gram.diagonal().sum() / r + torch.finfo(torch.float64).tiny
-        guarded = self.gram + ridge * torch.eye(r, dtype=torch.float64, device=R.device)
-        self._lu, self._pivots = torch.linalg.lu_factor(guarded)
+    def __init__(self, R: Tensor, cutoff: float = PARTNER_CUTOFF) -> None:
+        r, l = R.shape
+        U, sigma, Vh = torch.linalg.svd(R.to(torch.float64).T, full_matrices=False)  # (l,k) (k,) (k,r), k=min(r,l)
+        if sigma.numel() < r:  # more factor columns than the partner has room for: pad with absent directions
+            pad = r - sigma.numel()
+            U = torch.nn.functional.pad(U, (0, pad))
+            sigma = torch.nn.functional.pad(sigma, (0, pad))
+            Vh = torch.nn.functional.pad(Vh, (0, 0, 0, pad))
+        kept = sigma > cutoff * sigma[:1]  # strict: σ₁ = 0 keeps nothing
+        self.sigma = torch.where(kept, sigma, 0.0)  # (r,)
+        self.inv_sigma = torch.where(kept, 1 / torch.where(kept, sigma, 1.0), 0.0)  # (r,)
+        self.right = Vh.T  # (r, r)
+        self._basis64 = U * kept  # (l, r)
+        self.basis = self._basis64.to(R.dtype)  # (l, r)
+        self._partner = R
 
-    def right(self, X: Tensor) -> Tensor:
-        """``X·(R·Rᵀ)⁻¹`` for X (k, r), in X's dtype."""
-        return torch.linalg.lu_solve(self._lu, self._pivots, X.to(torch.float64), left=False).to(X.dtype)
+    def coordinates(self, X: Tensor) -> Tensor:
+        """``X·V·diag(1/σ)`` (k×r): the coordinates in Q of the k×l matrix Y with ``Y·Rᵀ = X`` (the minimum-norm
+        one). For a factor gradient, ``coordinates(g_L / s) = G·Q``: the full gradient seen by L."""
+        return ((X.to(torch.float64) @ self.right) * self.inv_sigma).to(X.dtype)
+
+    def push(self, X: Tensor) -> Tensor:
+        """``X·V·diag(σ)`` (k×r): the coordinates in Q of ``X·R`` for factor coefficients X (k×r)."""
+        return ((X.to(torch.float64) @ self.right) * self.sigma).to(X.dtype)
+
+    def to_factor(self, Y: Tensor) -> Tensor:
+        """``Y·diag(1/σ)·Vᵀ`` (k×r): the factor coefficients X with ``X·R = Y·Qᵀ`` (minimum norm, ``Y·Qᵀ·R⁺``).
+        The one ill-conditioned map: its gain is 1/σ_ρ ≤ 1/(cutoff·σ₁)."""
+        return ((Y.to(torch.float64) * self.inv_sigma) @ self.right.T).to(Y.dtype)
+
+    def matrix(self, factor_coordinates: bool) -> Tensor:
+        """The frame E (l×r) moments are written against: Q, or ``Rᵀ`` itself for raw factor coordinates."""
+        return self._partner.T if factor_coordinates else self.basis
+
+    def in_frame(self, Y: Tensor, factor_coordinates: bool) -> Tensor:
+        """Q-coordinates Y (k×r) rewritten in the frame of :meth:`matrix` (identity for Q)."""
+        return self.to_factor(Y) if factor_coordinates else Y
 
 
-def scaled_gradient(grad: Tensor, scale: float, gram: GramSolver) -> Tensor:
-    """Step 1: ``h = (g / s)·(R·Rᵀ)⁻¹`` (k×r), so that ``h·R = G·P_R`` (the full gradient seen by L)."""
-    return gram.right(grad / scale)
+def gradient_coordinates(grad: Tensor, scale: float, frame: PartnerFrame, scaled: bool,
+                         factor_coordinates: bool) -> Tensor:
+    """Step 1: the gradient whose EMAs are the moments (k×r), in the frame ``E = frame.matrix(...)``.
 
-
-def fullspace_sq_norm(h: Tensor, gram: GramSolver) -> Tensor:
-    """``‖h·R‖²_F = trace(h·(R·Rᵀ)·hᵀ)`` without forming the k×n product h·R."""
-    h = h.to(torch.float64)
-    return (h * (h @ gram.gram)).sum()
-
-
-def transport_matrix(prev_R: Tensor, R: Tensor, gram: GramSolver) -> Tensor:
-    """Step 2: ``C = prev_R·Rᵀ·(R·Rᵀ)⁻¹`` (r×r), so that ``m·C·R = (m·prev_R)·P_R``.
-
-    The full-space moment built on the old partner is carried over to the new one, not reinterpreted.
+    scaled (LoFT): ``h·Eᵀ = G·P`` with ``P = Q·Qᵀ``, the full gradient restricted to what L can express.
+    Not scaled (ablation): ``h·Eᵀ = g_L·R``, the raw factor gradient pushed through the partner.
     """
-    return gram.right(prev_R @ R.T)
+    Y = frame.coordinates(grad / scale) if scaled else frame.push(grad)
+    return frame.in_frame(Y, factor_coordinates)
+
+
+def transport_matrix(old_frame: Tensor, frame: PartnerFrame, factor_coordinates: bool) -> Tensor:
+    """Step 2: ``C`` (r×r) with ``m·C·Eᵀ = (m·E_oldᵀ)·P``: the full-space moment written against the old frame
+    E_old (l×r) is carried over to the new one, not reinterpreted. Orthonormal frames: ``C = Q_oldᵀ·Q``."""
+    return frame.in_frame(old_frame.to(torch.float64).T @ frame._basis64, factor_coordinates).to(old_frame.dtype)
 
 
 class SecondMomentBasis:
@@ -77,7 +117,7 @@ class SecondMomentBasis:
     """
 
     def __init__(self, rank: int, full: bool, device: torch.device | None = None) -> None:
-        self.rank, self.full = rank, full
+        self.full = full
         if full:
             p, q = torch.triu_indices(rank, rank, device=device)
         else:
@@ -143,33 +183,61 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
 BLOCK_ELEMENTS = 1 << 18
 
 
-def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, R: Tensor, basis: SecondMomentBasis,
-                        step: int, beta2: float, eps: float) -> Tensor:
-    """Step 5: ``D·Rᵀ`` (k×r), D the full-space Adam direction (k×n), undivided by ``1 − β1ᵗ``.
+def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: SecondMomentBasis,
+                        step: int, betas: tuple[float, float], eps: float, max_ratio: float) -> Tensor:
+    """Step 5: ``D·E`` (k×r), D the full-space Adam direction (k×l), undivided by ``1 − β1ᵗ``.
 
-    ``D = M / (sqrt(V/(1 − β2ᵗ)) + ε)`` with the reconstructed moments ``M = m·R``, ``V = S·kernel(R)``
+    ``D = M̂ / (sqrt(V̂) + ε)`` with the reconstructed moments ``M = m·Eᵀ``, ``V = S·kernel(Eᵀ)``
     (see :func:`reconstruct_moments`), computed block of rows by block of rows: the transient memory is
-    two blocks of ``BLOCK_ELEMENTS`` numbers, not two k×n buffers.
+    three blocks of ``BLOCK_ELEMENTS`` numbers, not k×l buffers.
+
+    ``V_ij`` is a quadratic form: where the gradients are nearly orthogonal to ``e_j`` its roundoff is of the
+    order of eps·‖h_i‖²‖e_j‖², far above the true value, and can take it to 0 while ``M_ij`` is not (then
+    D = M̂/ε). Moments of one gradient sequence always obey ``|M̂| ≤ max_ratio·sqrt(V̂)`` (Cauchy–Schwarz,
+    :func:`adam_ratio_bound`), so ``sqrt(V̂)`` is floored at ``|M̂|/max_ratio``: a no-op in exact arithmetic that
+    keeps every entry of D, and so the step, within the bound whatever the precision.
     """
-    k, n = exp_avg.shape[0], R.shape[1]
+    beta1, beta2 = betas
+    k, n = exp_avg.shape[0], E.shape[0]
     rows = max(1, min(k, BLOCK_ELEMENTS // n))
-    K = basis.kernel(R).div_(1 - beta2**step)  # (T, n); the bias correction folded in once
+    R = E.T  # (r, l)
+    K = basis.kernel(R).div_(1 - beta2**step)  # (T, l); the bias correction folded in once
+    floor = 1 / (max_ratio * (1 - beta1**step))  # sqrt(V̂) ≥ |M|·floor ⇔ |M̂| ≤ max_ratio·sqrt(V̂)
     M = exp_avg.new_empty(rows, n)
     V = exp_avg.new_empty(rows, n)
-    out = exp_avg.new_empty(k, R.shape[0])  # (k, r)
+    scratch = exp_avg.new_empty(rows, n)
+    out = exp_avg.new_empty(k, E.shape[1])  # (k, r)
     for start in range(0, k, rows):
         stop = min(start + rows, k)
-        M_b, V_b = M[: stop - start], V[: stop - start]
+        M_b, V_b, S_b = M[: stop - start], V[: stop - start], scratch[: stop - start]
         torch.mm(exp_avg[start:stop], R, out=M_b)
         torch.mm(exp_avg_sq[start:stop], K, out=V_b)
-        # clamp: roundoff can take a reconstructed second moment slightly below 0
-        M_b.div_(V_b.clamp_min_(0).sqrt_().add_(eps))
-        torch.mm(M_b, R.T, out=out[start:stop])
+        denominator = V_b.clamp_min_(0).sqrt_()
+        torch.maximum(denominator, torch.abs(M_b, out=S_b).mul_(floor), out=denominator)
+        M_b.div_(denominator.add_(eps))
+        torch.mm(M_b, E, out=out[start:stop])
     return out
 
 
-def reconstruct_moments(exp_avg: Tensor, exp_avg_sq: Tensor, R: Tensor,
+def reconstruct_moments(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor,
                         basis: SecondMomentBasis) -> tuple[Tensor, Tensor]:
-    """Full-space first and second moments ``(m·R, S·kernel(R))`` (k×n each), for probes and tests."""
+    """Full-space first and second moments ``(m·Eᵀ, S·kernel(Eᵀ))`` (k×l each) for the frame E (l×r)."""
     # clamp: roundoff can take a reconstructed second moment slightly below 0
-    return exp_avg @ R, (exp_avg_sq @ basis.kernel(R)).clamp_min_(0)
+    return exp_avg @ E.T, (exp_avg_sq @ basis.kernel(E.T)).clamp_min_(0)
+
+
+def adam_ratio_bound(step: int, betas: tuple[float, float]) -> float:
+    """``K(t)``: the largest ``|m̂|/sqrt(v̂)`` that EMAs of one scalar sequence can reach after t steps.
+
+    With bias-corrected weights ``w_i = (1−β1)·β1^(t−i)/(1−β1ᵗ)`` and ``u_i = (1−β2)·β2^(t−i)/(1−β2ᵗ)``,
+    Cauchy–Schwarz gives ``|Σ w_i·x_i| ≤ sqrt(Σ w_i²/u_i)·sqrt(Σ u_i·x_i²)``, so ``K(t)² = Σ w_i²/u_i``
+    (a geometric sum). K(1) = 1; for (0.9, 0.999) K → 7.27. Every Adam-like step obeys
+    ``‖Δ‖ ≤ K(t)·lr·sqrt(#entries)``, and so does LoFT's full-space step when its moments are consistent.
+    """
+    beta1, beta2 = betas
+    if beta2 == 0:
+        return 1.0 if beta1 == 0 or step == 1 else math.inf
+    a, b = (1 - beta1) / (1 - beta1**step), (1 - beta2) / (1 - beta2**step)
+    q = beta1**2 / beta2
+    total = step if q == 1 else (1 - q**step) / (1 - q)
+    return math.sqrt(a * a / b * total)

@@ -4,11 +4,13 @@ Parameter groups are of two kinds. A *pair group* holds exactly ``[B, A]`` of on
 ``lora_scale`` (s in ``W = W0 + s·B·A``); it gets LoFT. Every other group (``lora_scale=None``) gets AdamW.
 :meth:`LoFT.from_model` builds both kinds from a model.
 
-State per pair, all tensors in ``optimizer.state`` (so ``state_dict`` round-trips it):
+State per pair (format 2), all tensors in ``optimizer.state`` (so ``state_dict`` round-trips it):
 ``state[B]``: ``step``, ``phase`` (0: B moves next, 1: A moves next), ``exp_avg`` m_B (m×r),
-``exp_avg_sq`` S_B (m×T), ``prev_partner`` (A at the previous step, r×n).
-``state[A]``: ``exp_avg`` m_A (r×n), ``exp_avg_sq`` S_A (n×T), ``prev_partner`` (B at the previous step).
-T = r(r+1)/2 for ``second_moment="full"`` (packed symmetric), r for ``"simple"`` (elementwise).
+``exp_avg_sq`` S_B (m×T), ``frame`` E_B (n×r: the frame m_B is written against, ``M_B = m_B·E_Bᵀ``).
+``state[A]``: ``exp_avg`` m_A (r×n), ``exp_avg_sq`` S_A (n×T), ``frame`` E_A (m×r, ``M_A = E_A·m_A``).
+T = r(r+1)/2 for ``second_moment="full"`` (packed symmetric), r for ``"simple"`` (elementwise). The frames are
+orthonormal bases of the partners' numerically supported subspaces (raw partners for the factor-space
+ablation): see functional's docstring. Format 1 (raw factor coordinates, ``prev_partner``) is refused.
 """
 
 from __future__ import annotations
@@ -34,12 +36,30 @@ class _Side(NamedTuple):
     grad: Tensor  # (k, r)
     exp_avg: Tensor  # (k, r)
     exp_avg_sq: Tensor  # (k, T)
-    prev_partner: Tensor  # (r, l)
+    frame: Tensor  # (l, r) the frame the moments are written against
+
+
+class FullSpaceMoments(NamedTuple):
+    """A pair's moments in the weight's space, for probes: see :meth:`LoFT.full_space_moments`."""
+
+    first: Tensor  # (m, n)
+    second: Tensor  # (m, n)
+    basis: Tensor  # orthonormal basis of what the factor that moved can express: (n, r) for B, (m, r) for A
+    side: str  # "B" (X ↦ X·Q·Qᵀ) or "A" (X ↦ Q·Qᵀ·X)
+
+    def project(self, X: Tensor) -> Tensor:
+        """X (m×n) restricted to what the factor that moved can express."""
+        Q = self.basis.to(X.dtype)
+        return (X @ Q) @ Q.T if self.side == "B" else Q @ (Q.T @ X)
 
 
 class LoFT(torch.optim.Optimizer):
     """LoFT (Tastan et al., ICLR 2026): AdamW for LoRA factors that applies full fine-tuning's AdamW update,
     restricted to the subspace the adapter can express.
+
+    It applies full fine-tuning's step (projected), so it takes a *full fine-tuning* learning rate (e.g. 2e-5
+    to 1e-4 for a pretrained transformer), not LoRA's usual 1e-4 to 1e-3, and its trajectory does not depend on
+    LoRA's α.
 
     Args:
         params: parameter groups; pair groups are ``{"params": [B, A], "lora_scale": s}`` with B (m×r),
@@ -48,13 +68,16 @@ class LoFT(torch.optim.Optimizer):
         weight_decay: decoupled, ``(1 − lr·λ)`` on the moving factor: it decays the adapter product
             ``s·B·A``, never the frozen ``W0``.
         alternating: move one factor per step (B first, since PEFT starts from B = 0). Off: both move.
-        scale_gradients: precondition factor gradients by the inverse partner Gram (step 1).
+        scale_gradients: precondition factor gradients by the partner's pseudo-inverse (step 1).
         transport: carry the moments over when the partner factor changes (steps 2–3).
         second_moment: ``"full"`` (per-row r×r matrices, exact full-space reconstruction) or ``"simple"``
             (their diagonals: elementwise, the memory of plain Adam).
         projected_update: apply the full-space AdamW direction projected onto the adapter (step 5).
             Off: Adam in factor coordinates (needs ``second_moment="simple"``).
-        max_grad_norm: clip by the global full-space gradient norm (see :func:`clip_grad_norm_`).
+        partner_cutoff: singular directions of a partner factor below this fraction of its largest are treated
+            as absent (the numerical rank; docs/loft-spec.md). Bounds every factor step on rank-deficient
+            partners (PEFT's first B, poolers, heads); exact wherever cond(partner) < 1/partner_cutoff.
+        max_grad_norm: clip by the global full-space gradient norm (see :meth:`clip_grad_norm_`).
         nonfinite: what a step with a NaN or Inf gradient does. ``"skip"`` (default): nothing moves, no state
             changes, and every group's ``skipped_steps`` counts it (saved in ``state_dict``), as AMP's
             GradScaler skips such steps. ``"raise"``: ``FloatingPointError``, state untouched.
@@ -76,16 +99,19 @@ class LoFT(torch.optim.Optimizer):
         transport: bool = True,
         second_moment: str = "full",
         projected_update: bool = True,
+        partner_cutoff: float = F.PARTNER_CUTOFF,
         max_grad_norm: float | None = None,
         nonfinite: str = "skip",
     ) -> None:
-        _check_hyperparameters(lr, betas, eps, weight_decay, second_moment, projected_update, max_grad_norm)
+        _check_hyperparameters(lr, betas, eps, weight_decay, second_moment, projected_update, partner_cutoff,
+                               max_grad_norm)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lora_scale=None,
             alternating=alternating, scale_gradients=scale_gradients, transport=transport,
-            second_moment=second_moment, projected_update=projected_update, skipped_steps=0,
+            second_moment=second_moment, projected_update=projected_update, partner_cutoff=partner_cutoff,
+            skipped_steps=0,
         )
         self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
         self._bases: dict[tuple, F.SecondMomentBasis] = {}  # index tensors, one per (rank, variant, device)
@@ -102,6 +128,8 @@ class LoFT(torch.optim.Optimizer):
         """LoFT for every trainable LoRA pair of ``model`` (PEFT, torchtune-style or ``add_lora`` layers),
         AdamW for every other trainable parameter (biases, heads, norms, DoRA magnitudes).
 
+        ``lr`` is a full fine-tuning learning rate: LoFT applies full fine-tuning's AdamW step, projected onto
+        the adapter, so use what full fine-tuning of the same model would use (often 10× below LoRA's).
         A model without LoRA pairs gets plain AdamW on every trainable parameter, with a warning.
         """
         from loft_probe.lora import lora_pairs
@@ -131,14 +159,90 @@ class LoFT(torch.optim.Optimizer):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             return loss
+        frames = self._frames()
         if self.max_grad_norm is not None:
-            clip_grad_norm_(self, self.max_grad_norm)
+            self._clip(self.max_grad_norm, frames)
         for group in self.param_groups:
             if group["lora_scale"] is None:
                 self._adamw_group(group)
-            else:
-                self._pair_step(group)
+            elif id(group) in frames:  # a pair without gradients does not step
+                self._pair_step(group, frames[id(group)])
         return loss
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip all gradients by the global norm of what LoFT will use; returns that norm (before clipping).
+
+        Per pair, the moving factor's full-space gradient norm ``‖G·P_A‖ = ‖G·Q_A‖`` (or its A-side twin; both
+        when not alternating) when gradients are scaled, else the raw factor gradients' norms; plus the raw
+        gradient norm of every other parameter. All raw gradients are multiplied by
+        ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does.
+        """
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        return self._clip(max_norm, self._frames())
+
+    def moving_sides(self, group: dict[str, Any]) -> tuple[int, ...]:
+        """The factors of a pair group the next step moves: 0 = B, 1 = A (both when not alternating)."""
+        if not group["alternating"]:
+            return (0, 1)
+        state_B = self.state[group["params"][0]]
+        return (int(state_B["phase"]) if state_B else 0,)
+
+    def full_space_moments(self, group: dict[str, Any]) -> FullSpaceMoments | None:
+        """The moments of the factor that moved at the last step, in the weight's space (m×n each): ``M = m_B·E_Bᵀ``
+        and ``V`` for a B-step (B when both moved), their A-side twins for an A-step; None before the first step.
+        The projection is onto what that factor could express, the partner's supported subspace."""
+        B, A = group["params"]
+        state_B, state_A = self.state.get(B, {}), self.state.get(A, {})
+        if "frame" not in state_B or not int(state_B["step"]):
+            return None
+        basis = self._basis(group, B)
+        B_moved = not group["alternating"] or int(state_B["phase"]) == 1  # the phase flipped after the step
+        state = state_B if B_moved else state_A
+        m = state["exp_avg"] if B_moved else state["exp_avg"].T  # (k, r)
+        first, second = F.reconstruct_moments(m, state["exp_avg_sq"], state["frame"], basis)
+        orthonormal = torch.linalg.qr(state["frame"].to(torch.float64)).Q if not group["projected_update"] \
+            else state["frame"]
+        if B_moved:
+            return FullSpaceMoments(first, second, orthonormal, "B")
+        return FullSpaceMoments(first.T, second.T, orthonormal, "A")
+
+    def _frames(self) -> dict[int, tuple[F.PartnerFrame, F.PartnerFrame]]:
+        """Per pair group with a gradient: the frames of its partners as in the forward pass, (frame of A for
+        the B-side, frame of Bᵀ for the A-side). They depend on the factors only, so clipping and the step share
+        them."""
+        frames = {}
+        for group in self.param_groups:
+            if group["lora_scale"] is None:
+                continue
+            B, A = group["params"]
+            if B.grad is None and A.grad is None:
+                continue
+            cutoff = group["partner_cutoff"]
+            Bc, Ac = (p.detach().to(compute_dtype(p)) for p in (B, A))
+            frames[id(group)] = (F.PartnerFrame(Ac, cutoff), F.PartnerFrame(Bc.T, cutoff))
+        return frames
+
+    def _clip(self, max_norm: float, frames: dict) -> Tensor:
+        squares, grads = [], []
+        for group in self.param_groups:
+            group_grads = [p.grad for p in group["params"] if p.grad is not None]
+            grads += group_grads
+            if id(group) not in frames or not group["scale_gradients"]:
+                squares += [g.detach().float().pow(2).sum() for g in group_grads]
+                continue
+            _, _, gB, gA = _compute_views(*group["params"])
+            for i in self.moving_sides(group):
+                grad = (gB, gA.T)[i]
+                # in an orthonormal frame ‖G·P‖ is the norm of G's coordinates: no m×n matrix needed
+                squares.append(frames[id(group)][i].coordinates(grad / group["lora_scale"]).float().pow(2).sum())
+        if not grads:
+            return torch.tensor(0.0)
+        total = torch.stack([s.to(grads[0].device) for s in squares]).sum().sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total
 
     def _gradients_finite(self) -> bool:
         """Rejects sparse gradients; then one check (one device sync) that every gradient is finite."""
@@ -171,28 +275,28 @@ class LoFT(torch.optim.Optimizer):
                 p.copy_(param)
 
     # ---------------------------------------------------------------- LoFT for one LoRA pair
-    def _pair_step(self, group: dict[str, Any]) -> None:
+    def _pair_step(self, group: dict[str, Any], frames: tuple[F.PartnerFrame, F.PartnerFrame]) -> None:
         B, A = group["params"]
-        if B.grad is None and A.grad is None:
-            return
-        state_B, state_A = self._pair_state(group)
+        moving = self.moving_sides(group)
+        state_B, state_A = self._pair_state(group, frames)
         state_B["step"] += 1
         t = int(state_B["step"])
         beta1, beta2 = group["betas"]
         scale, basis = group["lora_scale"], self._basis(group, B)
-        b_side, a_side = _sides(B, A, state_B, state_A)
+        in_factor_space = not group["projected_update"]
+        sides = _sides(B, A, state_B, state_A)
 
         # Phase one: update both factors' states with the factors of the forward pass (spec step 4).
-        # Only a factor about to move has a partner that changed since its state was last transported
-        # (alternating: the partner moved at the previous step); for the other, C = I and is skipped.
-        moving = (0, 1) if not group["alternating"] else (int(state_B["phase"]),)
-        grams = (F.GramSolver(b_side.partner), F.GramSolver(a_side.partner))
-        for i, (side, gram) in enumerate(zip((b_side, a_side), grams, strict=True)):
-            h = F.scaled_gradient(side.grad, scale, gram) if group["scale_gradients"] else side.grad
-            if group["transport"] and i in moving:
-                C = F.transport_matrix(side.prev_partner, side.partner, gram)  # (r, r)
-                side.exp_avg.copy_(side.exp_avg @ C)
-                side.exp_avg_sq.copy_(side.exp_avg_sq @ basis.transport(C))
+        # Only a factor about to move has a partner that changed since its state was last written: for the
+        # other, the frame is unchanged (a frame is a deterministic function of its partner) and C = I.
+        for i, (side, frame) in enumerate(zip(sides, frames, strict=True)):
+            h = F.gradient_coordinates(side.grad, scale, frame, group["scale_gradients"], in_factor_space)
+            if i in moving:
+                if group["transport"]:
+                    C = F.transport_matrix(side.frame, frame, in_factor_space)  # (r, r)
+                    side.exp_avg.copy_(side.exp_avg @ C)
+                    side.exp_avg_sq.copy_(side.exp_avg_sq @ basis.transport(C))
+                side.frame.copy_(frame.matrix(in_factor_space))
             side.exp_avg.lerp_(h, 1 - beta1)
             side.exp_avg_sq.mul_(beta2).add_(basis.features(h), alpha=1 - beta2)
 
@@ -200,38 +304,41 @@ class LoFT(torch.optim.Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         steps = {}
         if group["projected_update"]:
+            # |M̂| ≤ K(t)·sqrt(V̂) for the full second moment; its diagonal ("simple") only gives sqrt(r)·K(t)
+            max_ratio = F.adam_ratio_bound(t, group["betas"]) * (1 if basis.full else B.shape[1] ** 0.5)
             for i in moving:
-                side = (b_side, a_side)[i]
-                direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, side.partner, basis, t, beta2,
-                                                  group["eps"])
-                steps[i] = grams[i].right(direction).mul_(lr / (1 - beta1**t) / scale)  # (k, r)
-        state_B["prev_partner"].copy_(a_side.factor.T)
-        state_A["prev_partner"].copy_(b_side.factor)
+                side, frame = sides[i], frames[i]
+                direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, side.frame, basis, t,
+                                                  group["betas"], group["eps"], max_ratio)  # (k, r): D·Q
+                steps[i] = frame.to_factor(direction).mul_(lr / (1 - beta1**t) / scale)  # D·R⁺, (k, r)
         for i in moving:
-            side = (b_side, a_side)[i]
+            side = sides[i]
             if group["projected_update"]:
                 side.factor.mul_(1 - lr * weight_decay).sub_(steps[i])
             else:  # Adam in factor coordinates (elementwise second moment)
                 F.adamw_move_(side.factor, side.exp_avg, side.exp_avg_sq, t, lr, beta1, beta2, group["eps"],
                               weight_decay)
         state_B["phase"].fill_(1 - int(state_B["phase"]))
-        for param, side in ((B, b_side.factor), (A, a_side.factor.T)):
-            if param.dtype != side.dtype:  # low-precision factor: computed in float32, stored back
-                param.copy_(side)
+        for param, side in zip((B, A), sides, strict=True):
+            factor = side.factor if param is B else side.factor.T
+            if param.dtype != factor.dtype:  # low-precision factor: computed in float32, stored back
+                param.copy_(factor)
 
-    def _pair_state(self, group: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _pair_state(self, group: dict[str, Any], frames: tuple[F.PartnerFrame, F.PartnerFrame]
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         B, A = group["params"]
         state_B, state_A = self.state[B], self.state[A]
         if not state_B:
             dtype, width = compute_dtype(B), self._basis(group, B).width
+            in_factor_space = not group["projected_update"]
             state_B["step"] = torch.tensor(0.0)
             state_B["phase"] = torch.tensor(0.0)
             state_B["exp_avg"] = torch.zeros_like(B, dtype=dtype)  # (m, r)
             state_B["exp_avg_sq"] = B.new_zeros(B.shape[0], width, dtype=dtype)  # (m, T)
-            state_B["prev_partner"] = A.detach().to(dtype, copy=True)  # (r, n)
+            state_B["frame"] = frames[0].matrix(in_factor_space).to(dtype, copy=True)  # (n, r)
             state_A["exp_avg"] = torch.zeros_like(A, dtype=dtype)  # (r, n)
             state_A["exp_avg_sq"] = A.new_zeros(A.shape[1], width, dtype=dtype)  # (n, T)
-            state_A["prev_partner"] = B.detach().to(dtype, copy=True)  # (m, r)
+            state_A["frame"] = frames[1].matrix(in_factor_space).to(dtype, copy=True)  # (m, r)
         return state_B, state_A
 
     def _basis(self, group: dict[str, Any], B: Tensor) -> F.SecondMomentBasis:
@@ -242,7 +349,12 @@ class LoFT(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, except that state keeps the dtype it was saved in: torch would cast it to the
-        parameter's dtype, and LoFT keeps bf16/fp16 factors' state in float32 and ``step``/``phase`` on the CPU."""
+        parameter's dtype, and LoFT keeps bf16/fp16 factors' state in float32 and ``step``/``phase`` on the CPU.
+        A state of format 1 (raw factor coordinates, before loft_probe 0.2) is refused."""
+        if any("prev_partner" in saved for saved in state_dict["state"].values()):
+            raise ValueError("this LoFT state_dict has format 1 (moments in raw factor coordinates, "
+                             "loft_probe < 0.2); format 2 keeps them in orthonormal frames: restart the "
+                             "optimizer state, or resume with loft_probe 0.1")
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
@@ -250,42 +362,6 @@ class LoFT(torch.optim.Optimizer):
                 if torch.is_tensor(value):
                     device = "cpu" if key in ("step", "phase") else params[index].device
                     self.state[params[index]][key] = value.to(device=device, copy=True)
-
-
-def clip_grad_norm_(optimizer: LoFT, max_norm: float) -> Tensor:
-    """Clip all gradients by the global norm of what LoFT will use; returns that norm (before clipping).
-
-    Per pair, the moving factor's full-space gradient norm ``‖G·P_A‖ = ‖h_B·A‖`` (or its A-side twin; both
-    when not alternating) when gradients are scaled, else the raw factor gradients' norms; plus the raw
-    gradient norm of every other parameter. All raw gradients are multiplied by
-    ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does.
-    """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    squares, grads = [], []
-    for group in optimizer.param_groups:
-        group_grads = [p.grad for p in group["params"] if p.grad is not None]
-        grads += group_grads
-        if group["lora_scale"] is None or not group["scale_gradients"]:
-            squares += [g.detach().float().pow(2).sum() for g in group_grads]
-            continue
-        B, A = group["params"]
-        state_B = optimizer.state[B]
-        phase = int(state_B["phase"]) if state_B else 0
-        moving = (0, 1) if not group["alternating"] else (phase,)
-        Bc, Ac, gB, gA = _compute_views(B, A)
-        views = ((gB, Ac), (gA.T, Bc.T))  # (gradient, partner) of the B-side and of the A-side
-        for grad, partner in (views[i] for i in moving):
-            gram = F.GramSolver(partner)
-            h = F.scaled_gradient(grad, group["lora_scale"], gram)
-            squares.append(F.fullspace_sq_norm(h, gram).float())
-    if not grads:
-        return torch.tensor(0.0)
-    total = torch.stack([s.to(grads[0].device) for s in squares]).sum().sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.device, g.dtype))
-    return total
 
 
 def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -303,8 +379,8 @@ def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor
 def _sides(B: Tensor, A: Tensor, state_B: dict, state_A: dict) -> tuple[_Side, _Side]:
     """The B-side (L = B, R = A) and the A-side (L = Aᵀ, R = Bᵀ) of a pair."""
     Bc, Ac, gB, gA = _compute_views(B, A)
-    b_side = _Side(Bc, Ac, gB, state_B["exp_avg"], state_B["exp_avg_sq"], state_B["prev_partner"])
-    a_side = _Side(Ac.T, Bc.T, gA.T, state_A["exp_avg"].T, state_A["exp_avg_sq"], state_A["prev_partner"].T)
+    b_side = _Side(Bc, Ac, gB, state_B["exp_avg"], state_B["exp_avg_sq"], state_B["frame"])
+    a_side = _Side(Ac.T, Bc.T, gA.T, state_A["exp_avg"].T, state_A["exp_avg_sq"], state_A["frame"])
     return b_side, a_side
 
 
@@ -314,7 +390,8 @@ def compute_dtype(p: Tensor) -> torch.dtype:
 
 
 def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                           second_moment: str, projected_update: bool, max_grad_norm: float | None) -> None:
+                           second_moment: str, projected_update: bool, partner_cutoff: float,
+                           max_grad_norm: float | None) -> None:
     if not lr >= 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -328,6 +405,8 @@ def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, we
     if not projected_update and second_moment == "full":
         raise ValueError("projected_update=False needs second_moment='simple': full r×r second moments "
                          "have no elementwise direction in factor coordinates")
+    if not 0 <= partner_cutoff < 1:
+        raise ValueError(f"partner_cutoff must be in [0, 1), got {partner_cutoff}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
 
@@ -339,7 +418,7 @@ def is_sharded(tensor: Tensor) -> bool:
 
 def _check_group(group: dict[str, Any]) -> None:
     _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                           group["second_moment"], group["projected_update"], None)
+                           group["second_moment"], group["projected_update"], group["partner_cutoff"], None)
     if group["lora_scale"] is None:
         return
     params = group["params"]

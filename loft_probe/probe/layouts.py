@@ -19,7 +19,6 @@ from torch import Tensor
 
 from loft_probe import metrics as M
 from loft_probe.optim import LoFT
-from loft_probe.optim import functional as F
 
 
 @dataclass
@@ -54,30 +53,19 @@ class AdamLayout:
 
 
 class LoFTLayout(AdamLayout):
-    """LoFT's pair state (``prev_partner``, packed ``exp_avg_sq``, ``phase``); AdamW for the rest."""
+    """LoFT's pair state, read through :meth:`LoFT.full_space_moments`; AdamW for the rest."""
 
     def known(self, optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
         return "exp_avg" in optimizer.state.get(param, {})
 
     def full_space(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], layer) -> FullSpaceMoments | None:
-        """The moved factor's reconstructed moments after the step: ``m_B·A0`` (B moved) or ``B0·m_A``, with
-        the partner of the forward pass, and the projection onto what that factor can express."""
+        """The moved factor's reconstructed moments after the step and the projection onto what it can express."""
         if layer.pair is None:
             return super().full_space(optimizer, group, layer)
-        state_B, state_A = optimizer.state.get(layer.pair.B, {}), optimizer.state.get(layer.pair.A, {})
-        if "prev_partner" not in state_B:
+        moments = optimizer.full_space_moments(group)
+        if moments is None:
             return None
-        basis = F.SecondMomentBasis(layer.pair.rank, group["second_moment"] == "full", layer.key_param.device)
-        B_moved = not group["alternating"] or int(state_B["phase"]) == 1  # the phase flipped after the step
-        if B_moved:
-            A0 = state_B["prev_partner"]  # (r, n)
-            first, second = F.reconstruct_moments(state_B["exp_avg"], state_B["exp_avg_sq"], A0, basis)
-            Q = M.orth(A0.T)  # (n, r): the row space a B-step can write to
-            return FullSpaceMoments(first, second, lambda X: (X @ Q) @ Q.T)
-        B0 = state_A["prev_partner"]  # (m, r); the A-side is the B-side on transposes
-        first, second = F.reconstruct_moments(state_A["exp_avg"].T, state_A["exp_avg_sq"], B0.T, basis)
-        Q = M.orth(B0)  # (m, r): the column space an A-step can write to
-        return FullSpaceMoments(first.T, second.T, lambda X: Q @ (Q.T @ X))
+        return FullSpaceMoments(moments.first, moments.second, moments.project)
 
     def factor_cosine(self, optimizer: torch.optim.Optimizer, layer) -> float | None:
         return None  # LoFT's factor-coordinate moments are not gradients' EMAs: use the full-space cosine

@@ -1,7 +1,8 @@
 """LoFT's stability on real configurations, against AdamW-LoRA and full fine-tuning at the same learning rate.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_loft_stability.py [--steps 24] [--configs minilm-all-linear,...]
-        [--lrs 2e-5,1e-4,1e-3] [--dtypes float32,bfloat16] [--methods loft,lora,full] [--out table.md]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_loft_stability.py [--steps 12] [--configs minilm-all-linear,...]
+        [--lrs 2e-5,1e-4,1e-3] [--dtypes float32,bfloat16] [--methods loft,lora,full] [--partner-cutoff C]
+        [--out table.md]
 
 For every configuration × lr × parameter dtype × method it trains ``--steps`` steps on batches of 16 and prints:
 - ``ratio``: the worst per-step ``‖ΔW‖_F / (lr·sqrt(m·n))`` over the adapted layers (for full fine-tuning: the
@@ -20,9 +21,11 @@ from a config with random weights (PEFT on its Conv1D layers, ``fan_in_fan_out``
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,7 @@ from torch import nn
 from loft_probe import LoFT, lora_pairs
 
 CONFIGS = ("minilm-all-linear", "minilm-no-pooler", "minilm-qv", "digits", "gpt2")
-BATCH, EVAL_BATCH, MAX_LENGTH, RANK, ALPHA = 16, 64, 48, 8, 16
+BATCH, EVAL_BATCH, MAX_LENGTH, RANK, ALPHA = 16, 64, 32, 8, 16
 
 
 @dataclass
@@ -65,6 +68,13 @@ def _text_forward(model, batch):
 
 
 def build(config: str, steps: int) -> Setup:
+    """A fresh copy of the configuration's float32 model (the same initial weights every call) and its data."""
+    template = _template(config, steps)
+    return replace(template, model=copy.deepcopy(template.model))
+
+
+@functools.cache
+def _template(config: str, steps: int) -> Setup:
     torch.manual_seed(0)
     if config == "digits":
         from loft_probe.tasks import build_task
@@ -98,13 +108,13 @@ def _loss(setup: Setup, model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(setup.forward(model, batch).float(), batch[-1])
 
 
-def run_cell(config: str, method: str, lr: float, dtype: torch.dtype, steps: int) -> dict:
+def run_cell(config: str, method: str, lr: float, dtype: torch.dtype, steps: int, loft_options: dict) -> dict:
     setup = build(config, steps)
     model = setup.model
     if method == "full":
         import peft
 
-        probe = peft.get_peft_model(build(config, 1).model, _lora_config(setup))
+        probe = peft.get_peft_model(build(config, steps).model, _lora_config(setup))
         names = [p.name.removeprefix("base_model.model.") for p in lora_pairs(probe)]
         model = model.to(dtype)
         layers = {name: model.get_submodule(name).weight for name in names}
@@ -114,7 +124,7 @@ def run_cell(config: str, method: str, lr: float, dtype: torch.dtype, steps: int
 
         model = peft.get_peft_model(model, _lora_config(setup)).to(dtype)
         if method == "loft":
-            optimizer = LoFT.from_model(model, lr=lr)
+            optimizer = LoFT.from_model(model, lr=lr, **loft_options)
         else:
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                           weight_decay=0.0)
@@ -174,13 +184,15 @@ def _effective(pairs, dense: dict | None) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--lrs", default="2e-5,1e-4,1e-3")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--methods", default="loft,lora,full")
+    parser.add_argument("--partner-cutoff", type=float, default=None, help="LoFT's partner_cutoff (default: LoFT's)")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
     args = parser.parse_args()
+    loft_options = {} if args.partner_cutoff is None else {"partner_cutoff": args.partner_cutoff}
     torch.set_num_threads(1)
     header = "| config | lr | dtype | " + " | ".join(
         f"{m} ratio | {m} growth | {m} loss" if m != "full" else "full ratio | full loss"
@@ -196,7 +208,7 @@ def main() -> None:
                 dtype = getattr(torch, dtype_name)
                 cells = []
                 for method in args.methods.split(","):
-                    res = run_cell(config, method, lr, dtype, args.steps)
+                    res = run_cell(config, method, lr, dtype, args.steps, loft_options)
                     loss = f"{res['first']:.3g} → {res['last']:.3g}"
                     if method == "full":
                         cells.append(f"{res['ratio']:.3g} | {loss}")

@@ -63,7 +63,7 @@ def measure(m: int, n: int, r: int, repeats: int) -> dict:
     A = torch.nn.Parameter(torch.randn(r, n, generator=gen) / n**0.5)
     B.grad, A.grad = torch.randn(m, r, generator=gen), torch.randn(r, n, generator=gen)
     loft = LoFT([{"params": [B, A], "lora_scale": 2.0}], lr=1e-6)
-    loft._pair_state(loft.param_groups[0])  # the state up front: the peak measured below is the step's
+    loft.step()  # creates the state up front: the peak measured below is the step's
     state_bytes = sum(t.numel() * t.element_size() for s in loft.state.values() for t in s.values())
 
     rss_before = _rss_bytes()

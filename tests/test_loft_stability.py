@@ -267,3 +267,21 @@ def test_old_state_format_is_refused():
                           "exp_avg_sq": torch.zeros(6, 3), "prev_partner": torch.zeros(2, 5)}}
     with pytest.raises(ValueError, match="format 1"):
         opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize("task, rank, steps, options, final", [
+    ("matfact", 16, 300, dict(m=256, n=128, target_rank=4), 1e-9),  # raw coordinates: 6.8e-6, then NaN
+    ("digits", 64, 20, {}, None),  # raw coordinates: NaN from step 6 (fc1 has 64 inputs: r = 64 is full)
+])
+def test_no_divergence_at_ranks_above_what_the_task_uses(tmp_path, task, rank, steps, options, final):
+    """Ranks far above the task's leave the adapter's partners rank-deficient once the task is solved: raw
+    factor coordinates blew up there (matfact at r = 32 on the default sizes: 2e-7 at step 160, 3e9 at 300).
+    With the task's default learning rate the held-out loss goes down and stays down."""
+    from loft_probe import load_run
+    from loft_probe.runner import RunConfig, run
+
+    out = run(RunConfig(task=task, method="loft", rank=rank, steps=steps, shadow=False, every=1000, evals=2,
+                        task_options=options, out=tmp_path / "run"))
+    evals = load_run(out).rows("eval_loss").sort_values("step").value.to_numpy()
+    assert all(math.isfinite(x) for x in evals) and evals[-1] < evals[0], evals
+    assert final is None or evals[-1] < final, evals

@@ -189,32 +189,29 @@ def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: S
 
     ``D = M̂ / (sqrt(V̂) + ε)`` with the reconstructed moments ``M = m·Eᵀ``, ``V = S·kernel(Eᵀ)``
     (see :func:`reconstruct_moments`), computed block of rows by block of rows: the transient memory is
-    three blocks of ``BLOCK_ELEMENTS`` numbers, not k×l buffers.
+    two blocks of ``BLOCK_ELEMENTS`` numbers, not two k×l buffers.
 
     ``V_ij`` is a quadratic form: where the gradients are nearly orthogonal to ``e_j`` its roundoff is of the
-    order of eps·‖h_i‖²‖e_j‖², far above the true value, and can take it to 0 while ``M_ij`` is not (then
+    order of eps·‖S_i‖·‖e_j‖², far above the true value, and can take it to 0 while ``M_ij`` is not (then
     D = M̂/ε). Moments of one gradient sequence always obey ``|M̂| ≤ max_ratio·sqrt(V̂)`` (Cauchy–Schwarz,
-    :func:`adam_ratio_bound`), so ``sqrt(V̂)`` is floored at ``|M̂|/max_ratio``: a no-op in exact arithmetic that
-    keeps every entry of D, and so the step, within the bound whatever the precision.
+    :func:`adam_ratio_bound`), so every entry of D is clamped to ``±max_ratio``: a no-op in exact arithmetic
+    that keeps the step within its bound whatever the precision.
     """
     beta1, beta2 = betas
     k, n = exp_avg.shape[0], E.shape[0]
     rows = max(1, min(k, BLOCK_ELEMENTS // n))
     R = E.T  # (r, l)
     K = basis.kernel(R).div_(1 - beta2**step)  # (T, l); the bias correction folded in once
-    floor = 1 / (max_ratio * (1 - beta1**step))  # sqrt(V̂) ≥ |M|·floor ⇔ |M̂| ≤ max_ratio·sqrt(V̂)
+    cap = max_ratio * (1 - beta1**step)  # |D| ≤ max_ratio once divided by 1 − β1ᵗ
     M = exp_avg.new_empty(rows, n)
     V = exp_avg.new_empty(rows, n)
-    scratch = exp_avg.new_empty(rows, n)
     out = exp_avg.new_empty(k, E.shape[1])  # (k, r)
     for start in range(0, k, rows):
         stop = min(start + rows, k)
-        M_b, V_b, S_b = M[: stop - start], V[: stop - start], scratch[: stop - start]
+        M_b, V_b = M[: stop - start], V[: stop - start]
         torch.mm(exp_avg[start:stop], R, out=M_b)
         torch.mm(exp_avg_sq[start:stop], K, out=V_b)
-        denominator = V_b.clamp_min_(0).sqrt_()
-        torch.maximum(denominator, torch.abs(M_b, out=S_b).mul_(floor), out=denominator)
-        M_b.div_(denominator.add_(eps))
+        M_b.div_(V_b.clamp_min_(0).sqrt_().add_(eps)).clamp_(-cap, cap)
         torch.mm(M_b, E, out=out[start:stop])
     return out
 

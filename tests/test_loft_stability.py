@@ -197,16 +197,17 @@ def test_transposed_pair_steps_as_its_mirror():
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
 def test_alpha_invariance_for_any_alpha(dtype):
-    """α = 0.8 and α = 8 at r = 8 (s = 0.1 and 1, not a power of two apart), from PEFT's init: float64
-    trajectories of s·B·A agree to 1e-10. In float32 they agree to the precision float32 LoFT has at all
-    (measured 1e-3 relative over 40 steps, the same as either run's distance to float64; raw factor
-    coordinates made 3% within 5 steps): scaling by 0.1 rounds differently, and the second moment's quadratic
-    form turns that roundoff into ~1e-3 of the direction (docs/loft-spec.md). Powers of two agree exactly."""
+    """α = 0.8 and α = 8 at r = 8 (s = 0.1 and 1, not a power of two apart), from PEFT's init with rank-1
+    gradients (the pooler's regime): float64 trajectories of s·B·A agree to 1e-10, float32 ones to 1e-4
+    (measured 3e-5 over 40 steps; raw factor coordinates: 18%). Powers of two agree bit for bit. Richer
+    gradients agree to ~1e-3 in float32 (rank 3: 1e-3, rank 2: 5e-3 over 40 steps): scaling by 0.1 rounds
+    differently, and the second moment's quadratic form turns that roundoff into ~1e-3 of the direction
+    (docs/loft-spec.md); raw factor coordinates diverged on rank 2."""
     m, n, r, lr = 32, 24, 8, 1e-2
 
     def trajectory(alpha):
         scale = alpha / r
-        prob = LowRankProblem(m, n, k=3, seed=41)
+        prob = LowRankProblem(m, n, k=1, seed=41)
         B, A = peft_pair(m, n, r, seed=5, dtype=dtype)
         opt = LoFT([{"params": [B, A], "lora_scale": scale}], lr=lr, weight_decay=0.01)
         points = []
@@ -220,7 +221,7 @@ def test_alpha_invariance_for_any_alpha(dtype):
     if dtype == F64:
         assert_close(low, high, rtol=1e-10, atol=1e-12)
     else:
-        assert float((low - high).norm()) <= 3e-3 * float(high.norm())
+        assert float((low - high).norm()) <= 1e-4 * float(high.norm())
         assert torch.equal(trajectory(2.0), high)  # α/r a power of two apart: bit for bit
 
 

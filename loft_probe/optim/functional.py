@@ -54,7 +54,7 @@ class PartnerFrame:
     """
 
     def __init__(self, R: Tensor, cutoff: float = PARTNER_CUTOFF) -> None:
-        r, l = R.shape
+        r = R.shape[0]
         U, sigma, Vh = torch.linalg.svd(R.to(torch.float64).T, full_matrices=False)  # (l,k) (k,) (k,r), k=min(r,l)
         if sigma.numel() < r:  # more factor columns than the partner has room for: pad with absent directions
             pad = r - sigma.numel()
@@ -65,8 +65,7 @@ class PartnerFrame:
         self.sigma = torch.where(kept, sigma, 0.0)  # (r,)
         self.inv_sigma = torch.where(kept, 1 / torch.where(kept, sigma, 1.0), 0.0)  # (r,)
         self.right = Vh.T  # (r, r)
-        self._basis64 = U * kept  # (l, r)
-        self.basis = self._basis64.to(R.dtype)  # (l, r)
+        self.basis = (U * kept).to(R.dtype)  # (l, r)
         self._partner = R
 
     def coordinates(self, X: Tensor) -> Tensor:
@@ -106,7 +105,8 @@ def gradient_coordinates(grad: Tensor, scale: float, frame: PartnerFrame, scaled
 def transport_matrix(old_frame: Tensor, frame: PartnerFrame, factor_coordinates: bool) -> Tensor:
     """Step 2: ``C`` (r×r) with ``m·C·Eᵀ = (m·E_oldᵀ)·P``: the full-space moment written against the old frame
     E_old (l×r) is carried over to the new one, not reinterpreted. Orthonormal frames: ``C = Q_oldᵀ·Q``."""
-    return frame.in_frame(old_frame.to(torch.float64).T @ frame._basis64, factor_coordinates).to(old_frame.dtype)
+    overlap = old_frame.to(torch.float64).T @ frame.basis.to(torch.float64)  # (r, r)
+    return frame.in_frame(overlap, factor_coordinates).to(old_frame.dtype)
 
 
 class SecondMomentBasis:

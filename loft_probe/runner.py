@@ -41,6 +41,7 @@ class RunConfig:
     task_options: dict[str, Any] = field(default_factory=dict)  # passed to build_task
     loft_options: dict[str, Any] = field(default_factory=dict)  # LoFT ablation switches (LOFT_SWITCHES)
     name: str | None = None  # run name in reports; default "<method>"
+    meta: dict[str, Any] = field(default_factory=dict)  # more meta.json fields (a sweep records its cell here)
 
 
 def check_config(config: RunConfig) -> None:
@@ -94,7 +95,8 @@ def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None) 
         optimizer = torch.optim.AdamW(params, lr=lr, **hyper)
 
     extra = {"task": {"name": config.task, "options": config.task_options, "steps": steps},
-             "rank": rank if config.method != "full" else None, "alpha": alpha if config.method != "full" else None}
+             "rank": rank if config.method != "full" else None, "alpha": alpha if config.method != "full" else None,
+             **config.meta}
     eval_steps = {max(1, round(steps * (i + 1) / config.evals)) for i in range(config.evals)}
     batches = task.batches(config.seed)
     with attach(model, optimizer, config.out, every=config.every, shadow=config.shadow,

@@ -1,0 +1,179 @@
+"""Run cells in worker processes, one BLAS thread each; a worker that dies costs only the cell it was running.
+
+Each worker is a spawned process that trains one cell at a time with `loft_probe.runner.run` and answers on
+its own pipe. The parent waits on the pipes and on the processes' sentinels together, so a worker killed
+mid-cell (SIGKILL, out of memory) is noticed at once: its cell is reported failed and a fresh worker takes
+its place. On Linux a worker also dies with the parent, so a killed sweep leaves no orphan writing into
+a run directory that the next run of the sweep will redo.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import connection, get_context
+
+from loft_probe.runner import RunConfig
+
+STOP = None  # sent to a worker: no more cells
+JOIN_TIMEOUT_S = 5.0  # a stopped worker that has not exited by then is terminated
+
+
+@dataclass
+class Outcome:
+    """What became of one cell: ``error`` is one line (empty when ok), ``detail`` the traceback if any."""
+
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+    detail: str = ""
+
+
+@dataclass
+class _Worker:
+    process: object  # multiprocessing's SpawnProcess
+    conn: connection.Connection
+    cell: str | None = None
+    started: float = 0.0
+
+
+def run_cells(jobs: Sequence[tuple[str, RunConfig]], workers: int, on_start: Callable[[str], None],
+              on_outcome: Callable[[Outcome], None]) -> list[Outcome]:
+    """Train every ``(name, config)`` on at most ``workers`` processes; returns the outcomes in finishing order.
+
+    ``on_start(name)`` and ``on_outcome(outcome)`` are called in this process as cells start and end.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {workers!r}")
+    pending = deque(jobs)
+    context = get_context("spawn")  # fork would copy the parent's torch threads and locks
+    pool: list[_Worker] = []
+    outcomes: list[Outcome] = []
+
+    def start_worker() -> _Worker:
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_serve, args=(child_end,), daemon=True)
+        with _one_thread_env():
+            process.start()
+        child_end.close()  # only the worker holds it now: the parent reads EOF when the worker dies
+        worker = _Worker(process, parent_end)
+        pool.append(worker)
+        return worker
+
+    try:
+        idle = [start_worker() for _ in range(min(workers, len(pending)))]
+        busy: list[_Worker] = []
+        while pending or busy:
+            while idle and pending:
+                worker = idle.pop()
+                worker.cell, config = pending.popleft()
+                worker.started = time.perf_counter()
+                worker.conn.send((worker.cell, config))
+                busy.append(worker)
+                on_start(worker.cell)
+            ready = set(connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
+            for worker in [w for w in busy if w.conn in ready or w.process.sentinel in ready]:
+                busy.remove(worker)
+                outcome = _answer(worker)
+                if outcome is None:  # the worker died mid-cell
+                    outcome = Outcome(worker.cell, False, time.perf_counter() - worker.started,
+                                      f"the worker process died while running the cell ({_exit(worker.process)})")
+                    worker.conn.close()
+                    if pending:
+                        idle.append(start_worker())
+                else:
+                    idle.append(worker)
+                outcomes.append(outcome)
+                on_outcome(outcome)
+    finally:
+        _stop(pool)
+    return outcomes
+
+
+def _answer(worker: _Worker) -> Outcome | None:
+    """The worker's outcome, or None when its pipe is closed (the process died)."""
+    try:
+        if worker.conn.poll():
+            return worker.conn.recv()
+    except (EOFError, OSError):
+        pass
+    worker.process.join(JOIN_TIMEOUT_S)
+    return None
+
+
+def _exit(process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _stop(pool: list[_Worker]) -> None:
+    for worker in pool:
+        try:
+            worker.conn.send(STOP)
+        except (OSError, ValueError):
+            pass  # dead already, or its pipe closed
+    for worker in pool:
+        worker.process.join(JOIN_TIMEOUT_S)
+        if worker.process.is_alive():
+            worker.process.terminate()
+            worker.process.join()
+        worker.conn.close()
+
+
+@contextmanager
+def _one_thread_env() -> Iterator[None]:
+    """OMP_NUM_THREADS=1 while a worker is spawned (it inherits the environment), then the caller's again."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _serve(conn: connection.Connection) -> None:
+    """A worker's life: train the cells it is sent, one at a time, answering each with an `Outcome`."""
+    _die_with_parent()
+    import torch
+
+    from loft_probe.runner import run
+
+    torch.set_num_threads(1)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is STOP:
+            return
+        name, config = job
+        start = time.perf_counter()
+        try:
+            run(config)
+            outcome = Outcome(name, True, time.perf_counter() - start)
+        except Exception as exc:  # any error of one cell is that cell's result; the sweep goes on
+            error = " ".join(str(exc).split()) or type(exc).__name__
+            outcome = Outcome(name, False, time.perf_counter() - start, f"{type(exc).__name__}: {error}",
+                              traceback.format_exc())
+        conn.send(outcome)

@@ -84,7 +84,8 @@ class SweepProgress:
                                + (f" · {c['skipped']} finished before" if c["skipped"] else ""))
 
     def stop(self) -> None:
-        self.bar.stop()
+        if self.bar.live.is_started:
+            self.bar.stop()
 
 
 def sweep_command(

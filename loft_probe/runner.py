@@ -18,7 +18,7 @@ from torch import nn
 from loft_probe.lora import add_lora, matches_target
 from loft_probe.optim import LoFT
 from loft_probe.probe import attach
-from loft_probe.tasks import build_task
+from loft_probe.tasks import Task, build_task
 
 METHODS = ("full", "lora", "loft")
 LOFT_SWITCHES = ("alternating", "scale_gradients", "transport", "second_moment", "projected_update")
@@ -63,13 +63,16 @@ def check_config(config: RunConfig) -> None:
         raise ValueError(f"LoFT switches and max_grad_norm apply to method 'loft', not {config.method!r}")
 
 
-def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None) -> Path:
+def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None, task: Task | None = None) -> Path:
     """Train ``config.task`` with ``config.method`` and a probe; returns the run directory.
 
-    ``on_step(step, loss)`` is called after every optimizer step (progress bars).
+    ``on_step(step, loss)`` is called after every optimizer step (progress bars). ``task``: the task as
+    ``build_task(config.task, seed=config.seed, **config.task_options)`` returns it, with a model no run has
+    touched (a sweep's worker builds it once and passes copies); default: built here.
     """
     check_config(config)
-    task = build_task(config.task, seed=config.seed, **config.task_options)
+    if task is None:
+        task = build_task(config.task, seed=config.seed, **config.task_options)
     defaults = task.defaults
     steps = config.steps or defaults["steps"]
     lr = config.lr or defaults["lr"][config.method]

@@ -6,6 +6,7 @@ capped at MAX_EXIT; a bad argument is still one ``error:`` line with exit code 2
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -65,6 +66,7 @@ class SweepProgress:
         self.bar = Progress(TextColumn("sweep"), BarColumn(), TextColumn("{task.fields[counts]}"),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "left": 0}
+        self.cpu_seconds = 0.0  # CPU time of the cells run now (the cost on an idle machine: this / jobs)
         self.task = self.bar.add_task("sweep", total=0, counts="")
 
     def __call__(self, event: SweepEvent) -> None:
@@ -73,6 +75,8 @@ class SweepProgress:
         elif event.kind in ("done", "failed"):
             self.counts[event.kind] += 1
             self.counts["left"] -= 1
+            if not math.isnan(event.cpu_seconds):  # NaN: the worker died
+                self.cpu_seconds += event.cpu_seconds
             if event.kind == "failed":
                 self.console.print(f"failed: {event.cell}: {event.error}", markup=False, highlight=False,
                                    soft_wrap=True)
@@ -131,7 +135,7 @@ def sweep_command(
         progress.stop()
     c = progress.counts
     typer.echo(f"{len(result.runs)} cells finished ({c['done']} now, {result.skipped} before), "
-               f"{len(result.failed)} failed.")
+               f"{len(result.failed)} failed. CPU time of the cells run now: {progress.cpu_seconds:.0f} s.")
     if result.lr_choice:
         typer.echo("Learning rates chosen on seed " + seeds.split(",")[0].strip() + ": "
                    + ", ".join(f"{m} {v}" for m, v in result.lr_choice.items()))

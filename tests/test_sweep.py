@@ -168,7 +168,7 @@ def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "4 cells finished (1 now, 3 before), 0 failed." in again.stdout
+    assert "4 cells finished (1 now, 3 before), 0 failed. CPU time" in again.stdout
     assert not list((out / "failed").glob("*.json")) and is_finished(out / "runs" / killed[0])
     assert {p.name: (p / "meta.json").stat().st_mtime_ns for p in (out / "runs").iterdir()
             if p.name != killed[0]} == others  # finished cells untouched

@@ -6,6 +6,7 @@ Layout of a sweep directory::
     DIR/runs/<cell>/          one run directory per cell (`loft_probe.load_run` reads it), named by the cell
     DIR/failed/<cell>.json    why a cell failed: one line, the traceback, the seconds it ran
     DIR/lr_selection.json     with select_lr: each method's candidate learning rates, scores and choice
+    DIR/timings.jsonl         one line per ended cell: name, ok, wall and CPU seconds (what a rerun would cost)
 
 A cell is finished when its run directory is closed (the probe marks meta.json closed at the end of the
 run). A rerun skips finished cells and deletes and redoes the others, so a killed sweep loses only the cells
@@ -38,12 +39,14 @@ RUNS, FAILED = "runs", "failed"
 
 @dataclass
 class SweepEvent:
-    """A progress event: ``kind`` is planned | skipped | started | done | failed, for the cell ``cell``."""
+    """A progress event: ``kind`` is planned | skipped | started | done | failed, for the cell ``cell``; ended
+    cells carry their wall and CPU seconds."""
 
     kind: str
     cell: str
     error: str = ""
     seconds: float = math.nan
+    cpu_seconds: float = math.nan
 
 
 @dataclass
@@ -180,10 +183,14 @@ def _open(out: Path, task: str, settings: dict) -> None:
 
 def _record(out: Path, outcome: Outcome, notify: Callable[[SweepEvent], None]) -> None:
     failure = out / FAILED / f"{outcome.name}.json"
+    timing = {"cell": outcome.name, "ok": outcome.ok, "seconds": round(outcome.seconds, 3),
+              "cpu_seconds": None if math.isnan(outcome.cpu_seconds) else round(outcome.cpu_seconds, 3)}
+    with open(out / "timings.jsonl", "a", encoding="utf-8") as log:  # one short line: appended whole
+        log.write(json.dumps(timing) + "\n")
     if outcome.ok:
         failure.unlink(missing_ok=True)
-        notify(SweepEvent("done", outcome.name, seconds=outcome.seconds))
+        notify(SweepEvent("done", outcome.name, seconds=outcome.seconds, cpu_seconds=outcome.cpu_seconds))
     else:
         write_json(failure, {"cell": outcome.name, "error": outcome.error, "traceback": outcome.detail,
                              "seconds": outcome.seconds})
-        notify(SweepEvent("failed", outcome.name, outcome.error, outcome.seconds))
+        notify(SweepEvent("failed", outcome.name, outcome.error, outcome.seconds, outcome.cpu_seconds))

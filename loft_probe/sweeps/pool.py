@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import sys
@@ -34,13 +35,16 @@ PRELOAD = ["loft_probe.runner", "sklearn.datasets"]  # torch and the digits data
 
 @dataclass
 class Outcome:
-    """What became of one cell: ``error`` is one line (empty when ok), ``detail`` the traceback if any."""
+    """What became of one cell: ``error`` is one line (empty when ok), ``detail`` the traceback if any;
+    ``cpu_seconds`` is the worker's CPU time on the cell (NaN when it died): on a shared machine, the cost of
+    the cell that wall time, stretched by other jobs, does not give."""
 
     name: str
     ok: bool
     seconds: float
     error: str = ""
     detail: str = ""
+    cpu_seconds: float = math.nan
 
 
 @dataclass
@@ -196,7 +200,7 @@ def _serve(conn: connection.Connection) -> None:
         if job is STOP:
             return
         name, config = job
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             run(config, task=_fresh_task(config, built))
             outcome = Outcome(name, True, time.perf_counter() - start)
@@ -204,4 +208,5 @@ def _serve(conn: connection.Connection) -> None:
             error = " ".join(str(exc).split()) or type(exc).__name__
             outcome = Outcome(name, False, time.perf_counter() - start, f"{type(exc).__name__}: {error}",
                               traceback.format_exc())
+        outcome.cpu_seconds = time.process_time() - cpu
         conn.send(outcome)

@@ -187,11 +187,20 @@ def test_library_sweep_chooses_lr_on_the_first_seed(tmp_path):
     assert saved["chosen"] == {"lora": best} and len(saved["candidates"]) == 2
 
 
-def test_loft_is_alpha_invariant_across_a_sweep(tmp_path):
-    """LoFT's trajectory does not depend on α in exact arithmetic; in float32 on digits, α ∈ {1, 8, 64} at rank 8
-    (α/r = 1/8, 1, 8) must end at the same losses to 1e-5 relative."""
-    result = loft_probe.sweep("digits", tmp_path / "sw", methods=["loft"], ranks=[8], alphas=["1", "8", "64"],
-                              steps=60, every=20, task_options={"pretrain_steps": 20}, jobs=2)
+FLOAT32_ROUNDING = ("float32: scales α/r whose ratios are not powers of two round differently, and the steps amplify "
+                    "it: 7e-5 relative after one step, 0.16 after 50 on digits, where float64 gives 5e-12 (README). "
+                    "LoFT's stability fix may shrink it")
+
+
+@pytest.mark.parametrize("alphas", [["1", "8", "64"],
+                                    pytest.param(["1", "3", "5"], marks=pytest.mark.xfail(strict=False,
+                                                                                          reason=FLOAT32_ROUNDING))])
+def test_loft_is_alpha_invariant_across_a_sweep(tmp_path, alphas):
+    """LoFT's trajectory does not depend on α in exact arithmetic. In float32 on digits (rank 8), α ∈ {1, 8, 64}
+    must end at the same losses to 1e-5 relative: their scales differ by powers of two, which float32 multiplies
+    exactly, so the runs agree to the bit. α ∈ {1, 3, 5} shows what float32 rounding does otherwise."""
+    result = loft_probe.sweep("digits", tmp_path / "sw", methods=["loft"], ranks=[8], alphas=alphas,
+                              steps=40, every=20, task_options={"pretrain_steps": 20}, jobs=2)
     assert len(result.runs) == 3 and not result.failed
     for metric in ("loss", "eval_loss"):
         finals = [final_metric(run.path, metric) for run in result.runs]

@@ -22,7 +22,9 @@ from typer.testing import CliRunner
 import loft_probe
 from loft_probe import cli
 from loft_probe.probe.rundir import read_meta
+from loft_probe.runner import RunConfig
 from loft_probe.sweeps import Alpha, final_metric, is_finished, make_grid, parse_alpha
+from loft_probe.sweeps.pool import run_cells
 from loft_probe.sweeps.selection import choose_lrs
 
 TINY = ["--option", "pretrain_steps=20", "--jobs", "2"]
@@ -172,6 +174,24 @@ def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
     assert not list((out / "failed").glob("*.json")) and is_finished(out / "runs" / killed[0])
     assert {p.name: (p / "meta.json").stat().st_mtime_ns for p in (out / "runs").iterdir()
             if p.name != killed[0]} == others  # finished cells untouched
+
+
+def test_a_worker_dead_before_its_cell_fails_that_cell_and_the_next_runs(tmp_path):
+    def config(name: str) -> RunConfig:
+        return RunConfig(task="digits", method="lora", rank=2, steps=4, every=2, shadow=False, out=tmp_path / name,
+                         task_options={"pretrain_steps": 20})
+
+    def kill_the_worker(name: str) -> None:  # called as "a" is handed to the only worker: it dies first
+        if name == "a":
+            for worker in _workers(psutil.Process()):
+                worker.kill()
+                worker.wait(10)
+
+    ended = []
+    run_cells([("a", config("a")), ("b", config("b"))], 1, on_start=kill_the_worker, on_outcome=ended.append)
+    assert [(o.name, o.ok) for o in ended] == [("a", False), ("b", True)]
+    assert ended[0].error == "the worker process died before the cell started (killed by SIGKILL)"
+    assert is_finished(tmp_path / "b") and not (tmp_path / "a").exists()
 
 
 def test_library_sweep_chooses_lr_on_the_first_seed(tmp_path):

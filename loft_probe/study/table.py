@@ -3,8 +3,9 @@
 Per cell: its parameters, the final training and held-out metrics, the alignment metrics (shadow update
 cosine, moment alignment, angle to full fine-tuning's subspace) and the gap to full fine-tuning. The
 reference of a cell is the full fine-tuning run of the same task and seed at full fine-tuning's chosen
-learning rate; every method's learning rate is chosen on the first seed by held-out loss
-(`loft_probe.sweeps.selection`), and the `selected` column marks the cells at their method's choice.
+learning rate; every method's learning rate is chosen on the first seed (the one a ``--select-lr`` sweep
+used, else the smallest) by held-out loss (`loft_probe.sweeps.selection`), and the `selected` column marks
+the cells at their method's choice.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def read_sweeps(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
         runs = [run for run in runs if isinstance(run.meta.get("sweep_cell"), dict)]
         if not runs:
             raise ValueError(f"{path}: no finished cell to study yet")
-        frame, choice = _task_results(task, runs)
+        frame, choice = _task_results(task, runs, _selection_seed(path))
         results.append(frame)
         choices.append(choice)
         for failed in sorted((path / FAILED).glob("*.json")):
@@ -81,8 +82,18 @@ def _lr(run: Run) -> float:
     return float(run.meta["hyperparameters"]["lr"])
 
 
-def _task_results(task: str, runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    first_seed = min(run.meta["sweep_cell"]["seed"] for run in runs)
+def _selection_seed(path: Path) -> int | None:
+    """The seed a ``--select-lr`` sweep chose its learning rates on (lr_selection.json), None without one."""
+    try:
+        return int(json.loads((path / "lr_selection.json").read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _task_results(task: str, runs: list[Run], first_seed: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The task's rows and its lr choice, made on ``first_seed`` (default the smallest seed)."""
+    if first_seed is None:
+        first_seed = min(run.meta["sweep_cell"]["seed"] for run in runs)
     scores = [(run.method, _lr(run), _final(run, "eval_loss")) for run in runs
               if run.meta["sweep_cell"]["seed"] == first_seed]
     chosen = choose_lrs(scores)

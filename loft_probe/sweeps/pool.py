@@ -86,9 +86,20 @@ def run_cells(jobs: Sequence[tuple[str, RunConfig]], workers: int, on_start: Cal
                 worker = idle.pop()
                 worker.cell, config = pending.popleft()
                 worker.started = time.perf_counter()
-                worker.conn.send((worker.cell, config))
-                busy.append(worker)
                 on_start(worker.cell)
+                try:
+                    worker.conn.send((worker.cell, config))
+                except OSError:  # it died while idle: the cell fails like one it died in; a fresh worker goes on
+                    worker.process.join(JOIN_TIMEOUT_S)
+                    worker.conn.close()
+                    outcome = Outcome(worker.cell, False, 0.0, f"the worker process died before the cell started "
+                                                               f"({_exit(worker.process)})")
+                    outcomes.append(outcome)
+                    on_outcome(outcome)
+                    if pending:
+                        idle.append(start_worker())
+                    continue
+                busy.append(worker)
             ready = set(connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
             for worker in [w for w in busy if w.conn in ready or w.process.sentinel in ready]:
                 busy.remove(worker)

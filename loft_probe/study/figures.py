@@ -17,9 +17,9 @@ PANEL_W, PANEL_H = 3.0, 2.6  # inches per panel
 JITTER = 0.06  # horizontal spread of the seed points around their method's position
 
 
-def _figure(rows: int, columns: int) -> tuple[Figure, np.ndarray]:
+def _figure(rows: int, columns: int, sharex: bool = False) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(0.6 + PANEL_W * columns, 0.6 + PANEL_H * rows), dpi=DPI, layout="constrained")
-    return fig, fig.subplots(rows, columns, squeeze=False, sharex=True)
+    return fig, fig.subplots(rows, columns, squeeze=False, sharex=sharex)
 
 
 def _order(values) -> list:
@@ -50,7 +50,7 @@ def metric_grid(summary: pd.DataFrame, results: pd.DataFrame, metrics: list[str]
     if stats.empty:
         raise MissingData(f"no finished {'/'.join(methods)} cell has {', '.join(metrics)}")
     panels, xs = _order(stats[panel]), _order(stats[x])
-    fig, axes = _figure(len(metrics), len(panels))
+    fig, axes = _figure(len(metrics), len(panels), sharex=True)  # the same categories in every panel
     colours = palette(list(METHOD_ORDER))
     cells = results[results["selected"] & results["method"].isin(methods)]
     for row, metric in enumerate(metrics):
@@ -120,6 +120,8 @@ def reference_convergence(curves: pd.DataFrame) -> Figure:
     ax = axes[0, 0]
     for seed, part in curves.groupby("seed", sort=True):
         ax.plot(part["step"], part["value"], marker="o", ms=3, label=f"seed {seed}")
+    if (curves["value"] > 0).all():
+        ax.set_yscale("log")  # the start is often far above the end: on a linear axis the tail looks flat anyway
     ax.set(xlabel="step", ylabel="eval_loss", title="full fine-tuning (reference)")
     ax.legend(fontsize=8)
     return fig

@@ -141,9 +141,11 @@ def test_summary_intervals_match_a_direct_numpy_bootstrap(study_dir):
         close([row["mean"], row["low"], row["high"]], [values.mean(), *np.quantile(means, [0.025, 0.975])])
 
 
-def test_study_of_a_folder_that_is_no_sweep_is_one_line(tmp_path):
-    result = CliRunner().invoke(cli.app, ["study", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "not a sweep directory" in result.stderr
+def test_study_refuses_a_folder_that_is_no_sweep_and_two_sweeps_of_one_task(study_dir, tmp_path):
+    sweep = str(study_dir / "sw")
+    for args, fragment in (([str(tmp_path)], "not a sweep directory"), ([sweep, sweep], "several of digits")):
+        result = CliRunner().invoke(cli.app, ["study", *args, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and result.stderr.startswith("error: ") and fragment in result.stderr
 
 
 @pytest.fixture(scope="module")

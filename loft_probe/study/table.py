@@ -54,6 +54,10 @@ def read_sweeps(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
     Raises ValueError when a path is not a sweep directory or holds no finished cell.
     """
     results, failures, choices = [], [], []
+    tasks = [_task(Path(path)) for path in paths]
+    twice = sorted({task for task in tasks if tasks.count(task) > 1})
+    if twice:
+        raise ValueError(f"one sweep directory per task, got several of {', '.join(twice)}")
     for path in map(Path, paths):
         task = _task(path)
         runs = [load_run(d) for d in sorted((path / RUNS).iterdir()) if is_finished(d)]

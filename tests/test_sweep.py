@@ -176,6 +176,28 @@ def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
             if p.name != killed[0]} == others  # finished cells untouched
 
 
+def test_a_killed_sweep_takes_its_workers_along_and_a_rerun_finishes_it(tmp_path):
+    out = tmp_path / "sw"
+    command = [sys.executable, "-m", "loft_probe.cli", "sweep", "digits", "--method", "lora", "--rank", "1,2",
+               "--steps", "300", "--every", "50", *TINY, "--out", str(out)]
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("runs/*/metrics/part-*"))) < 2:
+            time.sleep(0.05)  # both cells mid-run
+        workers = _workers(psutil.Process(sweep.pid))
+        sweep.kill()
+        sweep.wait(10)
+    finally:
+        sweep.kill()
+    assert len(workers) == 2
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive  # no orphan goes on writing into a run directory the rerun will redo
+    assert not any(is_finished(p) for p in (out / "runs").iterdir())
+    again = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0 and "2 cells finished (2 now, 0 before), 0 failed." in again.stdout, again.stdout
+
+
 def test_a_worker_dead_before_its_cell_fails_that_cell_and_the_next_runs(tmp_path):
     def config(name: str) -> RunConfig:
         return RunConfig(task="digits", method="lora", rank=2, steps=4, every=2, shadow=False, out=tmp_path / name,

@@ -5,8 +5,8 @@ pipe. Workers fork from a fork server that imported torch and the runner once (s
 fork server): a worker starts in a fraction of a second instead of the seconds an import of torch takes.
 The parent waits on the pipes and on the processes' sentinels together, so a worker killed mid-cell
 (SIGKILL, out of memory) is noticed at once: its cell is reported failed and a fresh worker takes its
-place. On Linux a worker also dies with its parent (the fork server, which exits with the sweep), so a
-killed sweep leaves no orphan writing into a run directory that the next run of the sweep will redo.
+place. A worker also exits when the sweep's process dies, so a killed sweep leaves no orphan writing into a
+run directory that the next run of the sweep will redo.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import json
 import math
 import os
 import signal
-import sys
+import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from multiprocessing import connection, get_all_start_methods, get_context
+from multiprocessing import connection, get_all_start_methods, get_context, parent_process
 
 from loft_probe.runner import RunConfig
 from loft_probe.tasks import Task, build_task
@@ -174,12 +174,14 @@ def _one_thread_env() -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = before
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+def _exit_with_the_sweep() -> None:
+    """Exit the moment the sweep's process dies. A fork server's children keep it alive, and it is their
+    parent, so neither waits for the other: a thread watches the sweep's own sentinel instead (it reads end
+    of file when the sweep dies) and ends the worker, mid-cell too, whatever the start method."""
+    sweep = parent_process()
+    if sweep is not None:
+        watch = threading.Thread(target=lambda: (connection.wait([sweep.sentinel]), os._exit(1)), daemon=True)
+        watch.start()
 
 
 def _fresh_task(config: RunConfig, built: dict[tuple, Task]) -> Task:
@@ -196,7 +198,7 @@ def _fresh_task(config: RunConfig, built: dict[tuple, Task]) -> Task:
 
 def _serve(conn: connection.Connection) -> None:
     """A worker's life: train the cells it is sent, one at a time, answering each with an `Outcome`."""
-    _die_with_parent()
+    _exit_with_the_sweep()
     import torch
 
     from loft_probe.runner import run

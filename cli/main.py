@@ -20,7 +20,7 @@ from loft_probe.probe.rundir import Run, load_run
 from loft_probe.runner import METHODS, RunConfig, run
 from loft_probe.tasks import TASKS
 
-from . import render
+from . import render, sweeps
 from .errors import OneLineErrors
 
 DEMO_TASK = "minilm-sentiment"
@@ -212,6 +212,10 @@ def inspect(run_dir: RunDir):
     Example: loft-probe inspect runs/demo/loft
     """
     typer.echo(describe_run(load_run(run_dir)))
+
+
+app.command("sweep")(sweeps.sweep_command)
+app.command("study")(sweeps.study_command)
 
 
 def parse_options(items: list[str]) -> dict[str, int | float | bool | str]:

@@ -5,6 +5,7 @@ from loft_probe.diagnosis import diagnose
 from loft_probe.lora import LoraLinear, LoraPair, add_lora, lora_pairs
 from loft_probe.optim import LoFT
 from loft_probe.probe import Probe, Run, attach, load_run
+from loft_probe.sweeps import sweep
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __all__ = [
     "load_run",
     "lora_pairs",
     "report",
+    "study",
+    "sweep",
 ]
 
 
@@ -31,4 +34,8 @@ def __getattr__(name: str):
         from loft_probe.reporting import report
 
         return report
+    if name == "study":
+        from loft_probe.study import study
+
+        return study
     raise AttributeError(f"module 'loft_probe' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from torch import nn
 from loft_probe.lora import add_lora, matches_target
 from loft_probe.optim import LoFT
 from loft_probe.probe import attach
-from loft_probe.tasks import build_task
+from loft_probe.tasks import Task, build_task
 
 METHODS = ("full", "lora", "loft")
 LOFT_SWITCHES = ("alternating", "scale_gradients", "transport", "second_moment", "projected_update")
@@ -41,6 +41,7 @@ class RunConfig:
     task_options: dict[str, Any] = field(default_factory=dict)  # passed to build_task
     loft_options: dict[str, Any] = field(default_factory=dict)  # LoFT ablation switches (LOFT_SWITCHES)
     name: str | None = None  # run name in reports; default "<method>"
+    meta: dict[str, Any] = field(default_factory=dict)  # more meta.json fields (a sweep records its cell here)
 
 
 def check_config(config: RunConfig) -> None:
@@ -62,13 +63,16 @@ def check_config(config: RunConfig) -> None:
         raise ValueError(f"LoFT switches and max_grad_norm apply to method 'loft', not {config.method!r}")
 
 
-def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None) -> Path:
+def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None, task: Task | None = None) -> Path:
     """Train ``config.task`` with ``config.method`` and a probe; returns the run directory.
 
-    ``on_step(step, loss)`` is called after every optimizer step (progress bars).
+    ``on_step(step, loss)`` is called after every optimizer step (progress bars). ``task``: the task as
+    ``build_task(config.task, seed=config.seed, **config.task_options)`` returns it, with a model no run has
+    touched (a sweep's worker builds it once and passes copies); default: built here.
     """
     check_config(config)
-    task = build_task(config.task, seed=config.seed, **config.task_options)
+    if task is None:
+        task = build_task(config.task, seed=config.seed, **config.task_options)
     defaults = task.defaults
     steps = config.steps or defaults["steps"]
     lr = config.lr or defaults["lr"][config.method]
@@ -94,7 +98,8 @@ def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None) 
         optimizer = torch.optim.AdamW(params, lr=lr, **hyper)
 
     extra = {"task": {"name": config.task, "options": config.task_options, "steps": steps},
-             "rank": rank if config.method != "full" else None, "alpha": alpha if config.method != "full" else None}
+             "rank": rank if config.method != "full" else None, "alpha": alpha if config.method != "full" else None,
+             **config.meta}
     eval_steps = {max(1, round(steps * (i + 1) / config.evals)) for i in range(config.evals)}
     batches = task.batches(config.seed)
     with attach(model, optimizer, config.out, every=config.every, shadow=config.shadow,

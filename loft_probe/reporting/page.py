@@ -95,7 +95,7 @@ def md_table(table: pd.DataFrame) -> str:
 
 
 def html_page(intro: list[str], tables: list[tuple[str, pd.DataFrame, dict[str, str]]],
-              sections: list[Section], footer: str) -> str:
+              sections: list[Section], footer: str, heading: str = "loft-probe report") -> str:
     """The page: intro paragraphs, titled tables with their column legends, then the figure sections."""
     parts = [f"<p>{html.escape(line)}</p>" for line in intro]
     for title, table, legend in tables:
@@ -113,15 +113,15 @@ def html_page(intro: list[str], tables: list[tuple[str, pd.DataFrame, dict[str, 
             parts.append(f'<p class="note">{html.escape(section.note)}</p>')
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
-            f"<title>loft-probe report</title>\n<style>\n{STYLE}\n</style>\n</head>\n<body>\n"
-            f"<h1>loft-probe report</h1>\n" + "\n".join(parts) +
+            f"<title>{html.escape(heading)}</title>\n<style>\n{STYLE}\n</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(heading)}</h1>\n" + "\n".join(parts) +
             f"\n<footer><p>{html.escape(footer)}</p></footer>\n</body>\n</html>\n")
 
 
 def markdown_page(intro: list[str], tables: list[tuple[str, pd.DataFrame, dict[str, str]]],
-                  sections: list[Section], footer: str, figure_dir: str) -> str:
+                  sections: list[Section], footer: str, figure_dir: str, heading: str = "loft-probe report") -> str:
     """The same page in Markdown, its figures linked as `figure_dir`/<key>.png."""
-    parts = ["# loft-probe report"] + [md_escape(line) for line in intro]
+    parts = [f"# {md_escape(heading)}"] + [md_escape(line) for line in intro]
     for title, table, legend in tables:
         parts += [f"## {md_escape(title)}", md_table(table)]
         if legend:

@@ -200,9 +200,10 @@ class LoFT(torch.optim.Optimizer):
         B_moved = not group["alternating"] or int(state_B["phase"]) == 1  # the phase flipped after the step
         state = state_B if B_moved else state_A
         m = state["exp_avg"] if B_moved else state["exp_avg"].T  # (k, r)
-        first, second = F.reconstruct_moments(m, state["exp_avg_sq"], state["frame"], basis)
-        orthonormal = torch.linalg.qr(state["frame"].to(torch.float64)).Q if not group["projected_update"] \
-            else state["frame"]
+        frame = state["frame"]  # (l, r)
+        first, second = F.reconstruct_moments(m, state["exp_avg_sq"], frame, basis)
+        # the projected update's frame is already orthonormal; the factor-space ablation's is the raw partner
+        orthonormal = frame if group["projected_update"] else F.PartnerFrame(frame.T, group["partner_cutoff"]).basis
         if B_moved:
             return FullSpaceMoments(first, second, orthonormal, "B")
         return FullSpaceMoments(first.T, second.T, orthonormal, "A")

@@ -113,11 +113,12 @@ def full_layers() -> list[dict]:
             layer_meta("l2", (16, 12), "full")]
 
 
-def lora_run(tmp_path: Path, name: str, angles: dict, layers=None, **meta):
-    """A LoRA run with factors at `angles` {layer: (left θ, right θ)} and snapshots at steps 10, 20, 30."""
+def lora_run(tmp_path: Path, name: str, angles: dict, layers=None, extra=None, **meta):
+    """A LoRA run with factors at `angles` {layer: (left θ, right θ)} and snapshots at steps 10, 20, 30
+    (plus the `extra` {layer: tensors} in each)."""
     snapshots = {}
     for step in (*STEPS, 30):
-        snapshots[step] = {}
+        snapshots[step] = dict(extra or {})
         for layer, (left, right) in angles.items():
             B, A = adapter(layer, left, right)
             B = step / 20 * B
@@ -287,7 +288,8 @@ def test_refuses_meta_differences(tmp_path, meta, says):
 
 def test_refuses_layer_shape_and_skips_it_under_force(tmp_path):
     layers = [layer_meta("l0", (M, N + 1), "lora"), layer_meta("l1", (M, N), "lora")]
-    lora = lora_run(tmp_path, "lora", {"l0": ROTATED["l0"], "l1": ROTATED["l1"]}, layers=layers)
+    wide = torch.randn(M, N + 1, generator=gen(7), dtype=F64)  # l0 has another shape here: any ΔW of that shape
+    lora = lora_run(tmp_path, "lora", {"l1": ROTATED["l1"]}, layers=layers, extra={"l0": top(wide, 2 * R)})
     full = full_run(tmp_path)
     says = r"shape: layer 'l0' is \[24, 21\] in lora, \[24, 20\] in full"
     with pytest.raises(IncompatibleRunsError, match=says):

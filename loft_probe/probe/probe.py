@@ -581,6 +581,17 @@ class Probe:
             self._writing = False
             self._writer.release()
 
+    def abandon(self) -> None:
+        """Stops the probe without closing the run; a run directory this probe created is removed (a start
+        that failed leaves nothing behind). Used when training fails before its first step."""
+        atexit.unregister(self.close)
+        self._writing = False
+        if self._enabled:
+            self._enabled = False
+            self._remove_hooks()
+        if self._writer is not None:
+            self._writer.abandon()
+
     def __enter__(self) -> Probe:
         return self
 

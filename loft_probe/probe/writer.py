@@ -42,6 +42,7 @@ class RunWriter:
     def __init__(self, run_dir: Path, lock_fd: int, created: bool = False) -> None:
         self.run_dir = run_dir
         self.created = created  # this writer made the folder: a failed start removes it again
+        self.new_run = not (run_dir / "meta.json").exists()  # not a resume: a failed start removes its files
         self.token = rundir.new_token()  # this writer's part names: never those of another writer
         self._lock_fd: int | None = lock_fd
         self._tail: list[tuple[rundir.Part, int]] = []  # live parts in order, with their row counts
@@ -130,10 +131,19 @@ class RunWriter:
             self.release()
 
     def abandon(self) -> None:
-        """A start that failed: release the lock, and remove the folder if this writer created it."""
-        self.release()
+        """A start that failed: release the lock and remove what this writer wrote for a new run (the folder
+        too when it created it); a resumed run's directory is left as it was."""
+        if self._lock_fd is None:
+            return
         if self.created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        elif self.new_run:
+            for name in ("metrics", "snapshots"):
+                if (self.run_dir / name).is_dir() and not (self.run_dir / name).is_symlink():
+                    shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            for name in ("meta.json", "initial.safetensors", LOCK):
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.release()
 
     def release(self) -> None:
         """Gives the directory up without writing (what a process's death does)."""

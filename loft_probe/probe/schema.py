@@ -111,6 +111,8 @@ def _check_layers(meta: dict[str, Any]) -> None:
         if entry["kind"] == "lora" and rank is None:
             raise SchemaError(f"{where}.rank must be an integer for a 'lora' layer, got null")
         scale = entry.get("scale")
+        if entry["kind"] == "lora" and not (_number(scale) and scale > 0):
+            raise SchemaError(f"{where}.scale must be a number > 0 for a 'lora' layer, got {str(scale)[:80]}")
         if not (scale is None or (_number(scale) and scale > 0)):
             raise SchemaError(f"{where}.scale must be null or a number > 0, got {str(scale)[:80]}")
         if not (entry.get("fingerprint") is None or _text(entry["fingerprint"], 128)):

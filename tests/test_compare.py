@@ -421,3 +421,13 @@ def test_undefined_quantities_are_left_out(tmp_path):
     assert set(frame.metric) == {"angle_right_max", "angle_right_mean", "grassmann_right", "phi_right",
                                  "delta_rel_norm"}
     assert values(frame, "lora", "delta_rel_norm", 1) == {"l0": 0.0}
+
+
+def test_summarize_leaves_missing_values_out():
+    """A diverged run's loss gap is NaN: summarize still answers, with NaN and no worst layer where all are."""
+    frame = pd.DataFrame({"step": [5, 5, 5], "layer": ["", "l0", "l1"], "method": "lora", "kind": "lora",
+                          "reference": "full", "metric": ["loss_gap", "angle_left_max", "angle_left_max"],
+                          "value": [math.nan, math.nan, 0.3]})
+    summary = summarize(frame).set_index("metric")
+    assert math.isnan(summary.at["loss_gap", "median"]) and summary.at["loss_gap", "worst_layer"] == ""
+    assert summary.at["angle_left_max", "median"] == 0.3 and summary.at["angle_left_max", "worst_layer"] == "l1"

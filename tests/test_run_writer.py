@@ -343,3 +343,25 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing(tmp_path, monkeyp
         run(RunConfig(task="matfact", method="lora", out=tmp_path / "run", steps=3, every=1,
                       task_options={"m": 8, "n": 6, "target_rank": 2}))
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+def test_a_diverged_run_compares_and_is_diagnosed_as_diverged(tmp_path, uninterrupted):
+    """AdamW takes a NaN step at 6: every later weight is NaN. compare answers (missing values), diagnose
+    names the step and the layers, and the loss rows of each step are that step's own."""
+    from typer.testing import CliRunner
+
+    from loft_probe import cli
+
+    model, opt = setup("lora")
+    batches = [(x * float("nan") if step == 6 else x, y) for step, (x, y) in enumerate(data(), 1)]
+    with attach(model, opt, tmp_path / "lora", **OPTIONS) as probe:
+        train(model, opt, batches, probe)
+    loss = load_run(tmp_path / "lora").rows("loss").set_index("step")["value"]
+    assert loss[:5].notna().all() and loss[6:].isna().all()
+    result = CliRunner().invoke(cli.app, ["compare", str(uninterrupted["full"]), str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.stderr
+    result = CliRunner().invoke(cli.app, ["diagnose", str(tmp_path / "lora"), "--reference",
+                                          str(uninterrupted["full"])])
+    assert result.exit_code == 0 and "[warning] diverged: The run diverged at step 6, in layers 0, 2" in result.stdout
+    assert "No loss gap to close" not in result.stdout

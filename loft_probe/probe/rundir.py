@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from loft_probe.probe import schema
@@ -84,6 +86,7 @@ VERSION = 1
 RUN_LAYER = ""  # the layer name of run-level rows (loss, skipped steps)
 COLUMNS = ("step", "layer", "metric", "value")
 DTYPES = {"step": "int64", "layer": "string", "metric": "string", "value": "float64"}
+SCHEMA = pa.schema([("step", pa.int64()), ("layer", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
 _PART = re.compile(r"part-(\d{6,})(?:-(\d{6,})-([0-9a-f]{8}))?\.parquet")
 _SNAPSHOT = re.compile(r"step-(\d{9})\.safetensors")
 SNAPSHOT_WHATS = ("delta", "adapter", "shadow_m")  # "<layer>::<what>.<part>" in a snapshot file
@@ -131,9 +134,13 @@ def write_metrics_part(run_dir: Path, rows: list[tuple[int, str, str, float]] | 
     first = next_part_index(run_dir) if first is None else first
     last = first if last is None else last
     path = folder / f"part-{first:06d}-{last:06d}-{token or new_token()}.parquet"
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=list(COLUMNS))
-    frame = frame.astype(DTYPES)
-    atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+    if isinstance(rows, pd.DataFrame):
+        table = pa.Table.from_pandas(rows.astype(DTYPES), schema=SCHEMA, preserve_index=False)
+    else:  # straight to Arrow: a pandas round trip costs ten times the write itself
+        columns = list(zip(*rows, strict=True)) if rows else [[] for _ in COLUMNS]
+        table = pa.table([pa.array(column, type=field.type) for column, field in zip(columns, SCHEMA, strict=True)],
+                         schema=SCHEMA)
+    atomic_write(path, lambda p: pq.write_table(table, p))
     return path
 
 
@@ -246,27 +253,28 @@ def has_records(run_dir: Path) -> bool:
     return bool(list_parts(run_dir)) or bool(read_snapshot_steps(run_dir))
 
 
-def read_part(part: Part) -> pd.DataFrame:
-    """One part's rows, type-checked. FileNotFoundError when it is gone (compacted since it was listed)."""
+def read_part(part: Part) -> pa.Table:
+    """One part's rows as an Arrow table of :data:`SCHEMA`. FileNotFoundError when it is gone (compacted since
+    it was listed)."""
     data = read_regular(part.path, MAX_PART_BYTES)
     try:
-        frame = pd.read_parquet(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise RunDirError(f"{part.path}: unreadable metrics part ({type(exc).__name__})") from None
-    if tuple(frame.columns) != COLUMNS:
-        raise RunDirError(f"{part.path}: columns {list(frame.columns)[:8]}, expected {list(COLUMNS)}")
+    if tuple(table.column_names) != COLUMNS:
+        raise RunDirError(f"{part.path}: columns {table.column_names[:8]}, expected {list(COLUMNS)}")
     try:
-        return frame.astype(DTYPES)
-    except (ValueError, TypeError) as exc:
+        return table.cast(SCHEMA)
+    except (pa.ArrowException, ValueError, TypeError) as exc:
         raise RunDirError(f"{part.path}: metrics of the wrong type ({str(exc)[:120]})") from None
 
 
-def merge_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
+def merge_rows(tables: list[pa.Table]) -> pd.DataFrame:
     """Parts' rows in part order as one frame; a (step, layer, metric) recorded twice keeps the later row."""
-    frames = [frame for frame in frames if len(frame)]
-    if not frames:
+    tables = [table for table in tables if table.num_rows]
+    if not tables:
         return empty_metrics()
-    metrics = pd.concat(frames, ignore_index=True)
+    metrics = pa.concat_tables(tables).to_pandas(types_mapper={pa.string(): pd.StringDtype()}.get)
     return metrics.drop_duplicates(["step", "layer", "metric"], keep="last").reset_index(drop=True)
 
 

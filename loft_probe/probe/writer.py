@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 
 from loft_probe.probe import rundir
@@ -173,8 +174,8 @@ class RunWriter:
     def _drop_after(self, step: int) -> None:
         for later in [s for s in rundir.read_snapshot_steps(self.run_dir) if s > step]:
             rundir.snapshot_path(self.run_dir, later).unlink()
-        frames = [rundir.read_part(part) for part, _ in self._tail]
-        if any(len(frame) and frame["step"].max() > step for frame in frames):
+        tables = [rundir.read_part(part) for part, _ in self._tail]
+        if any(table.num_rows and pc.max(table["step"]).as_py() > step for table in tables):
             self._merge(len(self._tail), keep=lambda rows: rows[rows["step"] <= step])
 
     def _compact_due(self) -> bool:

@@ -222,6 +222,12 @@ def test_a_checkpoint_of_another_optimizer_or_learning_rate_is_refused(tmp_path)
     train(model, opt, data()[:4], attach(model, opt, tmp_path / "fast", every=2))
     with pytest.raises(RunDirError, match="hyperparameter lr is 0.01 there, 0.05 here"):
         attach(model, opt, tmp_path / "run", every=2)
+    model, opt = setup("lora")
+    train(model, opt, data()[:4], attach(model, opt, tmp_path / "same", every=2))
+    with pytest.raises(RunDirError, match="its schedule is 'every 2', this probe's 'every 3'"):
+        attach(model, opt, tmp_path / "run", every=3)
+    with pytest.raises(RunDirError, match="its name is 'run', this probe's 'other'"):
+        attach(model, opt, tmp_path / "run", every=2, name="other")
     assert load_run(tmp_path / "run").meta["method"] == "lora"  # not relabelled
 
 

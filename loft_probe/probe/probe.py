@@ -198,9 +198,9 @@ class Probe:
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "world_size": self.world, "closed": False, **extra_meta,
         }
-        if old is not None:
-            self._check_same_run(old, meta, start)
-            meta = {**meta, "created": old.get("created"), "closed": False}
+        if old is not None:  # the run's own meta goes on; what this probe was given must agree with it
+            self._check_same_run(old, meta, start, {"name": name, "seed": seed, "data_order": data_order})
+            meta = {key: value for key, value in old.items() if key != "last_step"} | extra_meta | {"closed": False}
         self.meta = meta
         if old is not None:
             self._writer.resume_from(start)
@@ -209,8 +209,9 @@ class Probe:
         self._writer.write_meta(meta)
         return start
 
-    def _check_same_run(self, old: dict[str, Any], new: dict[str, Any], start: int) -> None:
-        """One line naming what differs between the run in the directory and this probe's."""
+    def _check_same_run(self, old: dict[str, Any], new: dict[str, Any], start: int, given: dict[str, Any]) -> None:
+        """One line naming what differs between the run in the directory and this probe's: the base weights,
+        layers, optimizer and its hyperparameters, the recording options, and the labels given (None: the run's)."""
         where = f"{self.run_dir}: holds a different run"
         if old.get("fingerprint") != new["fingerprint"] or _without_fingerprints(old["layers"]) != \
                 _without_fingerprints(new["layers"]):
@@ -219,6 +220,11 @@ class Probe:
             if old.get(key) != new[key]:
                 raise rundir.RunDirError(f"{where}: its {key} is {old.get(key)!r}, this probe's {new[key]!r}; "
                                          "resume with the run's own optimizer, or choose another run_dir")
+        options = {key: new[key] for key in ("schedule", "snapshots", "snapshot_k", "shadow", "capture_grad")}
+        for key, value in [*options.items(), *((k, v) for k, v in given.items() if v is not None)]:
+            if key in old and old[key] != value:
+                raise rundir.RunDirError(f"{where}: its {key} is {old[key]!r}, this probe's {value!r}; resume "
+                                         "with the run's own options, or choose another run_dir")
         mine, theirs = _comparable(new["hyperparameters"], self.optimizer), _comparable(old.get("hyperparameters"))
         differ = sorted(key for key in mine.keys() | theirs.keys() if mine.get(key) != theirs.get(key))
         if differ:
@@ -574,7 +580,7 @@ class Probe:
         try:
             self._flush()
             self._writer.finish({**self.meta, "closed": True, "last_step": self.step})
-        except OSError as exc:
+        except (OSError, rundir.RunDirError) as exc:  # a disk full, or a part damaged under the running probe
             warnings.warn(f"loft_probe: could not finish writing {self.run_dir} ({exc})", ProbeWarning,
                           stacklevel=2)
         finally:
@@ -698,6 +704,10 @@ def _select_layers(model: nn.Module, patterns: str | Iterable[str] | None) -> li
     if not layers:
         raise ValueError(f"no layer to probe: the model has no trainable LoRA pair or 2-D weight matching "
                          f"{patterns!r}")
+    too_long = [layer.name for layer in layers if len(layer.name) > schema.MAX_LAYER_NAME]
+    if too_long:
+        raise ValueError(f"layer names must be at most {schema.MAX_LAYER_NAME} characters (meta.json's limit), "
+                         f"got one of {len(too_long[0])}: {too_long[0][:60]!r}...")
     sharded = [layer.name for layer in layers if is_sharded(layer.key_param)]
     if sharded:
         raise ValueError(f"the probe does not support FSDP-sharded parameters yet (layer {sharded[0]!r}); "

@@ -3,8 +3,9 @@ traceback, a hang, a wrong answer or terminal escape sequences written raw.
 
 Each case of the corpus below was reproduced against the readers before they checked their input (a
 RecursionError, TypeErrors, a LinAlgError, reading /dev/zero until out of memory, blocking on a FIFO, compare
-reading another run's snapshot through a link and reporting angle 0 and cosine 1). The hypothesis test of
-truncated, bit-flipped and garbage files is ``tests/test_properties.py``.
+reading another run's snapshot through a link and reporting angle 0 and cosine 1). Truncated, bit-flipped and
+garbage files: ``tests/test_properties.py`` through ``load_run``, and the hypothesis test at the end of this file
+through the command's readers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -259,3 +262,28 @@ def test_terminal_escapes_in_names_are_shown_escaped(tmp_path):
         result = CliRunner().invoke(cli.app, ["compare", str(tmp_path / "run"), str(tmp_path / "run")])
         assert_clean(result, "compare")  # two runs of one name: refused, the name escaped in the message
         assert "\\x1b]0;owned\\x07run" in result.stderr  # quoted with repr: escaped as well
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 1000), position=st.floats(0, 1), action=st.sampled_from(["truncate", "flip", "garbage"]),
+       data=st.binary(min_size=0, max_size=64))
+def test_damaged_files_through_the_commands(tmp_path_factory, runs, which, position, action, data):
+    """A truncated, bit-flipped or garbage file anywhere in the run: inspect, diagnose and compare read it or
+    give one line (the report reads through the same load_run and compare)."""
+    run_dir = tmp_path_factory.mktemp("fuzz") / "run"
+    shutil.copytree(runs["loft"], run_dir)
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
+    victim = files[which % len(files)]
+    content = victim.read_bytes()
+    cut = int(position * len(content))
+    if action == "truncate":
+        victim.write_bytes(content[:cut])
+    elif action == "flip" and content:
+        index = min(cut, len(content) - 1)
+        victim.write_bytes(content[:index] + bytes([content[index] ^ 0xFF]) + content[index + 1:])
+    else:
+        victim.write_bytes(data)
+    with deadline(READ_SECONDS):
+        for command, args in commands(run_dir, runs["full"], run_dir.parent / "report").items():
+            if command != "report":
+                assert_clean(CliRunner().invoke(cli.app, args), command)

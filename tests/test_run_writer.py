@@ -264,6 +264,19 @@ def test_compaction_keeps_parts_few_and_rows_whole(tmp_path, monkeypatch):
         run.metrics.sort_values(["step", "layer"]).reset_index(drop=True))
 
 
+def test_no_merge_outgrows_the_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "COMPACT_FANOUT", 2)
+    monkeypatch.setattr(writer_module, "MAX_MERGED_ROWS", 8)
+    meta = {"method": "other", "layers": [{"name": "l", "shape": [2, 2], "kind": "full"}]}
+    writer = _opened(tmp_path / "run").writer
+    writer.write_meta(meta)
+    for step in range(1, 21):
+        writer.append([(step, "", "loss", float(step)), (step, "l", "update_norm", 1.0)])
+    writer.finish(meta)
+    sizes = [rundir.read_part(part).num_rows for part in rundir.list_parts(tmp_path / "run")]
+    assert max(sizes) <= 8 and sum(sizes) == 40
+
+
 def test_parts_a_compaction_replaced_are_skipped_when_a_kill_left_them(tmp_path):
     """A merged part is renamed into place before the parts it replaces are removed: a kill in between
     leaves both, and readers take the merged one (here it dropped step 3, as a resume truncation does)."""

@@ -91,7 +91,7 @@ _PART = re.compile(r"part-(\d{6,})(?:-(\d{6,})-([0-9a-f]{8}))?\.parquet")
 _SNAPSHOT = re.compile(r"step-(\d{9})\.safetensors")
 SNAPSHOT_WHATS = ("delta", "adapter", "shadow_m")  # "<layer>::<what>.<part>" in a snapshot file
 # Size caps, checked (fstat) before a file is read: far above what a probe writes, far below a machine's memory.
-MAX_PART_BYTES = 1 << 30  # a compacted part of 100k steps × 20 metrics × 50 layers is ~0.5 GB
+MAX_PART_BYTES = 4 << 30  # the writer merges parts up to ~67M rows, ~0.5 GB (writer.MAX_MERGED_ROWS)
 MAX_SNAPSHOT_BYTES = 4 << 30  # 200 layers of 4096×4096 at k = 32 (U, Vh, the adapter, the shadow) ~0.5 GB
 MAX_INITIAL_BYTES = 64 << 30  # full fine-tuning's W0: the probed weights themselves
 

@@ -108,8 +108,9 @@ def _check_layers(meta: dict[str, Any]) -> None:
         rank = entry.get("rank")
         if not (rank is None or (_int(rank) and 1 <= rank <= min(shape))):
             raise SchemaError(f"{where}.rank must be null or an integer in [1, {min(shape)}], got {str(rank)[:80]}")
-        if entry["kind"] == "lora" and rank is None:
-            raise SchemaError(f"{where}.rank must be an integer for a 'lora' layer, got null")
+        if (entry["kind"] == "lora") != (rank is not None):
+            raise SchemaError(f"{where}.rank must be an integer for a 'lora' layer and null for a 'full' one, got "
+                              f"{rank} for {entry['kind']!r}")
         scale = entry.get("scale")
         if entry["kind"] == "lora" and not (_number(scale) and scale > 0):
             raise SchemaError(f"{where}.scale must be a number > 0 for a 'lora' layer, got {str(scale)[:80]}")

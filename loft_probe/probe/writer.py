@@ -9,9 +9,10 @@ the interrupted run recorded after the step it resumes from.
   one) is refused with one line naming the holder.
 - **Compaction.** Part ``i`` holds ``rows_i`` rows, at level ``floor(log16 rows_i)``. After each flush, the
   longest tail of parts at level ≤ L is merged into one part as soon as it has 16 parts (L = 0, 1, ...): a run
-  keeps at most ~16 parts per level (a few dozen for 10⁵ flushes), each row is rewritten once per level, and
-  :meth:`finish` leaves one part. A merged part is renamed into place before the parts it replaces are removed
-  (readers skip replaced parts that a kill left behind).
+  keeps fewer than 16 parts per level (a few dozen for 10⁵ flushes), each row is rewritten once per level, and
+  :meth:`finish` leaves one part (no merge makes a part of more than ``MAX_MERGED_ROWS`` rows). A merged part
+  is renamed into place before the parts it replaces are removed (readers skip replaced parts that a kill left
+  behind).
 - **Resume.** :meth:`resume_from` names the step the run continues from; before the first write the records
   after it (rows and snapshots of the interrupted run, which the resumed run records again) are dropped, by one
   merged part that replaces every earlier part.
@@ -35,6 +36,7 @@ from loft_probe.probe import rundir
 
 LOCK = ".lock"
 COMPACT_FANOUT = 16
+MAX_MERGED_ROWS = 1 << 26  # ~67M rows (~0.5 GB of Parquet): a merge stops there, far below the reader's size cap
 
 
 class RunWriter:
@@ -125,8 +127,9 @@ class RunWriter:
         """Compacts every part into one, writes the closing meta.json and releases the lock."""
         try:
             self._settle()
-            if len(self._tail) > 1:
-                self._merge(len(self._tail))
+            size = _fitting_tail([rows for _, rows in self._tail])
+            if size > 1:
+                self._merge(size)
             self.write_meta(meta)
         finally:
             self.release()
@@ -184,6 +187,7 @@ class RunWriter:
             size = 0
             while size < len(levels) and levels[-1 - size] <= level:
                 size += 1
+            size = min(size, _fitting_tail([rows for _, rows in self._tail]))
             if size >= COMPACT_FANOUT:
                 self._merge(size)
                 return True
@@ -231,6 +235,16 @@ def _row_count(part: rundir.Part) -> int:
         return pq.read_metadata(part.path).num_rows
     except Exception:  # a damaged part: count it as small; reading it says what is wrong
         return 0
+
+
+def _fitting_tail(rows: list[int]) -> int:
+    """How many of the last parts (row counts ``rows``) merge into one of at most MAX_MERGED_ROWS rows."""
+    total = size = 0
+    for count in reversed(rows):
+        if total + count > MAX_MERGED_ROWS:
+            break
+        total, size = total + count, size + 1
+    return size
 
 
 def _level(rows: int) -> int:

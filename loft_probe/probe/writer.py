@@ -13,9 +13,9 @@ the interrupted run recorded after the step it resumes from.
   :meth:`finish` leaves one part (no merge makes a part of more than ``MAX_MERGED_ROWS`` rows). A merged part
   is renamed into place before the parts it replaces are removed (readers skip replaced parts that a kill left
   behind).
-- **Resume.** :meth:`resume_from` names the step the run continues from; before the first write the records
-  after it (rows and snapshots of the interrupted run, which the resumed run records again) are dropped, by one
-  merged part that replaces every earlier part.
+- **Resume.** :meth:`resume_from` names the step the run continues from; before the next write the records
+  after it (rows and snapshots of the interrupted run, which the resumed run records again) are dropped: the
+  last parts holding later steps are merged, without those rows, into one part that replaces them.
 """
 
 from __future__ import annotations
@@ -177,9 +177,14 @@ class RunWriter:
     def _drop_after(self, step: int) -> None:
         for later in [s for s in rundir.read_snapshot_steps(self.run_dir) if s > step]:
             rundir.snapshot_path(self.run_dir, later).unlink()
-        tables = [rundir.read_part(part) for part, _ in self._tail]
-        if any(table.num_rows and pc.max(table["step"]).as_py() > step for table in tables):
-            self._merge(len(self._tail), keep=lambda rows: rows[rows["step"] <= step])
+        size = 0  # parts are in step order: the later records sit in the last parts, read from the end
+        while size < len(self._tail):
+            table = rundir.read_part(self._tail[-1 - size][0])
+            if not table.num_rows or pc.max(table["step"]).as_py() <= step:
+                break
+            size += 1
+        if size:
+            self._merge(size, keep=lambda rows: rows[rows["step"] <= step])
 
     def _compact_due(self) -> bool:
         levels = [_level(rows) for _, rows in self._tail]

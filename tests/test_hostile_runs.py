@@ -166,6 +166,9 @@ CORPUS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
 }
 
 
+REPORTED_SNAPSHOT_CASE = "a snapshot linked to another run's"  # the one that used to give a wrong answer
+
+
 @contextmanager
 def deadline(seconds: int):
     """SIGALRM after `seconds`: a reader blocked on a FIFO or reading forever fails the test instead of hanging."""
@@ -217,6 +220,8 @@ def test_every_reader_gives_one_line_naming_the_damage(tmp_path, runs, case):
         message = str(info.value)
         assert says in message and str(run_dir) in message and "\n" not in message and len(message) < 400
         for command, args in commands(run_dir, runs["full"], tmp_path / "report").items():
+            if command == "report" and "snapshot" in case and case != REPORTED_SNAPSHOT_CASE:
+                continue  # the report reads snapshots through compare, as above: one case shows it (figures: slow)
             result = CliRunner().invoke(cli.app, args)
             assert_clean(result, command)
             if "snapshot" in case and command == "inspect":

@@ -18,13 +18,16 @@ import warnings
 import typer
 from typer.core import TyperGroup
 
+from .render import escape_controls
+
 EXIT_CODE = 2  # the code typer uses for usage errors: what was asked for cannot be done
 MAPPED = (ValueError, ModuleNotFoundError, OSError)
 
 
 def one_line(message: object) -> str:
-    """A message on one line: a message wrapped by a third party (pyarrow) may span several."""
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    """A message on one line, control characters escaped: a message wrapped by a third party (pyarrow) may
+    span several, and one quoting a run's names may hold terminal escape sequences."""
+    return escape_controls(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
 
 
 class OneLineErrors(TyperGroup):

@@ -157,7 +157,7 @@ def report(
     Example: loft-probe report runs/demo/full runs/demo/lora runs/demo/loft --out runs/demo/report
     """
     page = _write_report([load_run(path) for path in runs], out, reference)
-    typer.echo(f"Report: {page} and {page.with_name('report.md')}")
+    typer.echo(render.escape_controls(f"Report: {page} and {page.with_name('report.md')}"))
 
 
 @app.command()
@@ -181,14 +181,15 @@ def compare(
 
     frame = compare_runs([load_run(path) for path in runs], reference=reference, force=force)
     if output is Format.csv:
-        typer.echo(frame.to_csv(index=False), nl=False)
+        typer.echo(render.escape_controls(frame.to_csv(index=False)), nl=False)
     elif output is Format.json:
-        typer.echo(frame.to_json(orient="records", indent=2))
+        typer.echo(render.escape_controls(frame.to_json(orient="records", indent=2)))
     else:
         console = Console()
         for (method, ref), rows in summarize(frame).groupby(["method", "reference"], sort=False):
             title = f"{method} against {ref}" if method != ref else f"{method} (the reference)"
-            console.print(render.table(rows.drop(columns=["method", "kind", "reference"]), title=title))
+            console.print(render.table(rows.drop(columns=["method", "kind", "reference"]),
+                                       title=render.escape_controls(title)))
 
 
 @app.command("diagnose")
@@ -202,7 +203,7 @@ def diagnose_command(
     Example: loft-probe diagnose runs/demo/lora --reference runs/demo/full
     """
     findings = diagnose(load_run(run_dir), reference=load_run(reference) if reference is not None else None)
-    typer.echo(findings_to_json(findings) if json else format_findings(findings))
+    typer.echo(render.escape_controls(findings_to_json(findings) if json else format_findings(findings)))
 
 
 @app.command()
@@ -211,7 +212,7 @@ def inspect(run_dir: RunDir):
 
     Example: loft-probe inspect runs/demo/loft
     """
-    typer.echo(describe_run(load_run(run_dir)))
+    typer.echo(render.escape_controls(describe_run(load_run(run_dir))))
 
 
 app.command("sweep")(sweeps.sweep_command)

@@ -6,6 +6,7 @@ Presentation only: the numbers come from the library (`compare.summarize`, `diag
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -52,4 +53,14 @@ def _cell(value: object) -> Text:
     """A cell as plain Text: a layer or run name with brackets must not be read as rich markup."""
     if isinstance(value, float):
         return Text("" if math.isnan(value) else f"{value:.4g}")
-    return Text(str(value))
+    return Text(escape_controls(str(value)))
+
+
+# C0 and C1 control characters but newline and tab, DEL, and the bidirectional overrides that reorder a line.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    r"""Text safe for a terminal: a control character from a run directory (a layer named "\x1b[2J" would clear
+    the screen) is shown as its escape, ``\u001b``, which is also a valid JSON string escape."""
+    return _CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)

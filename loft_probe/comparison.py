@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -430,7 +431,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         worst_layer, worst): step is the last step of the group (for an adapter run the last step it
         shares with the reference), layers the number of layers there, worst_layer / worst the layer
         with the largest value where `WORSE_IS_HIGHER` says True, the smallest where False, none (an
-        empty name and NaN) where None. Ties go to the first layer in frame order.
+        empty name and NaN) where None. Ties go to the first layer in frame order. Missing values (NaN: a
+        diverged run's loss gap) are left out of the median and the worst layer; all missing gives NaN.
     """
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
@@ -443,8 +445,10 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             ["method", "kind", "reference", "metric"], sort=False):
         last = group[group["step"] == group["step"].max()]
         higher = WORSE_IS_HIGHER[metric]
-        worst = None if higher is None else last["value"].idxmax() if higher else last["value"].idxmin()
+        finite = last["value"][np.isfinite(last["value"].to_numpy(dtype="float64"))]  # NaN: missing, never worst
+        worst = None if higher is None or not len(finite) else finite.idxmax() if higher else finite.idxmin()
         rows.append((method, kind, reference, metric, int(last["step"].iloc[0]), len(last),
-                     float(last["value"].median()), "" if worst is None else last.at[worst, "layer"],
+                     float(finite.median()) if len(finite) else float("nan"),
+                     "" if worst is None else last.at[worst, "layer"],
                      float("nan") if worst is None else float(last.at[worst, "value"])))
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))

@@ -15,6 +15,9 @@ fine-tuning run of the same task and seed), the loss gap and the reference's int
 finding says which switch records them; a run with no rows at all gets only that finding.
 
 Findings (code: when):
+    diverged              warning  the loss or an update is NaN/Inf at the run's last recorded steps: the run
+                                   diverged at step k (named, with its layers); every other finding predates it
+    nonfinite_steps       warning  NaN/Inf gradients, losses or skipped steps at some steps, finite again later
     not_recorded          info     a check was skipped for lack of metrics (no shadow, no gradient capture, ...)
     update_misaligned     warning  layers whose update points away from the shadow full fine-tuning step
     rank_too_low          warning  the tangent residual is high in most adapter layers: the run's rank limits it
@@ -113,7 +116,8 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
     frame = None
     if reference is not None:
         frame = compare([run, reference], reference=reference)
-    findings = _not_recorded(run, late)
+    findings = _nonfinite(run)
+    findings += _not_recorded(run, late)
     findings += _update_alignment(late)
     findings += _gap_source(run, late)
     findings += _factor_moments(run, late)
@@ -192,6 +196,54 @@ def _ranks(run: Run) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _nonfinite(run: Run) -> list[Finding]:
+    """Where the record holds NaN/Inf (a value, a ``nonfinite_grad`` or ``skipped_step`` flag): the first step,
+    its layers, and whether the run is still non-finite at its last recorded step (diverged) or recovered."""
+    metrics = run.metrics
+    values = metrics["value"].to_numpy(dtype="float64")
+    flagged = ~np.isfinite(values) | (metrics["metric"].isin(["nonfinite_grad", "skipped_step"]).to_numpy()
+                                      & (values != 0))
+    if not flagged.any():
+        return []
+    bad = metrics[flagged]
+    first = int(bad["step"].min())
+    at_first = bad[bad["step"] == first]
+    layers = sorted({str(layer) for layer in at_first["layer"] if layer != RUN_LAYER})
+    where = f", in layer{'s' * (len(layers) > 1)} {_names(layers)}" if layers else ""
+    what = ", ".join(sorted(set(at_first["metric"].astype(str))))
+    evidence: dict[str, float | str] = {"first_step": float(first), "steps": float(bad["step"].nunique()),
+                                        "metrics": what, "layers": ", ".join(layers[:WORST_SHOWN])}
+    last = int(metrics["step"].max())
+    last_rows = metrics[metrics["step"] == last]
+    last_values = last_rows["value"].to_numpy(dtype="float64")
+    if not np.isfinite(last_values).all() or _last_loss_nonfinite(run):
+        evidence["last_step"] = float(last)
+        return [Finding(
+            "diverged", "warning",
+            f"The run diverged at step {first}{where} ({what} not finite); it is still not finite at its last "
+            f"recorded step {last}: findings from late medians describe the steps before it.",
+            evidence, "Lower the learning rate, clip gradients (LoFT: max_grad_norm), or check the data of step "
+                      f"{first}; resume from a checkpoint taken before step {first}.")]
+    return [Finding(
+        "nonfinite_steps", "warning",
+        f"NaN/Inf at {int(evidence['steps'])} recorded step(s), the first at step {first}{where} ({what}); the "
+        "later steps are finite again.",
+        evidence, "Skipped steps and gradients kept out of the shadow change the comparison little; if they "
+                  "repeat, lower the learning rate or check the data of those steps.")]
+
+
+def _last_loss_nonfinite(run: Run) -> bool:
+    loss = run.rows("loss", [RUN_LAYER])
+    if not len(loss):
+        return False
+    return not math.isfinite(float(loss.loc[loss["step"].idxmax(), "value"]))
+
+
+def _names(layers: list[str]) -> str:
+    shown = ", ".join(layers[:WORST_SHOWN])
+    return shown + (f" and {len(layers) - WORST_SHOWN} more" if len(layers) > WORST_SHOWN else "")
+
+
 def _not_recorded(run: Run, late: _LateMedians | None) -> list[Finding]:
     """One info finding naming the checks skipped for lack of metrics, and the switch that records them."""
     if late is None or not len(run.metrics):
@@ -402,13 +454,21 @@ def _loss_gap(run: Run, reference: Run | None, frame: pd.DataFrame | None) -> li
     late = gaps.iloc[len(gaps) - math.ceil(len(gaps) / 3):]
     ref_loss = reference.rows("loss", [RUN_LAYER])
     ref_loss = ref_loss[ref_loss["step"].isin(late["step"])]
+    span = f"steps {int(late['step'].iloc[0])}–{int(late['step'].iloc[-1])}"
+    nonfinite = int((~np.isfinite(late["value"].to_numpy(dtype="float64"))).sum())
+    if nonfinite:  # a NaN loss is a finding of its own, never a gap "within 10%"
+        return [Finding("loss_gap", "warning",
+                        f"The training loss gap to {reference.name} is not finite at {nonfinite} of {len(late)} "
+                        f"steps over {span}: no loss comparison is possible.",
+                        {"reference": reference.name, "from_step": float(late["step"].iloc[0]),
+                         "to_step": float(late["step"].iloc[-1]), "nonfinite_steps": float(nonfinite)},
+                        "See the divergence finding; compare the runs at steps before it.")]
     gap, ref_mean = float(late["value"].mean()), float(ref_loss["value"].mean())
     relative = gap / abs(ref_mean) if ref_mean else (math.inf if gap > 0 else 0.0)
     evidence: dict[str, float | str] = {
         "reference": reference.name, "from_step": float(late["step"].iloc[0]), "to_step": float(late["step"].iloc[-1]),
         "loss": ref_mean + gap, "reference_loss": ref_mean, "gap": gap, "relative_gap": relative,
         "relative_gap_max": LOSS_GAP_REL_MAX, **_last_common_eval(run, reference)}
-    span = f"steps {int(late['step'].iloc[0])}–{int(late['step'].iloc[-1])}"
     if relative > LOSS_GAP_REL_MAX:
         return [Finding("loss_gap", "warning",
                         f"Training loss {ref_mean + gap:.3g} against {reference.name}'s {ref_mean:.3g} over {span} "

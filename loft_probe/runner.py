@@ -52,6 +52,8 @@ def check_config(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {config.seed!r}")
     for name in ("lr", "alpha", "max_grad_norm"):
         value = getattr(config, name)
         if value is not None and not value > 0:
@@ -105,15 +107,20 @@ def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None, 
     with attach(model, optimizer, config.out, every=config.every, shadow=config.shadow,
                 layers=layer_names, seed=config.seed, data_order=f"{config.task}:seed={config.seed}",
                 name=config.name or config.method, extra_meta=extra) as probe:
-        probe.log(**{f"eval_{k}": v for k, v in task.evaluate(model).items()})  # step 0: the start
-        for step in range(1, steps + 1):
-            optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model, next(batches))
-            loss.backward()
-            optimizer.step()
-            probe.log(loss=loss.item())
-            if step in eval_steps:
-                probe.log(**{f"eval_{k}": v for k, v in task.evaluate(model).items()})
-            if on_step is not None:
-                on_step(step, loss.item())
+        try:
+            probe.log(**{f"eval_{k}": v for k, v in task.evaluate(model).items()})  # step 0: the start
+            for step in range(1, steps + 1):
+                optimizer.zero_grad(set_to_none=True)
+                loss = task.loss(model, next(batches))
+                loss.backward()
+                optimizer.step()
+                probe.log(loss=loss.item())
+                if step in eval_steps:
+                    probe.log(**{f"eval_{k}": v for k, v in task.evaluate(model).items()})
+                if on_step is not None:
+                    on_step(step, loss.item())
+        except BaseException:
+            if probe.step == 0:  # failed before its first step: no "closed" run that blocks a rerun
+                probe.abandon()
+            raise
     return Path(config.out)

@@ -170,6 +170,10 @@ def test_incompatible_runs(runs, tmp_path):
     (("run", "digits", "-m", "lora", "--rank", "0"), ("rank must be",)),
     (("run", "digits", "-m", "lora", "--option", "nokey"), ("KEY=VALUE",)),
     (("run", "digits", "-m", "lora", "--option", "bogus=1", "--steps", "1"), ("unknown option(s) ['bogus']",)),
+    (("run", "digits", "-m", "lora", "-o", "hidden=abc"), ("option hidden of task 'digits' must be an int, "
+                                                           "got 'abc'",)),
+    (("run", "digits", "-m", "lora", "-o", "batch_size=1.5"), ("option batch_size", "must be an int, got 1.5")),
+    (("run", "digits", "-m", "lora", "--seed", "-1"), ("seed must be an integer >= 0, got -1",)),
 ])
 def test_bad_arguments(tmp_path, args, fragments):
     out = tmp_path / "run"

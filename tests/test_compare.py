@@ -113,11 +113,12 @@ def full_layers() -> list[dict]:
             layer_meta("l2", (16, 12), "full")]
 
 
-def lora_run(tmp_path: Path, name: str, angles: dict, layers=None, **meta):
-    """A LoRA run with factors at `angles` {layer: (left θ, right θ)} and snapshots at steps 10, 20, 30."""
+def lora_run(tmp_path: Path, name: str, angles: dict, layers=None, extra=None, **meta):
+    """A LoRA run with factors at `angles` {layer: (left θ, right θ)} and snapshots at steps 10, 20, 30
+    (plus the `extra` {layer: tensors} in each)."""
     snapshots = {}
     for step in (*STEPS, 30):
-        snapshots[step] = {}
+        snapshots[step] = dict(extra or {})
         for layer, (left, right) in angles.items():
             B, A = adapter(layer, left, right)
             B = step / 20 * B
@@ -287,7 +288,8 @@ def test_refuses_meta_differences(tmp_path, meta, says):
 
 def test_refuses_layer_shape_and_skips_it_under_force(tmp_path):
     layers = [layer_meta("l0", (M, N + 1), "lora"), layer_meta("l1", (M, N), "lora")]
-    lora = lora_run(tmp_path, "lora", {"l0": ROTATED["l0"], "l1": ROTATED["l1"]}, layers=layers)
+    wide = torch.randn(M, N + 1, generator=gen(7), dtype=F64)  # l0 has another shape here: any ΔW of that shape
+    lora = lora_run(tmp_path, "lora", {"l1": ROTATED["l1"]}, layers=layers, extra={"l0": top(wide, 2 * R)})
     full = full_run(tmp_path)
     says = r"shape: layer 'l0' is \[24, 21\] in lora, \[24, 20\] in full"
     with pytest.raises(IncompatibleRunsError, match=says):
@@ -419,3 +421,13 @@ def test_undefined_quantities_are_left_out(tmp_path):
     assert set(frame.metric) == {"angle_right_max", "angle_right_mean", "grassmann_right", "phi_right",
                                  "delta_rel_norm"}
     assert values(frame, "lora", "delta_rel_norm", 1) == {"l0": 0.0}
+
+
+def test_summarize_leaves_missing_values_out():
+    """A diverged run's loss gap is NaN: summarize still answers, with NaN and no worst layer where all are."""
+    frame = pd.DataFrame({"step": [5, 5, 5], "layer": ["", "l0", "l1"], "method": "lora", "kind": "lora",
+                          "reference": "full", "metric": ["loss_gap", "angle_left_max", "angle_left_max"],
+                          "value": [math.nan, math.nan, 0.3]})
+    summary = summarize(frame).set_index("metric")
+    assert math.isnan(summary.at["loss_gap", "median"]) and summary.at["loss_gap", "worst_layer"] == ""
+    assert summary.at["angle_left_max", "median"] == 0.3 and summary.at["angle_left_max", "worst_layer"] == "l1"

@@ -369,3 +369,30 @@ def test_headline_of_real_run(digits_runs):
     numbers = headline(digits_runs["loft"])
     assert numbers["name"] == "loft" and numbers["last_step"] == 30
     assert 0 <= numbers["eval_accuracy"] <= 1 and -1 <= numbers["update_cosine"] <= 1 and numbers["loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- non-finite runs
+def test_a_diverged_run_is_a_finding_never_a_pass(tmp_path):
+    """NaN loss from step 21 and NaN updates in l1 from step 25: "diverged at step 21", and no loss gap "within
+    10%" computed from NaN."""
+    adapter = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, loss=1.0)
+    write_metrics_part(tmp_path / "lora", [(t, "", "loss", math.nan) for t in range(21, 31)]
+                       + [(t, "l1", "update_norm", math.nan) for t in (25, 30)])
+    adapter = load_run(tmp_path / "lora")
+    full = write_run(tmp_path / "full", "full", late={}, snapshot=SNAPSHOT, loss=1.0)
+    findings = diagnose(adapter, reference=full)
+    assert codes(findings)[0] == "diverged"
+    diverged = only(findings, "diverged")
+    assert diverged.severity == "warning" and "diverged at step 21" in diverged.title
+    assert diverged.evidence["first_step"] == 21 and diverged.evidence["last_step"] == 30
+    gap = only(findings, "loss_gap")
+    assert gap.severity == "warning" and "not finite" in gap.title and "No loss gap" not in gap.suggestion
+    json.loads(findings_to_json(findings))  # evidence stays valid JSON
+
+
+def test_nonfinite_steps_the_run_recovered_from_are_named(tmp_path):
+    run_ = write_run(tmp_path / "loft", "loft", late=HEALTHY, snapshot=SNAPSHOT, loss=1.0)
+    write_metrics_part(tmp_path / "loft", [(7, "", "skipped_step", 1.0), (7, "", "loss", math.nan)])
+    finding = only(diagnose(load_run(tmp_path / "loft")), "nonfinite_steps")
+    assert finding.severity == "warning" and "first at step 7" in finding.title
+    assert not any(f.code == "diverged" for f in diagnose(run_))  # the run before the damage: nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import textwrap
 import time
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 from torch.testing import assert_close
@@ -50,6 +52,14 @@ def train(model, optimizer, data, probe=None):
         optimizer.step()
         if probe is not None:
             probe.log(loss=loss.item())
+
+
+def crash(probe) -> None:
+    """What a SIGKILL does to a probe: nothing more is written, and its process's lock goes with it."""
+    atexit.unregister(probe.close)
+    probe._writing = False
+    probe._remove_hooks()
+    probe._writer.release()
 
 
 @pytest.fixture(autouse=True)
@@ -339,7 +349,7 @@ def test_checkpoint_resume_continues_the_record_exactly(tmp_path):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "probe": probe.state_dict()},
                tmp_path / "ckpt.pt")
     probe._flush()  # a crash right after the checkpoint: nothing else written, the probe is never closed
-    probe._remove_hooks()
+    crash(probe)
 
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model = lora_mlp(seed=0)
@@ -362,7 +372,7 @@ def test_nonfinite_gradient_is_recorded_and_kept_out_of_the_shadow(tmp_path):
     data = batches(4)
     x, y = data[2]
     bad = (x.clone().index_fill_(1, torch.tensor([0]), float("nan")), y)  # every gradient becomes NaN
-    # LoFT skips the step: the probe records the skip and does not count it as a step.
+    # LoFT skips the step: the probe records the skip as step 3, with its own (NaN) loss, and feeds no shadow.
     model = lora_mlp()
     opt = LoFT.from_model(model, lr=1e-2)
     probe = attach(model, opt, tmp_path / "loft", every=1, shadow=True)
@@ -371,12 +381,15 @@ def test_nonfinite_gradient_is_recorded_and_kept_out_of_the_shadow(tmp_path):
     train(model, opt, [bad], probe)
     for layer, (exp_avg, step) in zip(probe.layers, shadows, strict=True):
         assert torch.equal(layer.shadow.exp_avg, exp_avg) and layer.shadow.step == step
-    assert probe.step == 2
+    assert probe.step == 3
     train(model, opt, data[3:], probe)
     probe.close()
     metrics = load_run(tmp_path / "loft").metrics
     assert metrics.query("metric == 'skipped_step'")[["step", "layer"]].values.tolist() == [[3, ""]]
-    assert torch.isfinite(torch.tensor(metrics.query("step == 3 and layer != ''").value.to_numpy())).all()
+    loss = metrics.query("metric == 'loss'").set_index("step")["value"]
+    assert sorted(loss.index) == [1, 2, 3, 4] and loss[[1, 2, 4]].notna().all() and pd.isna(loss[3])
+    assert metrics.query("step == 3 and layer != ''").empty  # nothing moved: no layer rows at the skipped step
+    assert torch.isfinite(torch.tensor(metrics.query("step == 4 and layer != ''").value.to_numpy())).all()
     # AdamW takes the step: the probe flags each layer's gradient and keeps it out of the shadow.
     model = lora_mlp()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

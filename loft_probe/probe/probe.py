@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import fnmatch
 import hashlib
+import json
+import math
 import time
 import traceback
 import warnings
@@ -28,11 +30,12 @@ from loft_probe import metrics as M
 from loft_probe.lora import LoraPair, lora_pairs
 from loft_probe.optim import LoFT
 from loft_probe.optim.loft import compute_dtype, is_sharded
-from loft_probe.probe import measure, rundir
+from loft_probe.probe import measure, rundir, schema
 from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.layouts import layout_of
 from loft_probe.probe.schedule import Schedule, as_schedule, every
 from loft_probe.probe.shadow import ShadowAdamW
+from loft_probe.probe.writer import RunWriter
 
 INTRUDER_K = 10  # top singular vectors of the tuned weight checked for intruders (Shuttleworth et al.)
 INTRUDER_MODES = ("last", "all", "none")  # intruder counts at the last step, at every snapshot, never
@@ -115,6 +118,7 @@ class Probe:
             raise ValueError(f"intruders must be one of {INTRUDER_MODES}, got {intruders!r}")
         if shadow_dtype not in (None, torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"shadow_dtype must be None, float32, bfloat16 or float64, got {shadow_dtype}")
+        _check_labels(seed, data_order, name, extra_meta)
         model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel wrap the model
         self.model, self.optimizer, self.grad_scaler = model, optimizer, grad_scaler
         self.run_dir = Path(run_dir)
@@ -127,11 +131,18 @@ class Probe:
         for layer in self.layers:
             if id(layer.key_param) not in self._groups:
                 raise ValueError(f"layer {layer.name!r} is not optimized by the given optimizer")
+        _check_groups(optimizer, self.layers, self._groups, shadow)
         self.shadow_requested = shadow
-        self._prepare_layers(capture_grad, shadow, shadow_dtype)
-        self.step = self._open_run_dir(seed, data_order, name, shadow, capture_grad, extra_meta or {})
-        self._next_part = rundir.next_part_index(self.run_dir) if self.rank == 0 else 0
         self._rows: list[tuple[int, str, str, float]] = []
+        # Rank 0 alone writes (under DDP the other ranks only join the all-reduce): it alone takes the lock.
+        self._writer = RunWriter.open(self.run_dir) if self.rank == 0 else None
+        try:
+            self._prepare_layers(capture_grad, shadow, shadow_dtype)
+            self.step = self._open_run_dir(seed, data_order, name, shadow, capture_grad, extra_meta or {})
+        except BaseException:
+            if self._writer is not None:
+                self._writer.abandon()  # a failed start leaves nothing behind
+            raise
         self._warned: set[str] = set()
         self._enabled = True  # hooks installed
         self._writing = True  # rank 0 measures and writes; off after an error (the hooks may stay, for DDP)
@@ -153,34 +164,32 @@ class Probe:
                 layer.base_norm = float(layer.pair.base_weight().float().norm())
                 if capture_grad:
                     layer.capture = GradCapture(layer.pair.module, layer.shape, dtype)
-            else:
-                layer.base_norm = float(layer.param.detach().float().norm())
             if shadow and self.rank == 0:
                 layer.shadow = ShadowAdamW(layer.shape, dtype, device, shadow_dtype)
 
     def _open_run_dir(self, seed, data_order, name, shadow, capture_grad, extra_meta) -> int:
-        """Creates the run directory, or re-opens one of the same run to append; returns the start step."""
-        fingerprint, layer_fingerprints = self._fingerprints()
+        """Creates the run directory, or re-opens one of the same run to continue it; returns the start step.
+
+        A re-opened run must be the same run: the same base weights (a dense layer's W_0 is read back from
+        initial.safetensors), layers, optimizer class and hyperparameters; anything else is refused."""
+        if self._writer is None:  # another rank: only the step (every rank's schedule must agree) is needed
+            self.meta = {}
+            return _optimizer_step(self.optimizer) if (self.run_dir / "meta.json").exists() else 0
+        old = self._writer.existing_meta()
+        start = _optimizer_step(self.optimizer) if old is not None else 0
+        if self._has_dense_layers():
+            initial = ({layer.name: self._writer.initial_weight(layer.name) for layer in self.layers
+                        if layer.pair is None} if old is not None else None)
+            for layer in self.layers:
+                if layer.pair is None:
+                    W0 = initial[layer.name] if initial is not None else layer.param.detach()
+                    layer.base_norm = float(W0.float().norm())  # from W_0 itself, also on a resume
+        fingerprint, layer_fingerprints = self._fingerprints(old is not None)
         layer_table = [{"name": layer.name, "shape": list(layer.shape), "kind": layer.kind,
                         "rank": layer.pair.rank if layer.pair else None,
                         "scale": layer.pair.scale if layer.pair else None,
                         "fingerprint": layer_fingerprints[layer.name]} for layer in self.layers]
-        start = 0
-        if (self.run_dir / "meta.json").exists():
-            old = rundir.read_meta(self.run_dir)
-            start = _optimizer_step(self.optimizer)
-            # A fully fine-tuned weight has moved since W_0: mid-run, only the layer table can be checked.
-            same_base = old.get("fingerprint") == fingerprint or (start > 0 and self._has_dense_layers())
-            if not same_base or _without_fingerprints(old.get("layers")) != _without_fingerprints(layer_table):
-                raise rundir.RunDirError(f"{self.run_dir}: holds a different run (base weights or layers "
-                                         "differ); choose another run_dir")
-            if start == 0 and rundir.has_records(self.run_dir):
-                raise rundir.RunDirError(f"{self.run_dir}: already holds this run's records; to resume, attach "
-                                         "with the optimizer restored from a checkpoint, or choose another run_dir")
-            fingerprint, layer_table = old["fingerprint"], old["layers"]
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise rundir.RunDirError(f"{self.run_dir}: exists and is not a run directory; choose another")
-        self.meta = {
+        meta = {
             "name": name or self.run_dir.name, "method": self.method,
             "optimizer": type(self.optimizer).__name__, "hyperparameters": _hyperparameters(self.optimizer),
             "seed": seed, "data_order": data_order, "fingerprint": fingerprint, "layers": layer_table,
@@ -189,39 +198,64 @@ class Probe:
             "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "world_size": self.world, "closed": False, **extra_meta,
         }
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if start == 0 and self._has_dense_layers():
-                self._write_initial_weights()
-            rundir.write_meta(self.run_dir, self.meta)
+        if old is not None:  # the run's own meta goes on; what this probe was given must agree with it
+            self._check_same_run(old, meta, start, {"name": name, "seed": seed, "data_order": data_order})
+            meta = {key: value for key, value in old.items() if key != "last_step"} | extra_meta | {"closed": False}
+        self.meta = meta
+        if old is not None:
+            self._writer.resume_from(start)
+        elif self._has_dense_layers():
+            self._writer.write_initial({layer.name: layer.param for layer in self.layers if layer.pair is None})
+        self._writer.write_meta(meta)
         return start
+
+    def _check_same_run(self, old: dict[str, Any], new: dict[str, Any], start: int, given: dict[str, Any]) -> None:
+        """One line naming what differs between the run in the directory and this probe's: the base weights,
+        layers, optimizer and its hyperparameters, the recording options, and the labels given (None: the run's)."""
+        where = f"{self.run_dir}: holds a different run"
+        if old.get("fingerprint") != new["fingerprint"] or _without_fingerprints(old["layers"]) != \
+                _without_fingerprints(new["layers"]):
+            raise rundir.RunDirError(f"{where} (base weights or layers differ); choose another run_dir")
+        for key in ("method", "optimizer"):
+            if old.get(key) != new[key]:
+                raise rundir.RunDirError(f"{where}: its {key} is {old.get(key)!r}, this probe's {new[key]!r}; "
+                                         "resume with the run's own optimizer, or choose another run_dir")
+        options = {key: new[key] for key in ("schedule", "snapshots", "snapshot_k", "shadow", "capture_grad")}
+        for key, value in [*options.items(), *((k, v) for k, v in given.items() if v is not None)]:
+            if key in old and old[key] != value:
+                raise rundir.RunDirError(f"{where}: its {key} is {old[key]!r}, this probe's {value!r}; resume "
+                                         "with the run's own options, or choose another run_dir")
+        mine, theirs = _comparable(new["hyperparameters"], self.optimizer), _comparable(old.get("hyperparameters"))
+        differ = sorted(key for key in mine.keys() | theirs.keys() if mine.get(key) != theirs.get(key))
+        if differ:
+            key = differ[0]
+            raise rundir.RunDirError(f"{where}: hyperparameter {key} is {theirs.get(key)!r} there, "
+                                     f"{mine.get(key)!r} here; resume with the run's own optimizer settings, "
+                                     "or choose another run_dir")
+        if start == 0 and rundir.has_records(self.run_dir):
+            raise rundir.RunDirError(f"{self.run_dir}: already holds this run's records; to resume, attach "
+                                     "with the optimizer restored from a checkpoint, or choose another run_dir")
 
     def _has_dense_layers(self) -> bool:
         return any(layer.pair is None for layer in self.layers)
 
-    def _fingerprints(self) -> tuple[str, dict[str, str]]:
-        """sha256 of each probed layer's base weight (W_0; the frozen base of LoRA), and of all of them."""
+    def _fingerprints(self, resuming: bool) -> tuple[str, dict[str, str]]:
+        """sha256 of each probed layer's base weight (W_0: a LoRA layer's frozen base; a dense layer's weight at
+        attach time, read back from initial.safetensors on a resume), and of all of them."""
         per_layer = {}
         for layer in self.layers:
-            base = layer.pair.base_weight() if layer.pair is not None else layer.param.detach()
+            if layer.pair is not None:
+                base = layer.pair.base_weight()
+            else:
+                base = self._writer.initial_weight(layer.name) if resuming else layer.param.detach()
             digest = hashlib.sha256(f"{tuple(base.shape)}:{base.dtype}".encode())
             digest.update(base.contiguous().cpu().view(torch.uint8).numpy())  # the buffer, not a bytes copy
             per_layer[layer.name] = digest.hexdigest()
         overall = hashlib.sha256("".join(f"{k}={v};" for k, v in per_layer.items()).encode())
         return overall.hexdigest(), per_layer
 
-    def _write_initial_weights(self) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {layer.name: layer.param.detach().cpu().contiguous() for layer in self.layers
-                   if layer.pair is None}
-        rundir.atomic_write(self.run_dir / "initial.safetensors", lambda p: save_file(tensors, str(p)))
-
     def _initial_weight(self, layer: _Layer) -> Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.run_dir / "initial.safetensors"), framework="pt") as f:
-            return f.get_tensor(layer.name).to(layer.param.device, layer.compute_dtype())
+        return self._writer.initial_weight(layer.name).to(layer.param.device, layer.compute_dtype())
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer, args, kwargs) -> None:
@@ -232,9 +266,8 @@ class Probe:
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         """After the optimizer moved: gather G (every rank: the DDP all-reduce), feed the shadow, measure."""
-        if self._optimizer_skipped():  # LoFT skipped a non-finite step: nothing moved, the record waits
-            self._log_row(self.step + 1, rundir.RUN_LAYER, "skipped_step", 1.0)
-            self._end_step(advance=False)
+        if self._optimizer_skipped():  # LoFT skipped a non-finite step: nothing moved, yet it is a step of the run
+            self._skip_step()
             return
         t = self.step + 1
         measured = self.schedule(t) or self.snapshots(t)
@@ -269,6 +302,15 @@ class Probe:
             self._snapshot(t)
         if self.schedule(t) or self.snapshots(t):
             self._flush()  # recorded steps only: one Parquet part per record, not per step
+
+    def _skip_step(self) -> None:
+        """A step whose update was skipped (non-finite gradients): it keeps its number, so that the rows logged
+        after it (its NaN loss) are its own and not the previous step's; the shadow is not fed."""
+        t = self.step + 1
+        self._log_row(t, rundir.RUN_LAYER, "skipped_step", 1.0)
+        if self.schedule(t) or self.snapshots(t):
+            self._guarded(self._flush)
+        self._end_step(advance=True)
 
     def _end_step(self, advance: bool) -> None:
         if advance:
@@ -319,10 +361,7 @@ class Probe:
 
         def update(*args, **kwargs):
             if self._pending_skip:  # no optimizer step since the last update: this one was skipped
-                self._log_row(self.step + 1, rundir.RUN_LAYER, "skipped_step", 1.0)
-                for layer in self.layers:
-                    if layer.capture is not None:
-                        layer.capture.reset()
+                self._skip_step()
             self._pending_skip = True
             return original(*args, **kwargs)
 
@@ -401,7 +440,7 @@ class Probe:
                     tensors[key("shadow_m", part)] = tensor
             values = measure.spectrum_metrics(delta, layer.base_norm)
             self._log_values(t, layer.name, values)
-        rundir.write_snapshot(self.run_dir, t, tensors)
+        self._writer.write_snapshot(t, tensors)
         if self.intruders == "all":
             self._record_intruders(t)
 
@@ -433,28 +472,40 @@ class Probe:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue the record exactly: the step, each layer's attach-time
-        factors (cumulative ΔW is measured from them) and shadow moments. Tensors and ints only, so
-        ``torch.load(..., weights_only=True)`` reads it back; save it with the model and optimizer."""
+        """What a resumed run needs to continue the record exactly: the step, the rows not yet flushed, the
+        run's fingerprint, each layer's attach-time factors (cumulative ΔW is measured from them), ‖W_0‖ and
+        shadow moments. Tensors, numbers and strings only, so ``torch.load(..., weights_only=True)`` reads it
+        back; save it with the model and optimizer."""
         layers = {}
         for layer in self.layers:
-            entry: dict[str, Any] = {}
+            entry: dict[str, Any] = {"base_norm": layer.base_norm}
             if layer.initial_factors is not None:
                 entry["initial_B"], entry["initial_A"] = layer.initial_factors
             if layer.shadow is not None:
                 entry.update(shadow_step=layer.shadow.step, shadow_exp_avg=layer.shadow.exp_avg,
                              shadow_exp_avg_sq=layer.shadow.exp_avg_sq)
             layers[layer.name] = entry
-        return {"step": self.step, "layers": layers}
+        return {"step": self.step, "fingerprint": self.meta.get("fingerprint"), "pending_rows": list(self._rows),
+                "layers": layers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` into a probe attached to the same run directory and model."""
+        """Restores :meth:`state_dict` into a probe attached to the same run directory and model: the record
+        continues from the state's step (what the directory holds after it is dropped at the next write)."""
         names = [layer.name for layer in self.layers]
         if sorted(state.get("layers", {})) != sorted(names):
             raise ValueError(f"probe state has layers {sorted(state.get('layers', {}))}, this probe {sorted(names)}")
+        if self.rank == 0 and state.get("fingerprint") not in (None, self.meta["fingerprint"]):
+            raise ValueError(f"probe state is of another run (fingerprint {str(state['fingerprint'])[:12]}…, "
+                             f"{self.run_dir} holds {self.meta['fingerprint'][:12]}…); load the state saved "
+                             "with this run")
         self.step = int(state["step"])
+        if self._writer is not None:
+            self._writer.resume_from(self.step)
+            self._rows = [(int(t), str(layer), str(metric), float(value))
+                          for t, layer, metric, value in state.get("pending_rows", [])] + self._rows
         for layer in self.layers:
             entry = state["layers"][layer.name]
+            layer.base_norm = float(entry.get("base_norm", layer.base_norm))
             if layer.initial_factors is not None:
                 device, dtype = layer.key_param.device, layer.compute_dtype()
                 layer.initial_factors = (entry["initial_B"].to(device, dtype, copy=True),
@@ -482,8 +533,7 @@ class Probe:
     def _flush(self) -> None:
         if self.rank == 0 and self._writing and self._rows:
             rows, self._rows = self._rows, []
-            rundir.write_metrics_part(self.run_dir, rows, self._next_part)
-            self._next_part += 1
+            self._writer.append(rows)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -493,6 +543,8 @@ class Probe:
     def _disable(self, why: str) -> None:
         self._writing = False
         self._rows = []
+        if self._writer is not None:
+            self._writer.release()
         if self.world == 1:  # no other rank to keep in step with: the hooks can go too
             self._enabled = False
             self._remove_hooks()
@@ -518,7 +570,7 @@ class Probe:
             return
         self._writing = True  # for the last writes below only
         try:
-            if self.step > 0 and self.step not in rundir.read_snapshot_steps(self.run_dir):
+            if self.step > 0 and self.step not in self._writer.snapshot_steps():
                 self._snapshot(self.step)
             if self.step > 0 and self.intruders == "last":
                 self._record_intruders(self.step)
@@ -527,12 +579,24 @@ class Probe:
                           ProbeWarning, stacklevel=2)
         try:
             self._flush()
-            rundir.write_meta(self.run_dir, {**self.meta, "closed": True, "last_step": self.step})
-        except OSError as exc:
+            self._writer.finish({**self.meta, "closed": True, "last_step": self.step})
+        except (OSError, rundir.RunDirError) as exc:  # a disk full, or a part damaged under the running probe
             warnings.warn(f"loft_probe: could not finish writing {self.run_dir} ({exc})", ProbeWarning,
                           stacklevel=2)
         finally:
             self._writing = False
+            self._writer.release()
+
+    def abandon(self) -> None:
+        """Stops the probe without closing the run; a run directory this probe created is removed (a start
+        that failed leaves nothing behind). Used when training fails before its first step."""
+        atexit.unregister(self.close)
+        self._writing = False
+        if self._enabled:
+            self._enabled = False
+            self._remove_hooks()
+        if self._writer is not None:
+            self._writer.abandon()
 
     def __enter__(self) -> Probe:
         return self
@@ -560,6 +624,62 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Pa
     return Probe(model, optimizer, run_dir, **options)
 
 
+def _check_labels(seed: Any, data_order: Any, name: Any, extra_meta: Any) -> None:
+    """The values attach writes into meta.json as given: checked here, so that load_run never refuses them."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    for key, value in (("name", name), ("data_order", data_order)):
+        if value is not None and (not isinstance(value, str) or len(value) > schema.MAX_RUN_NAME):
+            raise ValueError(f"{key} must be a string of at most {schema.MAX_RUN_NAME} characters or None, got "
+                             f"{str(value)[:40]!r}" + ("..." if len(str(value)) > 40 else ""))
+    if extra_meta is None:
+        return
+    if not isinstance(extra_meta, dict) or not all(isinstance(k, str) for k in extra_meta):
+        raise ValueError(f"extra_meta must be a dict with string keys, got {type(extra_meta).__name__}")
+    reserved = sorted(set(extra_meta) & set(schema.RESERVED))
+    if reserved:
+        raise ValueError(f"extra_meta may not set {reserved}: the probe writes those itself")
+    try:
+        json.loads(json.dumps(extra_meta, allow_nan=False))
+        schema.check_json_value(extra_meta, "extra_meta")
+        schema.check_meta({"method": "other", "layers": [{"name": "x", "shape": [1, 1], "kind": "full"}],
+                           **extra_meta})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"extra_meta must be plain JSON within meta.json's limits: {exc}") from None
+
+
+def _check_groups(optimizer: torch.optim.Optimizer, layers: list[_Layer], groups: dict[int, dict],
+                  shadow: bool) -> None:
+    """Optimizer groups the probe can label and mirror: a LoFT pair group for each LoRA layer of a LoFT run
+    (``[B, A]`` in that order, with the pair's scale), and Adam's betas and eps where a shadow mirrors them."""
+    for layer in layers:
+        group = groups[id(layer.key_param)]
+        if shadow and not ("betas" in group and "eps" in group):
+            raise ValueError(f"shadow=True mirrors the run with AdamW and needs the optimizer's betas and eps; "
+                             f"{type(optimizer).__name__} has none (layer {layer.name!r}): use shadow=False")
+        if not isinstance(optimizer, LoFT) or layer.pair is None:
+            continue
+        if group.get("lora_scale") is None:
+            raise ValueError(f"layer {layer.name!r}: its LoFT param group has no lora_scale, so LoFT would step it "
+                             "as plain AdamW; build the optimizer with LoFT.from_model(model), or give the group "
+                             "lora_scale")
+        params = group["params"]
+        if len(params) != 2 or params[0] is not layer.pair.B or params[1] is not layer.pair.A:
+            raise ValueError(f"layer {layer.name!r}: its LoFT pair group must hold [B, A] of that layer in this "
+                             "order (B: lora_B, m×r; A: lora_A, r×n); build it with LoFT.from_model(model)")
+        if not math.isclose(group["lora_scale"], layer.pair.scale, rel_tol=1e-9):
+            raise ValueError(f"layer {layer.name!r}: its LoFT group has lora_scale {group['lora_scale']}, the "
+                             f"adapter's scale is {layer.pair.scale}")
+
+
+def _comparable(hyper: Any, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Hyperparameters for the same-run check: a scheduler moves lr, so a live optimizer's is its initial_lr."""
+    out = dict(hyper) if isinstance(hyper, dict) else {}
+    if optimizer is not None and "initial_lr" in optimizer.param_groups[0]:
+        out["lr"] = optimizer.param_groups[0]["initial_lr"]
+    return out
+
+
 def _without_fingerprints(table: Any) -> Any:
     if not isinstance(table, list):
         return table
@@ -584,6 +704,10 @@ def _select_layers(model: nn.Module, patterns: str | Iterable[str] | None) -> li
     if not layers:
         raise ValueError(f"no layer to probe: the model has no trainable LoRA pair or 2-D weight matching "
                          f"{patterns!r}")
+    too_long = [layer.name for layer in layers if len(layer.name) > schema.MAX_LAYER_NAME]
+    if too_long:
+        raise ValueError(f"layer names must be at most {schema.MAX_LAYER_NAME} characters (meta.json's limit), "
+                         f"got one of {len(too_long[0])}: {too_long[0][:60]!r}...")
     sharded = [layer.name for layer in layers if is_sharded(layer.key_param)]
     if sharded:
         raise ValueError(f"the probe does not support FSDP-sharded parameters yet (layer {sharded[0]!r}); "
@@ -611,9 +735,10 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
-    """The number of steps an optimizer has taken, from its state (0 for a fresh one)."""
+    """The number of steps an optimizer has taken, from its state (0 for a fresh one); LoFT's skipped steps
+    count too (each is a step of the record)."""
     steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
-    return max(steps, default=0)
+    return max(steps, default=0) + int(optimizer.param_groups[0].get("skipped_steps", 0))
 
 
 def _distributed() -> tuple[int, int]:

@@ -61,17 +61,20 @@ def log_spaced(per_decade: int = 10) -> Schedule:
 
 def at(steps: Iterable[int]) -> Schedule:
     """Exactly the given steps."""
-    steps = frozenset(int(s) for s in steps)
-    if not steps or min(steps) < 1:
-        raise ValueError(f"at(steps) needs a non-empty list of steps >= 1, got {sorted(steps)}")
-    return Schedule("at", steps=steps)
+    if isinstance(steps, (str, bytes)):  # iterable, but "12" is not the steps 1 and 2
+        raise ValueError(f"at(steps) needs a list of integer steps, got the string {steps!r}")
+    steps = list(steps)
+    bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    if not steps or bad:
+        raise ValueError(f"at(steps) needs a non-empty list of integer steps >= 1, got {steps[:10]!r}")
+    return Schedule("at", steps=frozenset(steps))
 
 
 def as_schedule(value: int | Iterable[int] | Schedule) -> Schedule:
     """An int k means every k steps, a list means exactly those steps; a Schedule is kept."""
     if isinstance(value, Schedule):
         return value
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)):
         raise ValueError(f"a schedule is an int, a list of steps or a Schedule, got {value!r}")
     if isinstance(value, int):
         return every(value)

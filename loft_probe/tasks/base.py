@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +42,19 @@ class Task:
 
 
 def make_config(config_cls: type, task: str, options: dict[str, Any]) -> Any:
-    """Build a task's config dataclass from keyword options, naming any option it does not have."""
+    """Build a task's config dataclass from keyword options, naming any option it does not have and any value
+    not of its field's type (an int field takes an int; a float field an int or a float; a str field a str)."""
     allowed = sorted(f.name for f in fields(config_cls))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for task {task!r}; allowed: {allowed}")
+    types = get_type_hints(config_cls)
+    for name, value in options.items():
+        kind = types[name]
+        accepted = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(kind, (kind,))
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+            raise ValueError(f"option {name} of task {task!r} must be {'an' if kind is int else 'a'} "
+                             f"{kind.__name__}, got {value!r}")
     return config_cls(**options)
 
 

@@ -168,5 +168,5 @@ def build(seed: int = 0, **options) -> Task:
         batches=lambda seed: shuffled_batches(train, cfg.batch_size, seed),
         loss=cross_entropy_loss,
         evaluate=lambda model: classifier_metrics(model, logits_and_labels, held_out, EVAL_BATCH),
-        defaults={"steps": 150, "lr": {"full": 5e-5, "lora": 1e-3, "loft": 1e-3}, "rank": 8},
+        defaults={"steps": 150, "lr": {"full": 5e-5, "lora": 1e-3, "loft": 5e-5}, "rank": 8},  # LoFT: full FT's lr
     )

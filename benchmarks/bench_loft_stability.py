@@ -9,7 +9,8 @@ For every configuration × lr × parameter dtype × method it trains ``--steps``
   same layers' weights). An AdamW step is at most K(t)·lr·sqrt(m·n) (K → 7.3 for betas (0.9, 0.999); real data
   stays near 1); LoFT's full-space step obeys the same bound.
 - ``growth``: the worst factor-norm growth ``max_t ‖F_t‖ / ‖F_ref‖`` over the factors F of every LoRA pair, F_ref
-  the factor at the start, or after its first step for a factor that starts at zero (PEFT's B).
+  the factor after the first step that leaves it nonzero (A: its start unless it moved at step 1; PEFT's B: after
+  its first step).
 - ``loss``: the held-out loss (a fixed batch of 64) before → after.
 
 Configurations: MiniLM-L6 cut to 2 layers as ``AutoModelForSequenceClassification`` (real weights, Rotten
@@ -115,20 +116,19 @@ def _loss(setup: Setup, model: nn.Module, batch) -> torch.Tensor:
 
 
 def run_cell(config: str, method: str, lr: float, dtype: torch.dtype, steps: int, loft_options: dict) -> dict:
-    setup = build(config, steps)
-    model = setup.model
-    if method == "full":
-        import peft
+    import peft
 
-        probe = peft.get_peft_model(build(config, steps).model, _lora_config(setup))
-        names = [p.name.removeprefix("base_model.model.") for p in lora_pairs(probe)]
-        model = model.to(dtype)
-        layers = {name: model.get_submodule(name).weight for name in names}
+    setup = build(config, steps)
+    dense = None  # full fine-tuning: the weights of the layers LoRA would adapt
+    if method == "full":
+        adapted = peft.get_peft_model(build(config, steps).model, _lora_config(setup))  # only to name the layers
+        names = [pair.name.removeprefix("base_model.model.") for pair in lora_pairs(adapted)]
+        model = setup.model.to(dtype)
+        dense = {name: model.get_submodule(name).weight for name in names}
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     else:
-        import peft
-
-        model = peft.get_peft_model(model, _lora_config(setup)).to(dtype)
+        torch.manual_seed(0)  # LoRA's A initialisation: the same in every cell, whatever ran before it
+        model = peft.get_peft_model(setup.model, _lora_config(setup)).to(dtype)
         if method == "loft":
             optimizer = LoFT.from_model(model, lr=lr, **loft_options)
         else:
@@ -138,26 +138,22 @@ def run_cell(config: str, method: str, lr: float, dtype: torch.dtype, steps: int
     with torch.no_grad():
         first = float(_loss(setup, model, setup.held_out))
     worst_ratio, growth = 0.0, 1.0
-    reference = {}  # factor -> norm it is measured against
+    reference: dict[int, float] = {}  # factor -> its norm after the first step that left it nonzero
     for batch in setup.batches:
-        before = _effective(pairs, layers if method == "full" else None)
+        before = _effective(pairs, dense)
         optimizer.zero_grad()
         _loss(setup, model, batch).backward()
         optimizer.step()
-        after = _effective(pairs, layers if method == "full" else None)
-        for name, W in after.items():
+        for name, W in _effective(pairs, dense).items():
             m, n = W.shape
             worst_ratio = max(worst_ratio, float((W - before[name]).norm()) / (lr * math.sqrt(m * n)))
-        for pair in pairs:
-            for factor in (pair.A, pair.B):
-                norm = float(factor.detach().float().norm())
-                ref = reference.setdefault(id(factor), norm if norm > 0 else None)
-                if ref is None:
-                    reference[id(factor)] = norm if norm > 0 else None
-                elif math.isfinite(norm):
-                    growth = max(growth, norm / ref)
-                else:
-                    growth = math.inf
+        for factor in (f for pair in pairs for f in (pair.A, pair.B)):
+            norm = float(factor.detach().float().norm())
+            if id(factor) not in reference:
+                if norm > 0:
+                    reference[id(factor)] = norm
+                continue
+            growth = max(growth, norm / reference[id(factor)]) if math.isfinite(norm) else math.inf
     with torch.no_grad():
         last = float(_loss(setup, model, setup.held_out))
     return dict(ratio=worst_ratio, growth=growth, first=first, last=last)

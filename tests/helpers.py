@@ -1,4 +1,4 @@
-"""Small helpers the numerical tests share: float64, tight tolerances, seeded random tensors."""
+"""Small helpers the tests share: float64, tight tolerances, seeded random tensors, a damaged run file."""
 
 from __future__ import annotations
 
@@ -14,3 +14,19 @@ def gen(seed: int) -> torch.Generator:
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen(seed), dtype=F64)
+
+
+def damage_a_file(run_dir, which: int, position: float, action: str, data: bytes) -> None:
+    """Truncate, bit-flip or overwrite with ``data`` one file of a run directory (the lock file aside): the
+    ``which``-th in sorted order (mod their number), at ``position`` (0–1) of its length."""
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
+    victim = files[which % len(files)]
+    content = victim.read_bytes()
+    cut = int(position * len(content))
+    if action == "truncate":
+        victim.write_bytes(content[:cut])
+    elif action == "flip" and content:
+        index = min(cut, len(content) - 1)
+        victim.write_bytes(content[:index] + bytes([content[index] ^ 0xFF]) + content[index + 1:])
+    else:
+        victim.write_bytes(data)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import damage_a_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -277,17 +278,7 @@ def test_damaged_files_through_the_commands(tmp_path_factory, runs, which, posit
     give one line (the report reads through the same load_run and compare)."""
     run_dir = tmp_path_factory.mktemp("fuzz") / "run"
     shutil.copytree(runs["loft"], run_dir)
-    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
-    victim = files[which % len(files)]
-    content = victim.read_bytes()
-    cut = int(position * len(content))
-    if action == "truncate":
-        victim.write_bytes(content[:cut])
-    elif action == "flip" and content:
-        index = min(cut, len(content) - 1)
-        victim.write_bytes(content[:index] + bytes([content[index] ^ 0xFF]) + content[index + 1:])
-    else:
-        victim.write_bytes(data)
+    damage_a_file(run_dir, which, position, action, data)
     with deadline(READ_SECONDS):
         for command, args in commands(run_dir, runs["full"], run_dir.parent / "report").items():
             if command != "report":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import damage_a_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
@@ -98,17 +99,7 @@ def test_corrupted_run_directories_give_a_one_line_error(valid_run_dir, which, p
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         shutil.copytree(valid_run_dir, run_dir)
-        files = sorted(p for p in run_dir.rglob("*") if p.is_file())
-        victim = files[which % len(files)]
-        content = victim.read_bytes()
-        cut = int(position * len(content))
-        if action == "truncate":
-            victim.write_bytes(content[:cut])
-        elif action == "flip" and content:
-            index = min(cut, len(content) - 1)
-            victim.write_bytes(content[:index] + bytes([content[index] ^ 0xFF]) + content[index + 1:])
-        else:
-            victim.write_bytes(data)
+        damage_a_file(run_dir, which, position, action, data)
         try:
             run = load_run(run_dir)
             for step in run.snapshot_steps:

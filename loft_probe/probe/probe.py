@@ -726,7 +726,7 @@ def _method(optimizer: torch.optim.Optimizer, layers: list[_Layer]) -> str:
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     keep = ("lr", "betas", "eps", "weight_decay", "alternating", "scale_gradients", "transport",
-            "second_moment", "projected_update")
+            "second_moment", "projected_update", "partner_cutoff")
     group = optimizer.param_groups[0]
     out = {k: (list(group[k]) if isinstance(group[k], tuple) else group[k]) for k in keep if k in group}
     if getattr(optimizer, "max_grad_norm", None) is not None:

@@ -249,13 +249,20 @@ def _peft_prefix(model: nn.Module) -> str:
     return ""
 
 
+def eager_name(path: str) -> str:
+    """A module path without the ``_orig_mod.`` segments ``torch.compile`` inserts, so that a compiled model's
+    layers carry the names of the eager model's (and their runs compare)."""
+    return path.replace("_orig_mod.", "")
+
+
 def _scan(model: nn.Module) -> tuple[list[LoraPair], list[str]]:
     """(supported pairs, names of skipped LoRA layers), both in named_modules() order."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its PEFT prefix is the inner model's
     prefix = _peft_prefix(model)
     pairs: list[LoraPair] = []
     skipped: list[str] = []
     for path, module in model.named_modules():
-        for name, pair in _entries(path.removeprefix(prefix), module):
+        for name, pair in _entries(eager_name(path).removeprefix(prefix), module):
             if pair is None:
                 skipped.append(name)
             else:

@@ -532,3 +532,17 @@ def test_pair_is_hashable_by_identity(net):
     first, second = lora_pairs(net), lora_pairs(net)
     assert isinstance(first[0], LoraPair)
     assert first[0] != second[0] and len({*first, *second}) == 4
+
+
+def test_compiled_model_layers_keep_their_eager_names(tmp_path):
+    """torch.compile wraps the model (``_orig_mod.``): pairs and probed layers keep the eager names, so runs of a
+    compiled and an eager model compare (no forward pass: compiling itself is not what is tested)."""
+    from loft_probe import attach
+
+    torch.manual_seed(0)
+    model = add_lora(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), rank=2, targets=["0", "2"])
+    compiled = torch.compile(model)
+    assert [p.name for p in lora_pairs(compiled)] == [p.name for p in lora_pairs(model)] == ["0", "2"]
+    dense = torch.compile(nn.Sequential(nn.Linear(4, 4)))
+    with attach(dense, torch.optim.AdamW(dense.parameters()), tmp_path / "run") as probe:
+        assert [layer.name for layer in probe.layers] == ["0"]

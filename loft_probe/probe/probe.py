@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from loft_probe import metrics as M
-from loft_probe.lora import LoraPair, lora_pairs
+from loft_probe.lora import LoraPair, eager_name, lora_pairs
 from loft_probe.optim import LoFT
 from loft_probe.optim.loft import compute_dtype, is_sharded
 from loft_probe.probe import measure, rundir, schema
@@ -696,8 +696,8 @@ def _select_layers(model: nn.Module, patterns: str | Iterable[str] | None) -> li
     if pairs:
         layers = [_Layer(pair.name, pair, None) for pair in pairs]
     else:
-        layers = [_Layer(name.removesuffix(".weight"), None, param) for name, param in model.named_parameters()
-                  if param.requires_grad and param.dim() == 2]
+        layers = [_Layer(eager_name(name).removesuffix(".weight"), None, param)
+                  for name, param in model.named_parameters() if param.requires_grad and param.dim() == 2]
     if patterns is not None:
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         layers = [layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)]

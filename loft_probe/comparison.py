@@ -269,7 +269,8 @@ def _select(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
     full = [run for run in runs if run.method == "full"]
     if len(full) != 1:
         raise RunSelectionError(f"need exactly one run with method 'full' as the default reference, got "
-                                f"{[run.name for run in full]}; pass reference= one of {names}")
+                                f"{[run.name for run in full]}; choose the reference (--reference on the command line, "
+                                f"reference= in Python) among {names}")
     return runs, full[0]
 
 

@@ -80,3 +80,32 @@ def test_captured_gradient_is_unchanged_by_gradient_checkpointing(tmp_path, reen
     for plain, checkpointed in zip(*captured, strict=True):
         assert plain.abs().max() > 1e-8  # a real gradient, not zeros that would match anything
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-12)
+
+
+def test_trainer_timings_are_not_recorded_as_metrics():
+    """The Trainer logs eval_runtime and throughputs beside eval_loss: only the loss and the metrics are kept."""
+    logged = {}
+
+    class Recorder:
+        def log(self, **values):
+            logged.update(values)
+
+    callback = ProbeCallback("unused")
+    callback.probe = Recorder()
+    callback.on_log(None, None, None, logs={"loss": 0.5, "eval_loss": 0.7, "eval_accuracy": 0.8, "eval_runtime": 1.2,
+                                            "eval_samples_per_second": 30.0, "eval_steps_per_second": 4.0,
+                                            "learning_rate": 1e-3})
+    assert logged == {"loss": 0.5, "eval_loss": 0.7, "eval_accuracy": 0.8}
+
+
+def test_a_dora_model_is_not_labelled_full_finetuning(tmp_path):
+    """DoRA layers are not W0 + s·B·A: the probe reads their weights as dense ones, and must not label the run
+    full fine-tuning (it would become the default reference of every comparison)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=37, vocab_size=50, num_labels=2)
+    model = peft.get_peft_model(transformers.BertForSequenceClassification(config),
+                                peft.LoraConfig(r=4, target_modules=["query", "value"], use_dora=True))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.warns(UserWarning), loft_probe.attach(model, optimizer, tmp_path / "run") as probe:
+        assert probe.method == "other"

@@ -19,6 +19,10 @@ from transformers import TrainerCallback
 
 from loft_probe.probe import Probe, attach
 
+# The Trainer logs its evaluation's wall time and throughput next to the metrics: they describe the machine,
+# not the training, and would read as training metrics in a run's record.
+TRAINER_TIMINGS = ("_runtime", "_samples_per_second", "_steps_per_second")
+
 
 class ProbeCallback(TrainerCallback):
     """Attach :func:`loft_probe.attach` with ``options`` to a Trainer's run, writing to ``run_dir``."""
@@ -39,7 +43,8 @@ class ProbeCallback(TrainerCallback):
         if self.probe is None or not logs:
             return
         values = {key: value for key, value in logs.items()
-                  if isinstance(value, (int, float)) and (key == "loss" or key.startswith("eval_"))}
+                  if isinstance(value, (int, float)) and (key == "loss" or key.startswith("eval_"))
+                  and not key.endswith(TRAINER_TIMINGS)}
         if values:
             self.probe.log(**values)
 

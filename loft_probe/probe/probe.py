@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from loft_probe import metrics as M
-from loft_probe.lora import LoraPair, eager_name, lora_pairs
+from loft_probe.lora import LoraPair, eager_name, lora_pairs, unsupported_lora_layers
 from loft_probe.optim import LoFT
 from loft_probe.optim.loft import compute_dtype, is_sharded
 from loft_probe.probe import measure, rundir, schema
@@ -125,7 +125,7 @@ class Probe:
         self.snapshot_k, self.intruders = snapshot_k, intruders
         self.rank, self.world = _distributed()
         self.layers = _select_layers(model, layers)
-        self.method = _method(optimizer, self.layers)
+        self.method = _method(optimizer, self.layers, model)
         self.layout = layout_of(optimizer)
         self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for layer in self.layers:
@@ -715,8 +715,10 @@ def _select_layers(model: nn.Module, patterns: str | Iterable[str] | None) -> li
     return layers
 
 
-def _method(optimizer: torch.optim.Optimizer, layers: list[_Layer]) -> str:
+def _method(optimizer: torch.optim.Optimizer, layers: list[_Layer], model: nn.Module) -> str:
     lora = any(layer.pair is not None for layer in layers)
+    if not lora and unsupported_lora_layers(model):
+        return "other"  # DoRA and other adapters the probe reads as dense weights: not full fine-tuning
     if isinstance(optimizer, LoFT):
         return "loft" if lora else "full"
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):

@@ -30,3 +30,13 @@ def damage_a_file(run_dir, which: int, position: float, action: str, data: bytes
         victim.write_bytes(content[:index] + bytes([content[index] ^ 0xFF]) + content[index + 1:])
     else:
         victim.write_bytes(data)
+
+
+def train(model, optimizer, batches, probe) -> None:
+    """A plain loop on (x, y) batches with a squared-error loss, logging the loss to the probe."""
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        probe.log(loss=loss.item())

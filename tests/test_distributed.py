@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import train
 from torch.testing import assert_close
 
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
@@ -28,15 +29,6 @@ def data():
     gen = torch.Generator().manual_seed(2)
     return [(torch.randn(BATCH, 10, generator=gen, dtype=torch.float64),
              torch.randn(BATCH, 4, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
-
-
-def train(model, optimizer, batches, probe):
-    for x, y in batches:
-        optimizer.zero_grad()
-        loss = (model(x) - y).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        probe.log(loss=loss.item())
 
 
 def ddp_worker(rank: int, init_file: str, run_dir: str, out_file: str) -> None:

@@ -14,6 +14,7 @@ import warnings
 import pandas as pd
 import pytest
 import torch
+from helpers import train
 from torch.testing import assert_close
 
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
@@ -59,15 +60,6 @@ def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     return [(torch.randn(16, 8, generator=gen, dtype=F64), torch.randn(16, 5, generator=gen, dtype=F64))
             for _ in range(STEPS)]
-
-
-def train(model, optimizer, batches, probe) -> None:
-    for x, y in batches:
-        optimizer.zero_grad()
-        loss = (model(x) - y).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        probe.log(loss=loss.item())
 
 
 def crash(probe) -> None:

@@ -1,4 +1,4 @@
-"""Private helpers shared by the metric modules: dtype policy, safe division, argument checks."""
+"""Private helpers shared by the metric modules: dtype policy, the undefined-ratio rule, argument checks."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ def as_float(*xs: Tensor) -> tuple[Tensor, ...]:
     return tuple(x if x.dtype == dtype else x.to(dtype) for x in xs)
 
 
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """num / den where den > 0, and 0 where den == 0 (so 0/0 = 0, never NaN)."""
+def ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den where den > 0, and NaN where den == 0: a cosine with a zero vector, a residual of G = 0, a
+    size relative to nothing is *undefined*, never a number a reader could take at face value. The probe
+    records an undefined value as a missing row (``loft_probe.probe.measure``), so NaN in a run's record
+    always means the training itself produced a non-finite number."""
     positive = den > 0
     return torch.where(
-        positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num)
+        positive, num / torch.where(positive, den, torch.ones_like(den)), torch.full_like(num, float("nan"))
     )
 
 

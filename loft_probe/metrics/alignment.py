@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loft_probe.metrics._common import as_float, check_matrix, safe_div
+from loft_probe.metrics._common import as_float, check_matrix, ratio
 from loft_probe.metrics.lowrank import LowRank, lowrank_svd
 
 Dims = tuple[int, ...]
@@ -23,29 +23,29 @@ def cosine(X: Tensor, Y: Tensor, dim: Dims = (-2, -1)) -> Tensor:
         X, Y: tensors of the same shape, e.g. (..., m, n); pass ``dim=(-1,)`` for vectors (biases).
 
     Returns:
-        (...) the cosine, 0 when X or Y is zero (no direction to compare), clamped into [-1, 1].
+        (...) the cosine, clamped into [-1, 1]; NaN (undefined) when X or Y is zero: no direction to compare.
     """
     if X.shape != Y.shape:
         raise ValueError(f"X and Y must have the same shape, got {tuple(X.shape)} and {tuple(Y.shape)}")
     X, Y = as_float(X, Y)
     inner = (X * Y).sum(dim=dim)
     norms = torch.linalg.vector_norm(X, dim=dim) * torch.linalg.vector_norm(Y, dim=dim)
-    return safe_div(inner, norms).clamp(-1.0, 1.0)
+    return ratio(inner, norms).clamp(-1.0, 1.0)
 
 
 def relative_norm(X: Tensor, ref: Tensor, dim: Dims = (-2, -1)) -> Tensor:
     """‖X‖ / ‖ref‖ over ``dim`` (Frobenius by default), e.g. update / weight norm ratio.
 
-    Returns (...); 0 when ref is zero (including 0/0): a ratio to nothing is reported as no size.
+    Returns (...); NaN (undefined) when ref is zero: a size relative to nothing.
     """
     X, ref = as_float(X, ref)
-    return safe_div(torch.linalg.vector_norm(X, dim=dim), torch.linalg.vector_norm(ref, dim=dim))
+    return ratio(torch.linalg.vector_norm(X, dim=dim), torch.linalg.vector_norm(ref, dim=dim))
 
 
 def relative_error(X_hat: Tensor, X: Tensor, dim: Dims = (-2, -1)) -> Tensor:
     """Relative error ‖X̂ − X‖ / ‖X‖ over ``dim`` (Frobenius by default).
 
-    Returns (...); 0 when X is zero (also when X̂ is not: the error is then undefined, not infinite).
+    Returns (...); NaN (undefined) when X is zero, whatever X̂ is.
     """
     if X_hat.shape != X.shape:
         raise ValueError(
@@ -65,7 +65,7 @@ def preconditioned_cosine(
         m2, v2: the other optimizer's moments (e.g. a shadow AdamW fed the true gradient).
         eps: Adam's epsilon, >= 0 (use the run's value).
 
-    Returns (...) in [-1, 1]; 0 when either direction is zero. Bias corrections are scalars per
+    Returns (...) in [-1, 1]; NaN (undefined) when either direction is zero. Bias corrections are scalars per
     tensor and cancel in a cosine, except through eps: pass bias-corrected moments if that matters.
 
     References: Kingma & Ba, "Adam", ICLR 2015.
@@ -142,7 +142,7 @@ def update_cosine(U1: Tensor | LowRank, U2: Tensor | LowRank) -> Tensor:
             SVD snapshot use ``SVD(U, S, Vh).lowrank()``.
 
     Returns:
-        (...) in [-1, 1], 0 when either update is zero.
+        (...) in [-1, 1], NaN (undefined) when either update is zero.
 
     Formula: two low-rank updates are first orthogonalised (`lowrank_svd`, U·S·Vh), so that
     ⟨U1, U2⟩ = Σ (S1·U1ᵀ·U2·S2) ⊙ (Vh1·Vh2ᵀ) and ‖U‖ = ‖S‖: O((m + n)·r²) and accurate even when a
@@ -161,8 +161,8 @@ def update_cosine(U1: Tensor | LowRank, U2: Tensor | LowRank) -> Tensor:
             )
         inner = _dense_lowrank_inner(D, L)
         norms = torch.linalg.matrix_norm(D.to(inner.dtype)) * lowrank_norm(L.B, L.A).to(inner.dtype)
-        return safe_div(inner, norms).clamp(-1.0, 1.0)
+        return ratio(inner, norms).clamp(-1.0, 1.0)
     s1, s2 = lowrank_svd(U1.B, U1.A), lowrank_svd(U2.B, U2.A)
     inner = lowrank_inner(s1.U * s1.S.unsqueeze(-2), s1.Vh, s2.U * s2.S.unsqueeze(-2), s2.Vh)
     norms = torch.linalg.vector_norm(s1.S, dim=-1) * torch.linalg.vector_norm(s2.S, dim=-1)
-    return safe_div(inner, norms.to(inner.dtype)).clamp(-1.0, 1.0)
+    return ratio(inner, norms.to(inner.dtype)).clamp(-1.0, 1.0)

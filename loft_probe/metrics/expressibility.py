@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from loft_probe.metrics._common import as_float, check_matrix, safe_div
+from loft_probe.metrics._common import as_float, check_matrix, ratio
 from loft_probe.metrics.lowrank import orth, orth_coords
 
 
@@ -47,8 +47,8 @@ def projection_residuals(G: Tensor, B: Tensor | None = None, A: Tensor | None = 
 
     Returns:
         Residuals(left, right, tangent), 0-dim tensors in [0, 1] (None where a factor is missing).
-        G = 0 gives residuals 0 (nothing is left unexpressed). Rank-deficient factors count only
-        their numerical column / row space (rank-revealing `orth`); B = 0 gives left residual 1.
+        G = 0 gives NaN residuals (undefined: there is no gradient to express). Rank-deficient factors
+        count only their numerical column / row space (rank-revealing `orth`); B = 0 gives left residual 1.
 
     Formula: with Q_B = orth(B) (m, r_B) and Q_A = orth(Aᵀ) (n, r_A),
         L = G − Q_B·(Q_Bᵀ·G),  R = G − (G·Q_A)·Q_Aᵀ,  T = L − (L·Q_A)·Q_Aᵀ,
@@ -74,7 +74,7 @@ def projection_residuals(G: Tensor, B: Tensor | None = None, A: Tensor | None = 
     T = L - (L @ QA) @ QA.mT if L is not None and QA is not None else None  # (m, n)
 
     def rel(X: Tensor | None) -> Tensor | None:
-        return None if X is None else safe_div(torch.linalg.matrix_norm(X), g).clamp(0.0, 1.0)
+        return None if X is None else ratio(torch.linalg.matrix_norm(X), g).clamp(0.0, 1.0)
 
     return Residuals(rel(L), rel(R), rel(T))
 
@@ -100,7 +100,7 @@ def projection_residuals_from_grads(
 
     Returns:
         Residuals(left, right, tangent) as in `projection_residuals`; a field is None when its input
-        is missing. G_norm = 0 gives 0.
+        is missing. G_norm = 0 gives NaN (undefined).
 
     Formula: with Q_B = B·T_B and Q_A = Aᵀ·T_A (`orth_coords`),
         Q_Bᵀ·G = T_Bᵀ·(Bᵀ·G),  G·Q_A = (G·Aᵀ)·T_A,  Q_Bᵀ·G·Q_A = T_Bᵀ·(Bᵀ·G·Aᵀ)·T_A,
@@ -138,7 +138,7 @@ def projection_residuals_from_grads(
     def rel(sq: Tensor | None) -> Tensor | None:
         if sq is None:
             return None
-        return safe_div(sq.clamp_min(0.0).sqrt(), g2.sqrt()).clamp(0.0, 1.0).to(B.dtype)
+        return ratio(sq.clamp_min(0.0).sqrt(), g2.sqrt()).clamp(0.0, 1.0).to(B.dtype)
 
     return Residuals(rel(left2), rel(right2), rel(tangent2))
 

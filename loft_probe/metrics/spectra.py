@@ -7,7 +7,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import Tensor
 
-from loft_probe.metrics._common import as_float, check_matrix, safe_div
+from loft_probe.metrics._common import as_float, check_matrix, ratio
 from loft_probe.metrics.alignment import lowrank_norm
 from loft_probe.metrics.lowrank import SVD, LowRank
 
@@ -37,13 +37,13 @@ def r90(S: Tensor, fraction: float = 0.9) -> Tensor:
 
 
 def stable_rank(S: Tensor) -> Tensor:
-    """Stable rank ‖M‖_F² / ‖M‖_2² = Σ σ_i² / max σ_i² from singular values S (..., k); 0 for M = 0.
+    """Stable rank ‖M‖_F² / ‖M‖_2² = Σ σ_i² / max σ_i² from singular values S (..., k); NaN (undefined) for M = 0.
 
     References: Rudelson & Vershynin, "Sampling from large matrices", J. ACM 54 (2007).
     """
     (S,) = as_float(S)
     energy = S.double().square()
-    return safe_div(energy.sum(-1), energy.amax(-1)).to(S.dtype)
+    return ratio(energy.sum(-1), energy.amax(-1)).to(S.dtype)
 
 
 def relative_size(dW: Tensor | LowRank, W0: Tensor | float) -> Tensor:
@@ -53,7 +53,7 @@ def relative_size(dW: Tensor | LowRank, W0: Tensor | float) -> Tensor:
         dW: (..., m, n) dense update, or LowRank(B, A) (e.g. from `lowrank_update`): no m×n formed.
         W0: (..., m, n) base weight, or its norm ‖W0‖ as a float / 0-dim tensor to reuse a cached one.
 
-    Returns (...); 0 when W0 is zero.
+    Returns (...); NaN (undefined) when W0 is zero.
     """
     num = lowrank_norm(dW.B, dW.A) if isinstance(dW, LowRank) else torch.linalg.matrix_norm(as_float(dW)[0])
     if not isinstance(W0, Tensor):
@@ -62,7 +62,7 @@ def relative_size(dW: Tensor | LowRank, W0: Tensor | float) -> Tensor:
         den = torch.linalg.matrix_norm(as_float(W0)[0])
     else:
         den = W0
-    return safe_div(num, den.to(num.dtype))
+    return ratio(num, den.to(num.dtype))
 
 
 def amplification(dW_U: Tensor, dW_S: Tensor, dW_Vh: Tensor, W0: Tensor, r: int) -> Tensor:
@@ -74,8 +74,8 @@ def amplification(dW_U: Tensor, dW_S: Tensor, dW_Vh: Tensor, W0: Tensor, r: int)
         W0: (..., m, n) base weight.
         r: 1 ≤ r ≤ k, number of top singular directions of ΔW.
 
-    Returns (...): how strongly ΔW amplifies directions W0 hardly uses; 0 when the projection of W0
-    is zero and ΔW is not (no finite factor). Cost O(m·n·r).
+    Returns (...): how strongly ΔW amplifies directions W0 hardly uses; NaN (undefined) when the
+    projection of W0 is zero. Cost O(m·n·r).
 
     References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, §7.3.
     """
@@ -85,7 +85,7 @@ def amplification(dW_U: Tensor, dW_S: Tensor, dW_Vh: Tensor, W0: Tensor, r: int)
         raise ValueError(f"r must be in [1, {k}] (the number of singular values given), got {r}")
     dW_U, dW_S, dW_Vh, W0 = as_float(dW_U, dW_S, dW_Vh, W0)
     proj = (dW_U[..., :r].mT @ W0) @ dW_Vh[..., :r, :].mT  # (..., r, r) = U_rᵀ·W0·V_r
-    return safe_div(torch.linalg.vector_norm(dW_S, dim=-1), torch.linalg.matrix_norm(proj))
+    return ratio(torch.linalg.vector_norm(dW_S, dim=-1), torch.linalg.matrix_norm(proj))
 
 
 def _check_side(side: str) -> None:

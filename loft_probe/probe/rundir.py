@@ -259,9 +259,10 @@ def read_part(part: Part) -> pa.Table:
     data = read_regular(part.path, MAX_PART_BYTES)
     try:
         table = pq.read_table(io.BytesIO(data))
+        names = tuple(table.column_names)  # a flipped byte in a column name fails to decode only here
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise RunDirError(f"{part.path}: unreadable metrics part ({type(exc).__name__})") from None
-    if tuple(table.column_names) != COLUMNS:
+    if names != COLUMNS:
         raise RunDirError(f"{part.path}: columns {table.column_names[:8]}, expected {list(COLUMNS)}")
     try:
         return table.cast(SCHEMA)

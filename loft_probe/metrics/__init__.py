@@ -15,6 +15,7 @@ from loft_probe.metrics.alignment import (
     preconditioned_cosine,
     relative_error,
     relative_norm,
+    update_lr_ratio,
     update_cosine,
 )
 from loft_probe.metrics.expressibility import (
@@ -68,6 +69,7 @@ __all__ = [
     "relative_norm",
     "relative_size",
     "stable_rank",
+    "update_lr_ratio",
     "subspace_similarity",
     "tangent_projection",
     "top_singular",

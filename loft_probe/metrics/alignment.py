@@ -55,6 +55,26 @@ def relative_error(X_hat: Tensor, X: Tensor, dim: Dims = (-2, -1)) -> Tensor:
     return relative_norm(X_hat - X, X, dim=dim)
 
 
+def update_lr_ratio(update: Tensor, lr: float) -> Tensor:
+    """‖ΔW‖ / (lr·sqrt(#entries)): a step's size in units of the learning rate, per entry.
+
+    Args:
+        update: (..., m, n) the step ΔW; lr: the learning rate it was taken with, >= 0.
+
+    Returns (...); NaN (undefined) at lr = 0. An Adam-like step moves each entry by lr·|m̂|/(sqrt(v̂) + eps)
+    with |m̂|/sqrt(v̂) ≤ K(t) (`loft_probe.optim.functional.adam_ratio_bound`, → 7.3 for betas (0.9, 0.999)),
+    so every such step, and LoFT's full-space step, has a ratio ≤ K(t) (plus weight decay's lr·λ·‖W‖ term);
+    gradients that keep their sign give ratios near 1, noise well below. A ratio far above K(t) is an
+    optimizer taking steps its learning rate does not account for.
+    """
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    (update,) = as_float(update)
+    entries = update.shape[-2] * update.shape[-1]
+    scale = torch.tensor(lr * entries**0.5, dtype=update.dtype, device=update.device)
+    return ratio(torch.linalg.matrix_norm(update), scale)
+
+
 def preconditioned_cosine(
     m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor, eps: float = 1e-8, dim: Dims = (-2, -1)
 ) -> Tensor:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loft_probe import metrics as M
 from loft_probe.optim import LoFT
+from loft_probe.probe import measure
 
 
 @dataclass
@@ -42,14 +42,14 @@ class AdamLayout:
         state, dtype = optimizer.state[layer.param], layer.compute_dtype()
         return FullSpaceMoments(state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype), None)
 
-    def factor_cosine(self, optimizer: torch.optim.Optimizer, layer) -> float | None:
-        """cos(first moment, gradient) over both factors of a LoRA pair, in factor space."""
+    def factor_cosine(self, optimizer: torch.optim.Optimizer, layer) -> dict[str, float]:
+        """``cos_moment_grad`` over both factors of a LoRA pair, in factor space; {} when not defined."""
         factors = (layer.pair.B, layer.pair.A)
         if not all(self.known(optimizer, p) and p.grad is not None for p in factors):
-            return None
+            return {}
         moments = torch.cat([optimizer.state[p]["exp_avg"].float().flatten() for p in factors])
         grads = torch.cat([p.grad.float().flatten() for p in factors])
-        return float(M.cosine(moments, grads, dim=-1))
+        return measure.moment_grad_metrics(moments, grads)
 
 
 class LoFTLayout(AdamLayout):
@@ -67,8 +67,8 @@ class LoFTLayout(AdamLayout):
             return None
         return FullSpaceMoments(moments.first, moments.second, moments.project)
 
-    def factor_cosine(self, optimizer: torch.optim.Optimizer, layer) -> float | None:
-        return None  # LoFT's factor-coordinate moments are not gradients' EMAs: use the full-space cosine
+    def factor_cosine(self, optimizer: torch.optim.Optimizer, layer) -> dict[str, float]:
+        return {}  # LoFT's factor-coordinate moments are not gradients' EMAs: use the full-space cosine
 
 
 def layout_of(optimizer: torch.optim.Optimizer) -> AdamLayout:

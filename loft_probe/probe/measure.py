@@ -1,65 +1,91 @@
 """What a probe records about one layer at one step: pure functions from tensors to ``{metric: value}``.
 
 Names and meanings are those of :data:`loft_probe.probe.rundir.METRICS`; formulas come from
-:mod:`loft_probe.metrics` (spec: docs/metrics-spec.md).
+:mod:`loft_probe.metrics` (spec: docs/metrics-spec.md). A metric that is undefined at its input (a cosine with
+a zero vector, the residual of G = 0, a ratio to lr = 0: NaN from `loft_probe.metrics`) is left out of the
+returned dict, so it is a missing row in the record, never a number; NaN in a record means the training
+itself went non-finite.
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import Tensor
 
 from loft_probe import metrics as M
 
 
-def _f(x: Tensor) -> float:
-    return float(x)
+def _defined(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """The values as floats, without the undefined (NaN) ones; ±inf (an overflow) stays."""
+    out = {name: float(value) for name, value in values.items()}
+    return {name: value for name, value in out.items() if not math.isnan(value)}
 
 
-def update_metrics(update: Tensor, weight_before: Tensor, grad: Tensor | None) -> dict[str, float]:
-    """The step's effective-weight update ΔW (m×n) against the weight it started from and the gradient."""
-    out = {"update_norm": _f(update.norm()), "update_weight_ratio": _f(M.relative_norm(update, weight_before))}
+def update_metrics(update: Tensor, weight_before: Tensor, grad: Tensor | None, lr: float) -> dict[str, float]:
+    """The step's effective-weight update ΔW (m×n) against the weight it started from, the learning rate it
+    was taken with, and the gradient."""
+    out = {"update_norm": update.norm(), "update_weight_ratio": M.relative_norm(update, weight_before),
+           "update_lr_ratio": M.update_lr_ratio(update, lr)}
     if grad is not None:
-        out["grad_norm"] = _f(grad.norm())
-        out["cos_update_grad"] = _f(M.cosine(update, grad))
-    return out
+        out["grad_norm"] = grad.norm()
+        out["cos_update_grad"] = M.cosine(update, grad)
+    return _defined(out)
+
+
+def factor_metrics(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor],
+                   grads: tuple[Tensor | None, Tensor | None]) -> dict[str, float]:
+    """A LoRA pair's factors: the raw steps ‖ΔB‖ (m×r), ‖ΔA‖ (r×n), which show a factor that never moves
+    (frozen, or a dead gradient), and the factor gradients' joint norm."""
+    (B0, A0), (B1, A1) = before, after
+    out: dict[str, Tensor | float] = {"factor_b_update_norm": (B1 - B0).norm(),
+                                      "factor_a_update_norm": (A1 - A0).norm()}
+    g_B, g_A = grads
+    if g_B is not None and g_A is not None:
+        out["factor_grad_norm"] = (g_B.float().norm() ** 2 + g_A.float().norm() ** 2).sqrt()
+    return _defined(out)
 
 
 def residual_metrics(grad: Tensor, B: Tensor, A: Tensor) -> dict[str, float]:
     """How much of G (m×n) the adapter with factors B (m×r), A (r×n) can express."""
     left, right, tangent = M.projection_residuals(grad, B, A)
-    return {"residual_left": _f(left), "residual_right": _f(right), "residual_tangent": _f(tangent)}
+    return _defined({"residual_left": left, "residual_right": right, "residual_tangent": tangent})
 
 
 def shadow_metrics(update: Tensor, shadow_update: Tensor) -> dict[str, float]:
     """The actual update against the shadow AdamW's update from the same point (both m×n)."""
-    return {"shadow_update_cosine": _f(M.cosine(update, shadow_update)),
-            "shadow_update_rel_norm": _f(M.relative_norm(update, shadow_update))}
+    return _defined({"shadow_update_cosine": M.cosine(update, shadow_update),
+                     "shadow_update_rel_norm": M.relative_norm(update, shadow_update)})
 
 
 def moment_metrics(first: Tensor, second: Tensor | None, shadow_first: Tensor, shadow_second: Tensor,
                    projected_shadow_first: Tensor | None, eps: float) -> dict[str, float]:
     """An optimizer's full-space moments (m×n) against the shadow's: errors, cosines, and against the shadow's
     first moment projected onto the adapter (which isolates transport and alternation from the subspace)."""
-    out = {"shadow_m_rel_error": _f(M.relative_error(first, shadow_first)),
-           "shadow_m_cosine": _f(M.cosine(first, shadow_first))}
+    out = {"shadow_m_rel_error": M.relative_error(first, shadow_first),
+           "shadow_m_cosine": M.cosine(first, shadow_first)}
     if second is not None:
-        out["shadow_v_rel_error"] = _f(M.relative_error(second, shadow_second))
-        out["shadow_v_cosine"] = _f(M.cosine(second, shadow_second))
-        out["shadow_precond_cosine"] = _f(M.preconditioned_cosine(first, second, shadow_first, shadow_second,
-                                                                  eps=eps))
+        out["shadow_v_rel_error"] = M.relative_error(second, shadow_second)
+        out["shadow_v_cosine"] = M.cosine(second, shadow_second)
+        out["shadow_precond_cosine"] = M.preconditioned_cosine(first, second, shadow_first, shadow_second, eps=eps)
     if projected_shadow_first is not None:
-        out["shadow_m_proj_rel_error"] = _f(M.relative_error(first, projected_shadow_first))
-        out["shadow_m_proj_cosine"] = _f(M.cosine(first, projected_shadow_first))
-    return out
+        out["shadow_m_proj_rel_error"] = M.relative_error(first, projected_shadow_first)
+        out["shadow_m_proj_cosine"] = M.cosine(first, projected_shadow_first)
+    return _defined(out)
+
+
+def moment_grad_metrics(first: Tensor, grad: Tensor) -> dict[str, float]:
+    """The optimizer's first moment against this step's gradient: (m, n) each, or flat vectors (factor space)."""
+    return _defined({"cos_moment_grad": M.cosine(first, grad, dim=tuple(range(-first.dim(), 0)))})
 
 
 def spectrum_metrics(delta: M.SVD, base_norm: float) -> dict[str, float]:
-    """The cumulative ΔW from its (top-k) singular values."""
+    """The cumulative ΔW from its (top-k) singular values; its size relative to a zero W_0 is undefined."""
     S = delta.S
-    return {"delta_rel_size": _f(S.norm()) / base_norm if base_norm > 0 else 0.0,
-            "delta_stable_rank": _f(M.stable_rank(S)), "delta_r90": _f(M.r90(S))}
+    return _defined({"delta_rel_size": S.norm() / base_norm if base_norm > 0 else math.nan,
+                     "delta_stable_rank": M.stable_rank(S), "delta_r90": M.r90(S)})
 
 
 def intruder_metrics(scores: Tensor) -> dict[str, float]:
     """Intruder dimensions at ε = 0.5 (Shuttleworth et al.'s default) from the tuned weight's scores."""
-    return {"intruders": _f(M.intruder_counts(scores, 0.5))}
+    return _defined({"intruders": M.intruder_counts(scores, 0.5)})

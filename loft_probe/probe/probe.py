@@ -296,6 +296,7 @@ class Probe:
                 beta1, beta2 = self._group(layer)["betas"]
                 layer.shadow.feed(layer.grad, beta1, beta2)
         if self.schedule(t):
+            self._log_values(t, rundir.RUN_LAYER, _schedule_values(self._group(self.layers[0])))
             for layer in self.layers:
                 self._record(t, layer)
         if self.snapshots(t):
@@ -372,6 +373,7 @@ class Probe:
         return self._groups[id(layer.key_param)]
 
     def _record(self, t: int, layer: _Layer) -> None:
+        """Every per-step metric of one layer at recorded step t (the names: ``rundir.METRICS``)."""
         if layer.before is None:
             return
         group = self._group(layer)
@@ -381,12 +383,10 @@ class Probe:
             return
         W_before = layer.weight(layer.before)
         update = layer.update(layer.before, after)  # (m, n)
-        values = measure.update_metrics(update, W_before, layer.grad)
+        values = measure.update_metrics(update, W_before, layer.grad, group["lr"])
         values["weight_change_norm"] = float(self._cumulative_delta_norm(layer, after))
         if layer.pair is not None:
-            B, A = layer.pair.B.grad, layer.pair.A.grad
-            if B is not None and A is not None:
-                values["factor_grad_norm"] = float(torch.sqrt(B.float().norm() ** 2 + A.float().norm() ** 2))
+            values.update(measure.factor_metrics(layer.before, after, (layer.pair.B.grad, layer.pair.A.grad)))
             if layer.grad is not None:
                 values.update(measure.residual_metrics(layer.grad, *layer.before))
         if not self.layout.known(self.optimizer, layer.key_param):
@@ -394,9 +394,9 @@ class Probe:
                                       "are not recorded, gradients and updates are")
         moments = self.layout.full_space(self.optimizer, group, layer)
         if moments is not None and layer.grad is not None:
-            values["cos_moment_grad"] = float(M.cosine(moments.first, layer.grad))
-        elif layer.pair is not None and (factor_cos := self.layout.factor_cosine(self.optimizer, layer)) is not None:
-            values["cos_moment_grad"] = factor_cos
+            values.update(measure.moment_grad_metrics(moments.first, layer.grad))
+        elif layer.pair is not None:
+            values.update(self.layout.factor_cosine(self.optimizer, layer))
         if layer.shadow is not None and layer.shadow.step > 0:
             beta1, beta2 = group["betas"]
             shadow_update = layer.shadow.update(W_before, group["lr"], beta1, beta2, group["eps"],
@@ -734,6 +734,15 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     if getattr(optimizer, "max_grad_norm", None) is not None:
         out["max_grad_norm"] = optimizer.max_grad_norm
     return out
+
+
+def _schedule_values(group: dict[str, Any]) -> dict[str, float]:
+    """The lr and betas a step was taken with (a scheduler changes them after ``optimizer.step``): the group of
+    the first probed layer, recorded as run-level rows; each layer's ``update_lr_ratio`` uses its own group."""
+    values = {"lr": float(group["lr"])}
+    if isinstance(group.get("betas"), (tuple, list)) and len(group["betas"]) == 2:
+        values["beta1"], values["beta2"] = map(float, group["betas"])
+    return values
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:

@@ -53,13 +53,20 @@ METRICS = {
     "eval_accuracy": "held-out accuracy (built-in tasks)",
     "skipped_step": "1 when the optimizer step was skipped for non-finite gradients (the step still counts: "
                     "each call of optimizer.step() is one step of the record)",
-    # per layer, every recorded step
+    "lr": "the learning rate of the step (the param group of the first probed layer; a schedule shows here)",
+    "beta1": "Adam's β1 of the step (same group)",
+    "beta2": "Adam's β2 of the step (same group)",
+    # per layer, every recorded step. A value undefined at its input (a cosine with a zero vector, a residual
+    # of G = 0, a ratio to a zero) is a missing row: NaN in a record always means training went non-finite.
     "nonfinite_grad": "1 when the layer's gradient held NaN or Inf (the shadow skipped it)",
     "grad_norm": "‖G‖, the full-weight gradient (W.grad, or the captured G of a LoRA layer)",
     "factor_grad_norm": "sqrt(‖g_A‖² + ‖g_B‖²), the LoRA factor gradients",
     "update_norm": "‖ΔW‖ of this step's effective-weight update",
     "weight_change_norm": "‖W_t − W_0‖, the cumulative change",
     "update_weight_ratio": "‖ΔW‖ / ‖W‖",
+    "update_lr_ratio": "‖ΔW‖ / (lr·sqrt(m·n)) with the step's lr: ≤ K(t) (→ 7.3) for every Adam-like step, LoFT's too",
+    "factor_b_update_norm": "‖ΔB‖ of the LoRA factor B's own step (0: B did not move)",
+    "factor_a_update_norm": "‖ΔA‖ of the LoRA factor A's own step (0: A did not move)",
     "cos_update_grad": "cos(ΔW, G): −1 is steepest descent",
     "cos_moment_grad": "cos(first moment, gradient), in full space when the optimizer has one",
     "residual_left": "‖(I − P_B)·G‖ / ‖G‖: what no A-step can express",

@@ -21,7 +21,6 @@ from loft_probe.probe import attach
 from loft_probe.tasks import Task, build_task
 
 METHODS = ("full", "lora", "loft")
-LOFT_SWITCHES = ("alternating", "scale_gradients", "transport", "second_moment", "projected_update")
 
 
 @dataclass
@@ -39,7 +38,7 @@ class RunConfig:
     seed: int = 0  # model initialisation, LoRA initialisation and data order
     max_grad_norm: float | None = None  # LoFT's full-space clipping (LoFT only)
     task_options: dict[str, Any] = field(default_factory=dict)  # passed to build_task
-    loft_options: dict[str, Any] = field(default_factory=dict)  # LoFT ablation switches (LOFT_SWITCHES)
+    loft_options: dict[str, Any] = field(default_factory=dict)  # LoFT ablation switches (LoFT.switches())
     name: str | None = None  # run name in reports; default "<method>"
     meta: dict[str, Any] = field(default_factory=dict)  # more meta.json fields (a sweep records its cell here)
 
@@ -58,9 +57,9 @@ def check_config(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
-    unknown = sorted(set(config.loft_options) - set(LOFT_SWITCHES))
+    unknown = sorted(set(config.loft_options) - set(LoFT.switches()))
     if unknown:
-        raise ValueError(f"unknown LoFT switch(es) {unknown}; allowed: {list(LOFT_SWITCHES)}")
+        raise ValueError(f"unknown LoFT switch(es) {unknown}; allowed: {list(LoFT.switches())}")
     if (config.loft_options or config.max_grad_norm) and config.method != "loft":
         raise ValueError(f"LoFT switches and max_grad_norm apply to method 'loft', not {config.method!r}")
 

@@ -15,6 +15,7 @@ ablation): see functional's docstring. Format 1 (raw factor coordinates, ``prev_
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -116,6 +117,14 @@ class LoFT(torch.optim.Optimizer):
         self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
         self._bases: dict[tuple, F.SecondMomentBasis] = {}  # index tensors, one per (rank, variant, device)
         super().__init__(params, defaults)
+
+    @classmethod
+    def switches(cls) -> dict[str, Any]:
+        """The ablation switches, name → default, read from the signature (written once, there): what the
+        runner, the probe's meta and the diagnosis know of them."""
+        names = ("alternating", "scale_gradients", "transport", "second_moment", "projected_update")
+        parameters = inspect.signature(cls.__init__).parameters
+        return {name: parameters[name].default for name in names}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's (the constructor calls it for every group), then checks the group: a pair group must be

@@ -33,13 +33,15 @@ def update_metrics(update: Tensor, weight_before: Tensor, grad: Tensor | None, l
     return _defined(out)
 
 
-def factor_metrics(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor],
+def factor_metrics(initial: tuple[Tensor, Tensor], now: tuple[Tensor, Tensor],
                    grads: tuple[Tensor | None, Tensor | None]) -> dict[str, float]:
-    """A LoRA pair's factors: the raw steps ‖ΔB‖ (m×r), ‖ΔA‖ (r×n), which show a factor that never moves
-    (frozen, or a dead gradient), and the factor gradients' joint norm."""
-    (B0, A0), (B1, A1) = before, after
-    out: dict[str, Tensor | float] = {"factor_b_update_norm": (B1 - B0).norm(),
-                                      "factor_a_update_norm": (A1 - A0).norm()}
+    """A LoRA pair's own factors: how far each has moved since attach, ‖B_t − B_0‖ (m×r) and ‖A_t − A_0‖ (r×n),
+    which is 0 for a factor that never trains (frozen, or a dead gradient); and the factor gradients' joint
+    norm. Cumulative, not per step: LoFT moves one factor per step, so a per-step norm recorded every k-th
+    (even) step would show the same factor still at every record."""
+    (B0, A0), (B1, A1) = initial, now
+    out: dict[str, Tensor | float] = {"factor_b_change_norm": (B1 - B0).norm(),
+                                      "factor_a_change_norm": (A1 - A0).norm()}
     g_B, g_A = grads
     if g_B is not None and g_A is not None:
         out["factor_grad_norm"] = (g_B.float().norm() ** 2 + g_A.float().norm() ** 2).sqrt()

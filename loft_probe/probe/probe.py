@@ -386,7 +386,8 @@ class Probe:
         values = measure.update_metrics(update, W_before, layer.grad, group["lr"])
         values["weight_change_norm"] = float(self._cumulative_delta_norm(layer, after))
         if layer.pair is not None:
-            values.update(measure.factor_metrics(layer.before, after, (layer.pair.B.grad, layer.pair.A.grad)))
+            grads = (layer.pair.B.grad, layer.pair.A.grad)
+            values.update(measure.factor_metrics(layer.initial_factors, after, grads))
             if layer.grad is not None:
                 values.update(measure.residual_metrics(layer.grad, *layer.before))
         if not self.layout.known(self.optimizer, layer.key_param):
@@ -727,8 +728,7 @@ def _method(optimizer: torch.optim.Optimizer, layers: list[_Layer], model: nn.Mo
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    keep = ("lr", "betas", "eps", "weight_decay", "alternating", "scale_gradients", "transport",
-            "second_moment", "projected_update", "partner_cutoff")
+    keep = ("lr", "betas", "eps", "weight_decay", *LoFT.switches(), "partner_cutoff")
     group = optimizer.param_groups[0]
     out = {k: (list(group[k]) if isinstance(group[k], tuple) else group[k]) for k in keep if k in group}
     if getattr(optimizer, "max_grad_norm", None) is not None:

@@ -1,0 +1,79 @@
+"""Plain-language findings about one run: did training go wrong, and where does it step differently from full
+fine-tuning.
+
+    from loft_probe import load_run
+    from loft_probe.diagnosis import diagnose, format_findings
+
+    findings = diagnose(load_run("runs/lora"), reference=load_run("runs/full"))
+    print(format_findings(findings))
+
+Findings, in the order shown (warnings first):
+
+    code                  what it says                                                  decided on
+    diverged              NaN/Inf at the end, or a late loss above the first; the step   loss, non-finite rows
+                          and the layer where it began
+    nonfinite_steps       NaN/Inf at some steps, finite again later                      non-finite rows
+    step_too_large        steps beyond Adam's bound in units of the lr                   update_lr_ratio
+    lr_too_high           steps too large for the weights they change                    update_weight_ratio
+    undertrained          the loss still falls steeply at the end                        the loss curve
+    dead_gradients        layers whose gradient is exactly 0                             grad_norm
+    frozen_factor         a LoRA factor that never moved                                 factor_{a,b}_change_norm
+    rank_too_low          high tangent residual and r90 = rank in most adapter layers    residual_tangent, delta_r90
+    gap_from_subspace     the same in some layers only
+    optimizer_state       LoFT's moment off from the shadow's, within the subspace      shadow_m_proj_rel_error
+    loss_gap              final (held-out) loss against the reference's gain             eval_loss (reference)
+    intruders             more intruder dimensions than the reference (pretrained W_0)   intruders (reference)
+    rank_more_than_needed info: ΔW uses a quarter of the rank or less                    delta_r90
+    not_recorded          info: checks skipped for lack of metrics, and how to record them
+
+Each threshold, with the benchmark figure it came from, is in :mod:`loft_probe.diagnosis.thresholds`; the
+benchmark that measures the whole diagnosis on runs with known causes is :mod:`loft_probe.diagnosis.benchmark`.
+"""
+
+from __future__ import annotations
+
+from loft_probe.comparison import compare
+from loft_probe.diagnosis import checks
+from loft_probe.diagnosis.checks import Finding, signals
+from loft_probe.diagnosis.describe import describe_run, findings_to_json, format_findings, headline
+from loft_probe.diagnosis.reading import LayerValues
+from loft_probe.probe.rundir import Run
+
+__all__ = ["Finding", "describe_run", "diagnose", "findings_to_json", "format_findings", "headline", "signals"]
+
+# The codes that say training itself went wrong: when one fires, the alignment findings describe a broken run.
+TRAINING_FAULTS = ("diverged", "step_too_large", "lr_too_high", "undertrained", "dead_gradients", "frozen_factor")
+
+
+def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
+    """Findings for one run from its own record, and against ``reference`` (a full fine-tuning run of the same
+    task and seed) when given. Warnings come first, then infos, each in the order of the table above.
+
+    Raises:
+        loft_probe.comparison.IncompatibleRunsError, RunSelectionError: the reference does not compare with
+            the run (different seed, data order, base weights; the same name).
+    """
+    if not len(run.metrics):
+        return [Finding("not_recorded", "info", "The run has recorded no metrics yet: nothing to diagnose.",
+                        {"path": str(run.path)},
+                        "Let it reach its first recorded step (the probe's `every`), or check that the probe "
+                        "is attached to the optimizer that steps.")]
+    frame = compare([run, reference], reference=reference) if reference is not None else None
+    values = LayerValues(run)
+    findings = checks.nonfinite(run)
+    if not any(f.code == "diverged" for f in findings):
+        findings += checks.loss_rose(run)
+    findings += checks.step_size(run, values)
+    if not any(f.code == "diverged" for f in findings):
+        findings += checks.undertrained(run, values)
+    findings += checks.dead_gradients(values)
+    findings += checks.frozen_factor(run, values)
+    findings += checks.subspace(run, values)
+    findings += checks.optimizer_state(run, values)
+    findings += checks.rank_spare(run, values)
+    if reference is not None:
+        explained = any(f.severity == "warning" for f in findings)
+        findings += checks.loss_gap(run, reference, explained)
+        findings += checks.intruders(run, reference, frame)
+    findings += checks.not_recorded(run, values)
+    return sorted(findings, key=lambda f: f.severity != "warning")  # stable: the check order stays

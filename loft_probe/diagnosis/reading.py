@@ -1,0 +1,99 @@
+"""What the diagnosis reads from a run: each layer's late value of a metric, the loss curve, the last snapshot.
+
+One rule for "late": the median over the last third of the steps a layer recorded the metric at — late enough
+that the optimizer's moments have warmed up, a median so that one noisy minibatch does not decide. The run
+table, the report summary and the diagnosis all use it (`late_value`, `late_per_layer`). Only finite values
+count: NaN/Inf are findings of their own (divergence), and undefined values are missing rows already.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from loft_probe.probe.rundir import RUN_LAYER, Run
+
+
+def late_slice(steps: np.ndarray) -> np.ndarray:
+    """A boolean mask over sorted ``steps`` selecting the last third (at least one step)."""
+    unique = np.unique(steps)
+    if not len(unique):
+        return np.zeros(len(steps), dtype=bool)
+    first = unique[len(unique) - math.ceil(len(unique) / 3)]
+    return steps >= first
+
+
+def late_value(rows: pd.DataFrame) -> float:
+    """The late value of one series of rows (step, value): the median of its finite values over the last third
+    of its steps; NaN when it has none."""
+    rows = rows[np.isfinite(rows["value"].to_numpy(dtype="float64"))]
+    if not len(rows):
+        return math.nan
+    steps = rows["step"].to_numpy()
+    return float(rows.loc[late_slice(steps), "value"].median())
+
+
+class LayerValues:
+    """Per-layer late values of the run's metrics, in meta.json's layer order (layers without the metric are
+    absent from the Series)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        rows = run.metrics[run.metrics["layer"] != RUN_LAYER]
+        self._rows = rows[np.isfinite(rows["value"].to_numpy(dtype="float64"))]
+        self.order = [str(layer["name"]) for layer in run.meta["layers"]]
+        self._cache: dict[str, pd.Series] = {}
+
+    def has(self, metric: str) -> bool:
+        return bool((self._rows["metric"] == metric).any())
+
+    def late(self, metric: str) -> pd.Series:
+        if metric not in self._cache:
+            rows = self._rows[self._rows["metric"] == metric]
+            values = {str(layer): late_value(group) for layer, group in rows.groupby("layer", sort=False)}
+            self._cache[metric] = in_order(pd.Series(values, dtype="float64"), self.order)
+        return self._cache[metric]
+
+    def last(self, metric: str) -> pd.Series:
+        """Each layer's value at the last step it recorded the metric (cumulative metrics: the run's end)."""
+        rows = self._rows[self._rows["metric"] == metric].sort_values("step")
+        last = rows.groupby("layer", sort=False)["value"].last()
+        return in_order(pd.Series(last.to_numpy(dtype="float64"), index=last.index.astype(str)), self.order)
+
+    def adapter_layers(self) -> list[str]:
+        return [str(layer["name"]) for layer in self.run.meta["layers"] if layer.get("kind") == "lora"]
+
+
+def in_order(values: pd.Series, order: list[str]) -> pd.Series:
+    """The layers in the meta table's order first, any others after."""
+    known = [name for name in order if name in values.index]
+    return values[known + [name for name in values.index if name not in known]]
+
+
+def last_snapshot(run: Run, metric: str) -> tuple[int, pd.Series]:
+    """(step, value per layer) of a snapshot metric at its last recorded step; (0, empty) when never recorded."""
+    rows = run.rows(metric)
+    rows = rows[rows["layer"] != RUN_LAYER]
+    if not len(rows):
+        return 0, pd.Series(dtype="float64")
+    step = int(rows["step"].max())
+    last = rows[rows["step"] == step]
+    values = pd.Series(last["value"].to_numpy(dtype="float64"), index=last["layer"].astype(str).to_numpy())
+    return step, in_order(values, [str(layer["name"]) for layer in run.meta["layers"]])
+
+
+def run_series(run: Run, metric: str) -> pd.Series:
+    """A run-level metric (loss, eval_loss, lr) as a Series indexed by step, sorted."""
+    rows = run.rows(metric, [RUN_LAYER]).sort_values("step")
+    return pd.Series(rows["value"].to_numpy(dtype="float64"), index=rows["step"].to_numpy())
+
+
+def ranks(run: Run) -> dict[str, int]:
+    return {str(layer["name"]): int(layer["rank"]) for layer in run.meta["layers"]
+            if isinstance(layer.get("rank"), int) and layer["rank"] > 0}
+
+
+def is_adapter(run: Run) -> bool:
+    return any(layer.get("kind") == "lora" for layer in run.meta["layers"])

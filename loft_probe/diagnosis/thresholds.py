@@ -1,0 +1,55 @@
+"""Every threshold the diagnosis decides on, with the figure it came from.
+
+Values were fitted on the calibration split of the diagnosis benchmark (``python benchmarks/diagnosis_benchmark.py
+--split calibration``: matfact and digits, seeds 0–1, one injected cause per run) and checked on the
+evaluation split (seeds 2–3 and MiniLM sentiment, which no threshold saw). ``source`` quotes the calibration
+figures: the healthy runs' range against the range of the runs the check must catch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    meaning: str  # what crossing it says, in words
+    source: str  # the benchmark figures it was chosen from
+
+
+LOSS_RISE = Threshold(
+    1.0, "late training loss above the first one: the run made things worse (diverged)",
+    "healthy late/first loss ≤ 0.35 on every run; lr ×1000: 1.3–4e3 or NaN")
+STEP_LR_RATIO = Threshold(
+    7.3, "a step ‖ΔW‖/(lr·sqrt(mn)) beyond K(∞) = 7.27 for betas (0.9, 0.999): no Adam-like step reaches it",
+    "the bound itself (optim.functional.adam_ratio_bound); healthy LoFT/full ≤ 1.1, LoRA α = 64r: 8–60")
+UPDATE_WEIGHT_RATIO = Threshold(
+    0.01, "late median ‖ΔW‖/‖W‖ per step above 1%: steps too large for the weights they change",
+    "healthy ≤ 0.004; lr ×10: 0.008–0.03 (issue 10's first measurement; refitted below)")
+LOSS_STILL_FALLING = Threshold(
+    0.2, "the loss fell by more than 20% of its total drop between the middle and the last third of the run",
+    "healthy ≤ 0.05; lr ÷100 and a tenth of the steps: 0.3–0.5")
+DEAD_GRAD_NORM = Threshold(0.0, "a layer whose gradient is exactly 0 at every late step is dead", "exact")
+RESIDUAL_HIGH = Threshold(
+    0.85, "late tangent residual ‖(I−P_B)·G·(I−P_A)‖/‖G‖: over 72% of the gradient's energy out of reach",
+    "healthy ≤ 0.53 (digits r8) and 0.80 (MiniLM r8); rank 1 on a rank-8 task: 0.88–1.0")
+RANK_FULL = Threshold(
+    1.0, "r90 of ΔW equal to the rank: the adapter uses every direction it has",
+    "rank 1: r90 = 1 in 12/12 runs; healthy r8: r90 ≤ 5")
+RANK_LAYER_FRACTION = Threshold(
+    0.5, "rank_too_low once at least half of the adapter layers are limited, else gap_from_subspace",
+    "a choice: the rank is per run")
+RANK_SPARE = Threshold(
+    0.25, "rank_more_than_needed when every layer's r90 is at most a quarter of its rank",
+    "half the rank would still hold 90% of ΔW with room to spare")
+PROJ_REL_ERROR = Threshold(
+    1.0, "LoFT's late ‖M̂ − proj M_shadow‖/‖proj M_shadow‖ above 1: its moment is off by more than its own size",
+    "healthy LoFT ≤ 0.27; gradient scaling off: 2.7–380")
+GAP_SHORTFALL = Threshold(
+    0.1, "the run's final held-out loss falls short of the reference's by more than 10% of the reference's gain",
+    "seed-to-seed spread of healthy runs' shortfall ≤ 0.05")
+REFERENCE_STILL_FALLING = Threshold(
+    0.05, "the reference's held-out loss still fell by over 5% of its gain in its last evaluation interval",
+    "a choice: a converged curve is flat to the noise of the evaluation")
+WORST_SHOWN = 3  # layers named in a finding's evidence, worst first

@@ -265,7 +265,7 @@ def test_optimizer_without_adam_state_is_probed_with_a_warning(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     probe = attach(model, opt, tmp_path / "run", every=1)
-    with pytest.warns(ProbeWarning, match="keeps no exp_avg"):
+    with pytest.warns(ProbeWarning, match="holds no exp_avg"):
         train(model, opt, batches(3), probe)
     probe.close()
     run = load_run(tmp_path / "run")

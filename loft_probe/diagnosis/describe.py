@@ -57,9 +57,23 @@ def describe_run(run: Run, width: int = 100) -> str:
     if len(layers) > MAX_LAYERS_SHOWN:
         lines.append(f"    ... and {len(layers) - MAX_LAYERS_SHOWN} more")
     counts = metrics.groupby("metric", sort=True).size()
-    listing = ", ".join(f"{metric} {count}" for metric, count in counts.items()) or "none"
-    lines += _wrap(f"metrics (rows): {listing}", width, initial_indent="  ", subsequent_indent="    ")
+    items = [f"{metric} {count}" for metric, count in counts.items()] or ["none"]
+    lines += _wrap_items("metrics (rows): ", items, width)
     return "\n".join(lines)
+
+
+def _wrap_items(head: str, items: list[str], width: int) -> list[str]:
+    """``head`` and comma-separated items wrapped at ``width``, breaking only between items ("name count" stays
+    on one line, so a reader, or a grep, finds a metric with its count)."""
+    lines, line = [], "  " + head
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if len(line) + 1 + len(piece) > width and line.strip() != head.strip():
+            lines.append(line)
+            line = "    " + piece
+        else:
+            line += ("" if line.endswith(head) else " ") + piece
+    return [*lines, line]
 
 
 def headline(run: Run) -> dict[str, float | str]:

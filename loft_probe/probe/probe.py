@@ -391,8 +391,9 @@ class Probe:
             if layer.grad is not None:
                 values.update(measure.residual_metrics(layer.grad, *layer.before))
         if not self.layout.known(self.optimizer, layer.key_param):
-            self._warn_once("layout", f"{type(self.optimizer).__name__} keeps no exp_avg/exp_avg_sq: moments "
-                                      "are not recorded, gradients and updates are")
+            self._warn_once("layout", f"{type(self.optimizer).__name__} holds no exp_avg/exp_avg_sq for layer "
+                                      f"{layer.name} (another state layout, or a parameter it never stepped): its "
+                                      "moments are not recorded, its gradients and updates are")
         moments = self.layout.full_space(self.optimizer, group, layer)
         if moments is not None and layer.grad is not None:
             values.update(measure.moment_grad_metrics(moments.first, layer.grad))

@@ -32,6 +32,8 @@ benchmark that measures the whole diagnosis on runs with known causes is :mod:`l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from loft_probe.comparison import compare
 from loft_probe.diagnosis import checks
 from loft_probe.diagnosis.checks import Finding, signals
@@ -61,19 +63,36 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
     frame = compare([run, reference], reference=reference) if reference is not None else None
     values = LayerValues(run)
     findings = checks.nonfinite(run)
-    if not any(f.code == "diverged" for f in findings):
-        findings += checks.loss_rose(run)
+    if not _fired(findings, "diverged"):
+        findings += checks.loss_rose(run, values)
     findings += checks.step_size(run, values)
-    if not any(f.code == "diverged" for f in findings):
+    if not _fired(findings, "diverged"):
         findings += checks.undertrained(run, values)
-    findings += checks.dead_gradients(values)
+    findings += checks.dead_gradients(run, values)
     findings += checks.frozen_factor(run, values)
     findings += checks.subspace(run, values)
     findings += checks.optimizer_state(run, values)
-    findings += checks.rank_spare(run, values)
+    if not _fired(findings, *TRAINING_FAULTS):  # a broken run's ΔW says nothing about the rank it needs
+        findings += checks.rank_spare(run, values)
     if reference is not None:
         explained = any(f.severity == "warning" for f in findings)
-        findings += checks.loss_gap(run, reference, explained)
-        findings += checks.intruders(run, reference, frame)
+        gap = checks.loss_gap(run, reference, explained)
+        if gap and gap[0].severity == "info":  # the reference says the run lost nothing: a limit that cost nothing
+            findings = [_no_cost(f, reference) if f.code in SUBSPACE else f for f in findings]
+        findings += gap + checks.intruders(run, reference, frame)
     findings += checks.not_recorded(run, values)
     return sorted(findings, key=lambda f: f.severity != "warning")  # stable: the check order stays
+
+
+SUBSPACE = ("rank_too_low", "gap_from_subspace")
+
+
+def _fired(findings: list[Finding], *codes: str) -> bool:
+    return any(f.code in codes for f in findings)
+
+
+def _no_cost(finding: Finding, reference: Run) -> Finding:
+    """A subspace limit the held-out loss does not show: information, not a warning."""
+    return replace(finding, severity="info",
+                   title=finding.title + f" The final loss still matches {reference.name}'s: the limit costs nothing "
+                                         "measurable here.")

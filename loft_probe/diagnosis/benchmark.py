@@ -23,10 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from loft_probe.diagnosis.cases import ALWAYS_ALLOWED, CAUSE, CAUSES, SPLITS, Cause
+from loft_probe.diagnosis.cases import CAUSE, CAUSES, SPLITS, Cause
+from loft_probe.diagnosis.thresholds import GAP_SHORTFALL
 from loft_probe.probe.rundir import RUN_LAYER, RunDirError, load_run
 
-HURT_SHORTFALL = 0.05  # a run that misses 5% of its healthy twin's held-out gain was measurably hurt
+HURT_SHORTFALL = 0.05
+# Info findings some cause expects (they claim something about the run); other infos are context, not claims.
+EXPECTED_INFOS = {"rank_more_than_needed", "not_recorded"}  # a run that misses 5% of its healthy twin's held-out gain was measurably hurt
 
 
 @dataclass(frozen=True)
@@ -157,15 +160,21 @@ def diagnose_case(case: Case, out: Path) -> dict:
     reference = load_run(Case(case.split, case.task, case.seed, "full", "healthy").path(out))
     alone = diagnose(run)
     against = diagnose(run, reference=reference) if run.name != reference.name else alone
-    start, last, healthy = _eval(run, 0), _eval(run, -1), _eval(twin, -1)
-    gain = start - healthy
-    shortfall = (last - healthy) / gain if math.isfinite(last) and gain > 0 else math.inf
+    start, last, healthy, full = _eval(run, 0), _eval(run, -1), _eval(twin, -1), _eval(reference, -1)
+    shortfall = _shortfall(start, last, healthy)
     return {"split": case.split, "task": case.task, "seed": case.seed, "method": case.method,
             "cause": case.cause, "eval_start": start, "eval_last": last, "eval_healthy": healthy,
             "shortfall": shortfall, "hurt": bool(case.cause != "healthy" and shortfall > HURT_SHORTFALL),
+            "gap_to_full": _shortfall(start, last, full) > GAP_SHORTFALL.value,
             "warnings": _codes(alone, "warning"), "infos": _codes(alone, "info"),
             "warnings_ref": _codes(against, "warning"), "infos_ref": _codes(against, "info"),
             **{f"signal_{k}": v for k, v in signals(run).items()}}
+
+
+def _shortfall(start: float, last: float, target: float) -> float:
+    """How much of the gain start → target a run ending at ``last`` misses (inf when it ended non-finite)."""
+    gain = start - target
+    return (last - target) / gain if math.isfinite(last) and gain > 0 else math.inf
 
 
 def _eval(run, index: int) -> float:
@@ -199,13 +208,14 @@ def score(rows: pd.DataFrame, reference: bool) -> Score:
     for row in rows.itertuples():
         cause = CAUSE[row.cause]
         warnings_ = set(getattr(row, "warnings" + suffix).split())
-        found = warnings_ | set(getattr(row, "infos" + suffix).split())
-        allowed = set(cause.expect) | set(cause.allow) | (set(ALWAYS_ALLOWED) if row.hurt else set())
-        hit = bool(found & set(cause.expect)) if cause.expect else not warnings_
+        infos = set(getattr(row, "infos" + suffix).split())
+        # loss_gap is a measurement against the reference: true wherever the run really is that far from it
+        allowed = set(cause.expect) | set(cause.allow) | ({"loss_gap"} if row.gap_to_full else set())
+        hit = bool((warnings_ | infos) & set(cause.expect)) if cause.expect else not (warnings_ - allowed)
         wrong = sorted(warnings_ - allowed)
         per_cause.append({"cause": row.cause, "hurt": row.hurt, "hit": hit, "wrong": bool(wrong)})
-        for code in found:
-            fired_rows.append({"code": code, "true": code in allowed or (not cause.expect and code not in warnings_)})
+        for code in warnings_ | (infos & EXPECTED_INFOS):  # what the diagnosis claims about the run
+            fired_rows.append({"code": code, "true": code in allowed})
     frame = pd.DataFrame(per_cause)
     causes = frame.groupby("cause", sort=False).agg(
         runs=("hit", "size"), hurt=("hurt", "sum"), hits=("hit", "sum"),

@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Codes that are true of any run a cause measurably hurt: never counted as a wrong cause.
-ALWAYS_ALLOWED = ("loss_gap",)
 
 
 @dataclass(frozen=True)
@@ -40,12 +38,13 @@ CAUSES: tuple[Cause, ...] = (
     Cause("rank_too_low", "rank 1 where the task needs more", ("lora", "loft"), ("rank_too_low", "gap_from_subspace"),
           rank=1),
     Cause("rank_far_too_high", "rank 8× the default", ("lora", "loft"), ("rank_more_than_needed",), rank=64),
-    Cause("lr_x10", "learning rate ×10", ("full", "lora", "loft"), ("lr_too_high", "step_too_large"),
-          allow=("diverged", "nonfinite_steps"), lr_factor=10.0),
+    Cause("lr_x10", "learning rate ×10", ("full", "lora", "loft"), ("lr_too_high", "step_too_large", "diverged"),
+          allow=("nonfinite_steps",), lr_factor=10.0),
     Cause("lr_x100", "learning rate ×100", ("full", "lora", "loft"), ("lr_too_high", "step_too_large", "diverged"),
           allow=("nonfinite_steps",), lr_factor=100.0),
     Cause("lr_div100", "learning rate ÷100", ("full", "lora", "loft"), ("undertrained",), lr_factor=0.01),
-    Cause("too_few_steps", "a tenth of the steps", ("full", "lora", "loft"), ("undertrained",), steps_factor=0.1),
+    Cause("too_few_steps", "a tenth of the steps", ("full", "lora", "loft"), ("undertrained",),
+          allow=("diverged",), steps_factor=0.1),  # a run that stops inside an early loss spike ends diverged
     Cause("alpha_too_low", "LoRA α = r/64 (scale 1/64)", ("lora",), ("undertrained",), alpha_factor=1 / 64),
     Cause("alpha_too_high", "LoRA α = 64r (scale 64)", ("lora",), ("step_too_large", "lr_too_high", "diverged"),
           allow=("nonfinite_steps",), alpha_factor=64.0),

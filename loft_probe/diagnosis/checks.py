@@ -40,7 +40,8 @@ class Finding:
 # ---------------------------------------------------------------------------------------------- signals
 def loss_curve(run: Run) -> dict[str, float]:
     """The training loss's first value, late value (median of the last third), the median of the middle third,
-    and ``falling``: (middle − late)/(first − late), the share of the whole drop still happening at the end."""
+    the best (lowest median of ten windows), and ``falling``: (middle − late)/(first − late), the share of the
+    whole drop still happening at the end."""
     loss = run_series(run, "loss")
     loss = loss[np.isfinite(loss.to_numpy())]
     if len(loss) < 3:
@@ -48,7 +49,11 @@ def loss_curve(run: Run) -> dict[str, float]:
     n = len(loss)
     first, mid, late = float(loss.iloc[0]), float(loss.iloc[n // 3: n - n // 3].median()), float(
         loss.iloc[n - math.ceil(n / 3):].median())
-    out = {"loss_first": first, "loss_mid": mid, "loss_late": late, "loss_rise": late / first if first else math.nan}
+    window = max(1, n // 10)
+    best = min(float(loss.iloc[i:i + window].median()) for i in range(0, n - window + 1, window))
+    out = {"loss_first": first, "loss_mid": mid, "loss_late": late, "loss_best": best,
+           "loss_rise": late / first if first else math.nan,
+           "loss_above_best": late / best if best > 0 else math.nan}
     out["loss_falling"] = (mid - late) / (first - late) if first > late else math.nan
     return out
 
@@ -143,70 +148,120 @@ def nonfinite(run: Run) -> list[Finding]:
                   "repeat, lower the learning rate or check the data of those steps.")]
 
 
-def loss_rose(run: Run) -> list[Finding]:
-    """A finite run whose late training loss is above its first: it diverged without a NaN. Names the step the
-    loss first rose above its start and the layer stepping hardest (update_weight_ratio) there."""
+def loss_rose(run: Run, values: LayerValues) -> list[Finding]:
+    """A finite run that diverged without a NaN: its late training loss is above its first, or its gradients died
+    mid-run (G > 0 at an earlier record, 0 from then on: units a large step pushed into saturation). Names the
+    step it began and the layer stepping hardest (update_weight_ratio) there."""
     curve = loss_curve(run)
-    if not curve or not curve["loss_rise"] > T.LOSS_RISE.value:
+    died = _died_layers(run)
+    if curve and curve["loss_rise"] > T.LOSS_RISE.value:
+        loss = run_series(run, "loss")
+        began = int(loss.index[np.argmax(loss.to_numpy() > curve["loss_first"])])
+        what = (f"its late training loss {number(curve['loss_late'])} is above its first "
+                f"{number(curve['loss_first'])} (×{curve['loss_rise']:.3g}); the loss first rose above its start at "
+                f"step {began}")
+        evidence: dict[str, float | str] = {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"],
+                                            "loss_rise_max": T.LOSS_RISE.value}
+    elif died:
+        began = min(died.values())
+        what = (f"the gradients of {_names(list(died))} died at step {began} and stayed 0 (G > 0 before): a large "
+                "step saturated their units")
+        evidence = {"layers_died": float(len(died))}
+    else:
         return []
-    loss = run_series(run, "loss")
-    began = int(loss.index[np.argmax(loss.to_numpy() > curve["loss_first"])])
+    layer, peak = _largest_step(run, began)
+    where = f"; {layer} took the largest step up to there (‖ΔW‖/‖W‖ = {number(peak)})" if layer else ""
+    evidence |= {"began_step": float(began), **({"layer": layer, "update_weight_ratio": peak} if layer else {})}
+    return [Finding("diverged", "warning", f"The run diverged: {what}{where}.", evidence,
+                    "Lower the learning rate (a tenth is a start); for LoRA, α/r scales every step as well.")]
+
+
+def _died_layers(run: Run) -> dict[str, int]:
+    """{layer: step} for layers whose gradient norm was > 0 at an earlier record and is 0 from ``step`` on."""
+    rows = run.rows("grad_norm")
+    rows = rows[rows["layer"] != RUN_LAYER].sort_values("step")
+    died = {}
+    for layer, group in rows.groupby("layer", sort=False):
+        alive = group["value"].to_numpy(dtype="float64") > T.DEAD_GRAD_NORM.value
+        if alive.any() and not alive[-1]:
+            last_alive = np.flatnonzero(alive)[-1]
+            died[str(layer)] = int(group["step"].iloc[last_alive + 1])
+    return died
+
+
+def _largest_step(run: Run, until: int) -> tuple[str, float]:
+    """The layer with the largest ‖ΔW‖/‖W‖ recorded at or before step ``until`` (the first record if none)."""
     ratio = run.rows("update_weight_ratio")
-    ratio = ratio[(ratio["step"] >= began) & np.isfinite(ratio["value"].to_numpy(dtype="float64"))]
-    layer = ""
-    if len(ratio):
-        at = ratio[ratio["step"] == ratio["step"].min()]
-        layer = str(at.loc[at["value"].idxmax(), "layer"])
-    where = f"; {layer} took the largest step there (‖ΔW‖/‖W‖)" if layer else ""
-    return [Finding(
-        "diverged", "warning",
-        f"The run diverged: its late training loss {number(curve['loss_late'])} is above its first "
-        f"{number(curve['loss_first'])} (×{curve['loss_rise']:.3g}); the loss first rose above its start at step "
-        f"{began}{where}.",
-        {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"], "loss_rise_max": T.LOSS_RISE.value,
-         "began_step": float(began), **({"layer": layer} if layer else {})},
-        "Lower the learning rate (a tenth is a start); for LoRA, α/r scales every step as well.")]
+    ratio = ratio[np.isfinite(ratio["value"].to_numpy(dtype="float64"))]
+    if not len(ratio):
+        return "", math.nan
+    before = ratio[ratio["step"] <= until]
+    rows = before if len(before) else ratio[ratio["step"] == ratio["step"].min()]
+    best = rows.loc[rows["value"].idxmax()]
+    return str(best["layer"]), float(best["value"])
 
 
 def step_size(run: Run, values: LayerValues) -> list[Finding]:
-    """Steps far beyond the learning rate's scale (update_lr_ratio above Adam's bound K), then steps too large
-    for the weights (update_weight_ratio): an optimizer fault, or a learning rate (or LoRA α) set too high."""
+    """Steps beyond what the learning rate accounts for (update_lr_ratio), then steps too large for the run:
+    a loss that rose above its start mid-run, or late steps large against the weights while the loss no
+    longer falls."""
     findings = []
-    betas = tuple((run.meta.get("hyperparameters") or {}).get("betas") or (0.9, 0.999))
-    bound = max(T.STEP_LR_RATIO.value, adam_ratio_bound(10**6, betas) if len(betas) == 2 else 0.0)
     ratios = values.late("update_lr_ratio")
+    bound = _step_bound(run)
     over = ratios[ratios > bound]
     if len(over):
         worst = _worst(over, lowest=False)
         why = {"loft": "LoFT's full-space step obeys this bound by construction: this is a fault to report, "
                        "with the run directory.",
-               "lora": "For LoRA the factors' Adam steps are scaled by α/r and the other factor's size: lower α "
-                       "(or the learning rate).",
+               "lora": "LoRA's step in the weights scales with α/r and the other factor's size: lower α (or "
+                       "the learning rate).",
                }.get(run.method, "No Adam-like optimizer steps this far: check the optimizer and its settings.")
         findings.append(Finding(
             "step_too_large", "warning",
             f"{len(over)} of {len(ratios)} layers step more than {bound:.3g}× their learning rate's scale "
             f"(late ‖ΔW‖/(lr·sqrt(mn))): {_listing(worst, len(over))}.",
             {"bound": bound, "layers_over": float(len(over)), "layers": float(len(ratios)), **worst}, why))
+        return findings
+    curve = loss_curve(run)
+    if curve.get("loss_mid", -math.inf) > curve.get("loss_first", math.inf):
+        return [Finding(
+            "lr_too_high", "warning",
+            f"The training loss rose above its start in the middle of the run (median {number(curve['loss_mid'])} "
+            f"against {number(curve['loss_first'])} at the first step) before coming back to "
+            f"{number(curve['loss_late'])}: the steps are too large for this run.",
+            {"loss_first": curve["loss_first"], "loss_mid": curve["loss_mid"], "loss_late": curve["loss_late"]},
+            "Lower the learning rate (a third to a tenth); for LoRA, α/r scales every step as well.")]
     ratio = values.late("update_weight_ratio")
     high = ratio[ratio > T.UPDATE_WEIGHT_RATIO.value]
-    if len(high) and not len(over):
+    above_best = curve.get("loss_above_best", math.nan)
+    if len(high) and above_best > T.LOSS_ABOVE_BEST.value:
         worst = _worst(high, lowest=False)
         findings.append(Finding(
             "lr_too_high", "warning",
-            f"{len(high)} of {len(ratio)} layers change by more than {T.UPDATE_WEIGHT_RATIO.value:.0%} of their "
-            f"weight per step late in the run (median ‖ΔW‖/‖W‖): {_listing(worst, len(high))}.",
-            {"threshold": T.UPDATE_WEIGHT_RATIO.value, "layers_over": float(len(high)),
+            f"{len(high)} of {len(ratio)} layers still change by more than {T.UPDATE_WEIGHT_RATIO.value:.0%} of "
+            f"their weight per step late in the run (median ‖ΔW‖/‖W‖), and the late loss is {above_best:.3g}× the "
+            f"best it reached: {_listing(worst, len(high))}.",
+            {"threshold": T.UPDATE_WEIGHT_RATIO.value, "loss_above_best": above_best,
+             "loss_above_best_max": T.LOSS_ABOVE_BEST.value, "layers_over": float(len(high)),
              "layers": float(len(ratio)), **worst},
             "The learning rate is likely too high: try a third to a tenth of it and compare the held-out loss."))
     return findings
+
+
+def _step_bound(run: Run) -> float:
+    """The largest late update_lr_ratio a healthy run of this method shows: Adam's K(∞) for full fine-tuning
+    and LoFT (a bound every such step obeys), an empirical limit for LoRA (no bound exists)."""
+    if run.method == "lora":
+        return T.LORA_STEP_LR_RATIO.value
+    betas = tuple((run.meta.get("hyperparameters") or {}).get("betas") or (0.9, 0.999))
+    return max(T.STEP_LR_RATIO.value, adam_ratio_bound(10**6, betas) if len(betas) == 2 else 0.0)
 
 
 def undertrained(run: Run, values: LayerValues) -> list[Finding]:
     """The loss still falls steeply at the end: the run stopped early, or its steps are too small."""
     curve = loss_curve(run)
     falling = curve.get("loss_falling", math.nan)
-    if not falling > T.LOSS_STILL_FALLING.value:
+    if not T.LOSS_STILL_FALLING.value < falling <= 1.0:  # above 1: the loss spiked mid-run (lr_too_high)
         return []
     steps = int(run.last_step)
     lr = run_series(run, "lr")
@@ -222,31 +277,37 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
 
 
 def _dead_layers(values: LayerValues) -> list[str]:
+    """Layers whose late gradient norm is exactly 0 (the captured G, else the factor gradients)."""
     norms = values.late("grad_norm")
     if not len(norms):
         norms = values.late("factor_grad_norm")
     return [str(layer) for layer, value in norms.items() if value <= T.DEAD_GRAD_NORM.value]
 
 
-def dead_gradients(values: LayerValues) -> list[Finding]:
-    """Layers whose gradient is exactly zero late in the run: nothing downstream reaches them."""
-    dead = _dead_layers(values)
+def dead_gradients(run: Run, values: LayerValues) -> list[Finding]:
+    """Layers whose gradient is exactly zero late in the run and never was otherwise: nothing reaches them
+    (the ones that died mid-run are the divergence finding's)."""
+    died = _died_layers(run)
+    dead = [layer for layer in _dead_layers(values) if layer not in died]
     if not dead:
         return []
     return [Finding(
         "dead_gradients", "warning",
-        f"{len(dead)} layer{'s' * (len(dead) > 1)} get a zero gradient (G = 0) late in the run: {_names(dead)}; "
+        f"{len(dead)} layer{'s' * (len(dead) > 1)} get a zero gradient (G = 0) at every recorded step: {_names(dead)}; "
         "their alignment metrics are undefined and missing from the record.",
         {"layers_dead": float(len(dead)), "layers": ", ".join(dead[:T.WORST_SHOWN])},
-        "Check that these layers are used in the forward pass (a zeroed or detached input, a saturated "
-        "activation, a masked output); a diverged run can also saturate into zero gradients.")]
+        "Check that these layers are used in the forward pass (a zeroed or detached input, a masked output); "
+        "a learning rate far too high can also saturate units before the first record.")]
 
 
 def _frozen_factors(values: LayerValues) -> list[str]:
+    """"layer (A)" / "layer (B)" for factors that have not moved since attach, in layers whose gradient is alive
+    (a dead gradient explains a still factor)."""
+    dead = set(_dead_layers(values))
     out = []
     for factor in ("a", "b"):
         moved = values.last(f"factor_{factor}_change_norm")
-        out += [f"{layer} ({factor.upper()})" for layer, value in moved.items() if value == 0.0]
+        out += [f"{layer} ({factor.upper()})" for layer, value in moved.items() if value == 0.0 and layer not in dead]
     return out
 
 
@@ -301,6 +362,7 @@ def optimizer_state(run: Run, values: LayerValues) -> list[Finding]:
     """LoFT's moment against the shadow's projected onto the adapter: off by more than its own size, whatever
     the residual (the projection already leaves out what the subspace cannot hold)."""
     errors = values.late("shadow_m_proj_rel_error")
+    errors = errors[~errors.index.isin(_dead_layers(values))]  # G = 0: the shadow's moment decays, LoFT's is 0
     off = errors[errors > T.PROJ_REL_ERROR.value]
     if not len(off):
         return []
@@ -433,16 +495,19 @@ def intruders(run: Run, reference: Run, frame: pd.DataFrame | None) -> list[Find
 
 
 def not_recorded(run: Run, values: LayerValues) -> list[Finding]:
-    """One info finding naming the checks skipped for lack of metrics, and the switch that records them."""
+    """One info finding naming the checks skipped because a switch was off, and the switch that records them.
+    Decided on meta.json's switches, not on missing rows: a metric undefined at its input (G = 0, ΔW = 0) is
+    missing too, and turning a switch on would not record it."""
     missing: dict[str, str] = {}
+    meta = run.meta
     if is_adapter(run):
-        if not values.has("shadow_update_cosine"):
+        if meta.get("shadow") is False or (meta.get("shadow") is None and not values.has("shadow_update_cosine")):
             missing["optimizer-state check"] = "shadow=True (loft-probe run --shadow)"
-        if not values.has("residual_tangent"):
+        if meta.get("capture_grad") is False or (meta.get("capture_grad") is None and not values.has("grad_norm")):
             missing["subspace (tangent residual) check"] = "capture_grad=True (implied by shadow=True)"
-    if not values.has("delta_r90"):
+    if not values.has("delta_r90") and not run.snapshot_steps:
         missing["rank checks"] = "a snapshot (every 4th recorded step, and the last one when the probe closes)"
-    if not values.has("update_lr_ratio"):
+    if not values.has("update_lr_ratio") and values.has("update_norm"):
         missing["step-size checks"] = "a probe of this version (update_lr_ratio)"
     if not missing:
         return []

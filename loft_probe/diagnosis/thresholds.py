@@ -24,9 +24,16 @@ LOSS_RISE = Threshold(
 STEP_LR_RATIO = Threshold(
     7.3, "a step ‖ΔW‖/(lr·sqrt(mn)) beyond K(∞) = 7.27 for betas (0.9, 0.999): no Adam-like step reaches it",
     "the bound itself (optim.functional.adam_ratio_bound); healthy LoFT/full ≤ 1.1, LoRA α = 64r: 8–60")
+LORA_STEP_LR_RATIO = Threshold(
+    2.0, "LoRA's late ‖ΔW‖/(lr·sqrt(mn)) above 2: its weight steps exceed what a full fine-tuning Adam step on a "
+         "steady gradient takes (≈ 1)",
+    "healthy LoRA ≤ 0.03 (digits), ≤ 0.001 (matfact); α = 64r on digits: 6.4–7.4")
 UPDATE_WEIGHT_RATIO = Threshold(
     0.01, "late median ‖ΔW‖/‖W‖ per step above 1%: steps too large for the weights they change",
     "healthy ≤ 0.004; lr ×10: 0.008–0.03 (issue 10's first measurement; refitted below)")
+LOSS_ABOVE_BEST = Threshold(
+    2.0, "late training loss over twice the best it reached (lowest median of ten windows): the run got worse",
+    "healthy ≤ 2.1 (digits LoFT at a loss of 1e-3); lr ×100 on digits full fine-tuning: 4.3–5.1")
 LOSS_STILL_FALLING = Threshold(
     0.2, "the loss fell by more than 20% of its total drop between the middle and the last third of the run",
     "healthy ≤ 0.05; lr ÷100 and a tenth of the steps: 0.3–0.5")

@@ -22,6 +22,8 @@ from loft_probe import load_run
 from loft_probe.comparison import compare
 from loft_probe.probe.rundir import RUN_LAYER, write_metrics_part, write_snapshot
 from loft_probe.reporting import SUMMARY_COLUMNS, figures, report, summary_table
+from loft_probe.diagnosis import diagnose
+from loft_probe.reporting.build import FINDINGS_COLUMNS
 from loft_probe.reporting.frames import run_frame
 from loft_probe.reporting.page import CSP
 from loft_probe.runner import RunConfig
@@ -165,6 +167,21 @@ def test_markdown_links_every_figure_file(built):
         assert (built.parent / link).read_bytes().startswith(PNG_MAGIC)
 
 
+def test_findings_table_diagnoses_every_run_against_the_reference(runs, built):
+    """The page carries `loft-probe diagnose` of each run: the adapters against the full run, which is diagnosed
+    alone; the same findings the library gives."""
+    md = (built.parent / "report.md").read_text(encoding="utf-8")
+    section = md.split("## Findings")[1].split("## ")[0]
+    rows = [[cell.strip().replace("\\", "") for cell in md_cells(line)]
+            for line in section.splitlines() if line.startswith("|")][2:]
+    full = next(run for run in runs if run.method == "full")
+    for run in runs:
+        expected = diagnose(run, reference=None if run is full else full) or [None]
+        mine = [row for row in rows if row[0] == run.name]
+        assert [row[2] for row in mine] == [f.code if f else "" for f in expected]
+    assert any(row[2] == "loss_gap" for row in rows)  # an adapter was compared with the reference
+
+
 def test_same_runs_same_pages(runs, built, tmp_path):
     again = report(runs, tmp_path / "again")
     strip = lambda text: re.sub(r"base64,[A-Za-z0-9+/=]+", "", text)  # noqa: E731 (PNG bytes may differ)
@@ -222,7 +239,8 @@ def test_hostile_strings_are_escaped_in_markdown(hostile):
     assert "<script>" not in md and "</script>" not in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     widths = {len(md_cells(line)) for line in table}
-    assert widths == {len(SUMMARY_COLUMNS), 6}  # the summary and the runs table; no cell split by a "|"
+    # the summary, the findings and the runs table; no cell split by a "|"
+    assert widths == {len(SUMMARY_COLUMNS), len(FINDINGS_COLUMNS), 6}
     assert any(r"| \<script\>alert(1)\</script\>\|lora |" in line for line in table)
     assert r"\`x\`" in md  # the layer name's backticks, in the φ caption
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LoraLinear", "LoraPair", "add_lora", "lora_pairs", "unsupported_lora_layers"]
+__all__ = ["LoraLinear", "LoraPair", "add_lora", "dropout_warning", "lora_pairs", "unsupported_lora_layers"]
 
 
 # eq=False: the generated __eq__ would compare tensors elementwise; pairs compare (and hash) by identity.
@@ -30,7 +30,8 @@ class LoraPair:
     prefix removed), with ``@<adapter>`` appended for a PEFT adapter other than ``"default"``. ``A`` is
     (r, n) and ``B`` is (m, r) in ``nn.Linear`` layout. ``base`` is the frozen weight exactly as stored:
     (m, n), or (n, m) when ``fan_in_fan_out`` (GPT-2 ``Conv1D``). ``scale`` is read when the pair is built;
-    a later change of the layer's scaling (e.g. PEFT's ``set_scale``) is not reflected.
+    a later change of the layer's scaling (e.g. PEFT's ``set_scale``) is not reflected. ``dropout`` is the
+    probability with which the factors' input is dropped (0 without LoRA dropout).
     """
 
     name: str
@@ -41,6 +42,7 @@ class LoraPair:
     scale: float
     base: torch.Tensor
     fan_in_fan_out: bool = False
+    dropout: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -179,6 +181,22 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
     return pairs
 
 
+def dropout_warning(pairs: Sequence[LoraPair]) -> str | None:
+    """One line for a probe whose LoRA pairs drop out their factors' input, or None when none does.
+
+    The factors see the dropped-out input, the full-weight gradient G a probe captures sees the whole layer's:
+    ``g_B = s·G·Aᵀ`` then holds only in expectation, and so do the residuals and the shadow fed with G.
+    """
+    dropped = [pair for pair in pairs if pair.dropout > 0]
+    if not dropped:
+        return None
+    low, high = min(pair.dropout for pair in dropped), max(pair.dropout for pair in dropped)
+    p = f"{low:g}" if low == high else f"{low:g}–{high:g}"
+    return (f"{len(dropped)} of {len(pairs)} LoRA layer(s) have dropout p={p}: their factors see a dropped-out "
+            "input, the captured G the whole layer's, so the projection residuals and the shadow (fed G) match "
+            "the factors' gradients only in expectation; train with LoRA dropout 0 for an exact comparison")
+
+
 def unsupported_lora_layers(model: nn.Module) -> list[str]:
     """Names (as in :class:`LoraPair`) of the LoRA layers that :func:`lora_pairs` skips."""
     return _scan(model)[1]
@@ -274,13 +292,15 @@ def _entries(name: str, module: nn.Module) -> list[tuple[str, LoraPair | None]]:
     """(name, pair or None if unsupported) per adapter of ``module``; empty when it carries no LoRA."""
     if isinstance(module, LoraLinear):
         weight = module.base_layer.weight
-        return [(name, _pair(name, module, "default", module.lora_A, module.lora_B, module.scaling, weight))]
+        return [(name, _pair(name, module, "default", module.lora_A, module.lora_B, module.scaling, weight,
+                             dropout=_dropout_p(module.dropout)))]
     if _is_torchtune_lora(module):
         # torchtune's DoRALinear has LoRALinear's attributes plus a learned magnitude.
         if getattr(module, "magnitude", None) is not None or getattr(module, "use_dora", False):
             return [(name, None)]
         weight = getattr(module, "weight", None)
-        return [(name, _pair(name, module, "default", module.lora_a, module.lora_b, module.scaling, weight))]
+        return [(name, _pair(name, module, "default", module.lora_a, module.lora_b, module.scaling, weight,
+                             dropout=_dropout_p(getattr(module, "dropout", None))))]
     if not _is_peft_lora(module):
         return []
 
@@ -302,7 +322,9 @@ def _entries(name: str, module: nn.Module) -> list[tuple[str, LoraPair | None]]:
             entries.append((full, None))
             continue
         a, b, scale = module.lora_A[adapter], module.lora_B[adapter], module.scaling[adapter]
-        entries.append((full, _pair(full, module, adapter, a, b, scale, weight, fan_in_fan_out)))
+        dropouts = getattr(module, "lora_dropout", {})  # a ModuleDict of nn.Dropout, or nn.Identity at p = 0
+        dropout = _dropout_p(dropouts[adapter] if adapter in dropouts else None)
+        entries.append((full, _pair(full, module, adapter, a, b, scale, weight, fan_in_fan_out, dropout)))
     return entries
 
 
@@ -315,6 +337,7 @@ def _pair(
     scale: float,
     base: torch.Tensor | None,
     fan_in_fan_out: bool = False,
+    dropout: float = 0.0,
 ) -> LoraPair | None:
     """The pair, or None when the layer is not exactly W0 + s·B·A with plain linear factors."""
     plain = (
@@ -330,4 +353,10 @@ def _pair(
     # A packed (quantised) base weight does not have the layer's shape and cannot be read as W0.
     if tuple(base.shape) != ((n, m) if fan_in_fan_out else (m, n)):
         return None
-    return LoraPair(name, module, adapter, lora_a.weight, lora_b.weight, float(scale), base, fan_in_fan_out)
+    return LoraPair(name, module, adapter, lora_a.weight, lora_b.weight, float(scale), base, fan_in_fan_out,
+                    dropout)
+
+
+def _dropout_p(module: nn.Module | None) -> float:
+    """The drop probability of a LoRA layer's dropout module (``nn.Identity`` or none: 0)."""
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0

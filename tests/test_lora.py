@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from loft_probe.lora import LoraLinear, LoraPair, add_lora, lora_pairs, unsupported_lora_layers
+from loft_probe.lora import LoraLinear, LoraPair, add_lora, dropout_warning, lora_pairs, unsupported_lora_layers
 
 # Every Hugging Face model below is built from a config; nothing may be downloaded.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,6 +165,18 @@ def test_dropout_applies_to_lora_input_only():
     x = torch.randn(3, 6)
     assert torch.equal(layer.train()(x), layer.base_layer(x))
     assert not torch.allclose(layer.eval()(x), layer.base_layer(x))
+
+
+def test_pairs_carry_their_dropout_and_the_warning_names_them(net):
+    add_lora(net, 2, targets=["q_proj"], dropout=0.1)
+    add_lora(net, 2, targets=["v_proj"])
+    pairs = lora_pairs(net)
+    assert [pair.dropout for pair in pairs] == [0.1, 0.0, 0.1, 0.0]
+    assert dropout_warning(pairs).startswith("2 of 4 LoRA layer(s) have dropout p=0.1: ")
+    assert "\n" not in dropout_warning(pairs)
+    assert dropout_warning(pairs[1::2]) is None and dropout_warning([]) is None
+    pairs[2].module.dropout.p = 0.3
+    assert "p=0.1–0.3" in dropout_warning(lora_pairs(net))
 
 
 def test_all_linear_with_exclude(net):
@@ -333,6 +345,12 @@ def test_torchtune_style_layer():
     torch.testing.assert_close(model.attn.q(x), dense(pair, x, model.attn.q.bias))
 
 
+def test_torchtune_style_dropout():
+    model = nn.Sequential(TuneLoRALinear(6, 5, 2, 2), TuneLoRALinear(5, 5, 2, 2))
+    model[0].dropout, model[1].dropout = nn.Dropout(0.2), nn.Identity()  # torchtune's attribute and values
+    assert [pair.dropout for pair in lora_pairs(model)] == [0.2, 0.0]
+
+
 def test_torchtune_style_dora_skipped():
     model = nn.Sequential(TuneLoRALinear(6, 5, 2, 2), TuneDoRALinear(5, 5, 2, 2))
     with pytest.warns(UserWarning, match="plain AdamW: 1$") as record:
@@ -419,6 +437,14 @@ def test_peft_bert(peft, bert_config, rslora):
     check_against_peft(model, pairs)
     # The LoraModel inside the PeftModel has its own prefix ("model."); names must not change.
     assert [p.name for p in lora_pairs(model.base_model)] == expected_names
+
+
+def test_peft_dropout_per_adapter(peft, bert_config):
+    model = peft.get_peft_model(
+        tiny_bert(bert_config), peft.LoraConfig(r=4, target_modules=["query"], lora_dropout=0.1)
+    )
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["query"]))  # PEFT's default: no dropout
+    assert {(pair.adapter, pair.dropout) for pair in lora_pairs(model)} == {("default", 0.1), ("other", 0.0)}
 
 
 def test_peft_two_adapters(peft, bert_config):

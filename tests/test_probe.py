@@ -401,3 +401,29 @@ def test_nonfinite_gradient_is_recorded_and_kept_out_of_the_shadow(tmp_path):
     probe.close()
     flagged = load_run(tmp_path / "adamw").metrics.query("metric == 'nonfinite_grad'")
     assert sorted(flagged.layer) == ["0", "2"] and set(flagged.step) == {3}
+
+
+@pytest.mark.parametrize("build", ["own", "peft"])
+def test_lora_dropout_warns_once_at_attach_when_g_is_captured(tmp_path, build):
+    """With LoRA dropout the factors see a dropped-out input, the captured G the whole layer's: one warning."""
+    def model_with(dropout: float) -> torch.nn.Module:
+        if build == "own":
+            return add_lora(mlp(), rank=2, targets=["0", "2"], dropout=dropout)
+        peft = pytest.importorskip("peft")
+        return peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=dropout))
+
+    def probe_of(model, run: str, **options):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        return attach(model, optimizer, tmp_path / run, every=1, **options)
+
+    model = model_with(0.1)
+    with pytest.warns(ProbeWarning) as caught:
+        probe = probe_of(model, "dropout", shadow=True)
+        train(model, probe.optimizer, batches(2), probe)
+        probe.close()
+    assert [str(w.message) for w in caught] == [
+        "loft_probe: 2 of 2 LoRA layer(s) have dropout p=0.1: their factors see a dropped-out input, the captured "
+        "G the whole layer's, so the projection residuals and the shadow (fed G) match the factors' gradients "
+        "only in expectation; train with LoRA dropout 0 for an exact comparison"]
+    probe_of(model, "no_capture").close()  # no captured G: nothing to warn about (warnings are errors here)
+    probe_of(model_with(0.0), "no_dropout", shadow=True).close()

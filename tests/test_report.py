@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 
 from loft_probe import load_run
 from loft_probe.comparison import compare
-from loft_probe.probe.rundir import RUN_LAYER, write_metrics_part, write_snapshot
+from loft_probe.probe.rundir import RUN_LAYER, Run, write_metrics_part, write_snapshot
 from loft_probe.reporting import SUMMARY_COLUMNS, figures, report, summary_table
 from loft_probe.diagnosis import diagnose
 from loft_probe.reporting.build import FINDINGS_COLUMNS
 from loft_probe.reporting.frames import run_frame
-from loft_probe.reporting.page import CSP
+from loft_probe.reporting.page import CSP, html_table, md_table
 from loft_probe.runner import RunConfig
 from loft_probe.runner import run as train
 
@@ -210,6 +210,24 @@ def test_summary_without_comparison_leaves_its_columns_empty(runs):
     table = summary_table(runs[1:2], None)
     assert table["angle_left_max_deg"].isna().all() and table["delta_cosine"].isna().all()
     assert table["loss"].iloc[0] == last_value(runs[1], "loss")
+
+
+def test_summary_rank_of_attached_runs_comes_from_their_layers():
+    """Runs probed through attach (a PEFT model) record no meta rank: the layer table's LoRA ranks stand in."""
+    def attached(name: str, ranks: list[int | None]) -> Run:
+        layers = [{"name": f"l{i}", "shape": [32, 32], "kind": "full" if r is None else "lora", "rank": r}
+                  for i, r in enumerate(ranks)]
+        metrics = pd.DataFrame({"step": [1], "layer": [RUN_LAYER], "metric": ["loss"], "value": [0.5]})
+        return Run(Path(name), {"name": name, "method": "other" if None in ranks else "lora", "layers": layers},
+                   metrics)
+
+    runs = [attached("same", [8, 8]), attached("mixed", [16, 4, 8]), attached("full", [None, None])]
+    runs.append(Run(Path("runner"), {**runs[1].meta, "name": "runner", "rank": 2}, runs[1].metrics))
+    table = summary_table(runs, None)
+    assert table["rank"].tolist()[:2] == [8, "4–16"] and table["rank"].tolist()[3] == 2  # meta's rank wins
+    assert table["rank"].isna().tolist() == [False, False, True, False]
+    assert [row.split(" | ")[2] for row in md_table(table).splitlines()[2:]] == ["8", "4–16", "—", "2"]
+    assert "<td class=\"text\">4–16</td>" in html_table(table)
 
 
 def test_html_summary_shows_the_runs_numbers(runs, built):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from loft_probe import metrics as M
-from loft_probe.lora import LoraPair, eager_name, lora_pairs, unsupported_lora_layers
+from loft_probe.lora import LoraPair, dropout_warning, eager_name, lora_pairs, unsupported_lora_layers
 from loft_probe.optim import LoFT
 from loft_probe.optim.loft import compute_dtype, is_sharded
 from loft_probe.probe import measure, rundir, schema
@@ -125,6 +125,9 @@ class Probe:
         self.snapshot_k, self.intruders = snapshot_k, intruders
         self.rank, self.world = _distributed()
         self.layers = _select_layers(model, layers)
+        pairs = [layer.pair for layer in self.layers if layer.pair is not None]
+        if capture_grad and (dropout := dropout_warning(pairs)):  # without a captured G nothing is blurred
+            warnings.warn(f"loft_probe: {dropout}", ProbeWarning, stacklevel=3)
         self.method = _method(optimizer, self.layers, model)
         self.layout = layout_of(optimizer)
         self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}

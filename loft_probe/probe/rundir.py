@@ -53,6 +53,9 @@ METRICS = {
     "eval_accuracy": "held-out accuracy (built-in tasks)",
     "skipped_step": "1 when the optimizer step was skipped for non-finite gradients (the step still counts: "
                     "each call of optimizer.step() is one step of the record)",
+    "trainer_clip_coefficient": "min(1, max_grad_norm / ‖g‖), ‖g‖ the global gradient norm before the HF "
+                                "Trainer's clipping: the factor its clip scaled the step's gradients by (the "
+                                "captured G and the shadow are unscaled)",
     "lr": "the learning rate of the step (the param group of the first probed layer; a schedule shows here)",
     "beta1": "Adam's β1 of the step (same group)",
     "beta2": "Adam's β2 of the step (same group)",

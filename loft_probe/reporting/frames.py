@@ -27,7 +27,8 @@ SHADOW_TAIL = 3  # recorded steps the summary's shadow_update_cosine takes its m
 SUMMARY_COLUMNS = {
     "run": "the run's name",
     "method": "its meta method (full, lora, loft, other)",
-    "rank": "adapter rank from its meta (none for full fine-tuning)",
+    "rank": "adapter rank from its meta, else from its LoRA layers (4–16 when they differ; none for full "
+            "fine-tuning)",
     "steps": "last recorded step",
     "loss": f"last recorded {METRICS['loss']}",
     "eval_loss": f"last recorded {METRICS['eval_loss']}",
@@ -114,6 +115,19 @@ def _compared(frame: pd.DataFrame | None, run: Run, metric: str) -> pd.DataFrame
     return frame[(frame["method"] == run.name) & (frame["reference"] != run.name) & (frame["metric"] == metric)]
 
 
+def adapter_rank(meta: dict) -> int | str | None:
+    """A run's adapter rank: meta's ``rank`` (set by the built-in runner), else the ranks of its layer table's
+    LoRA layers (a run probed through ``attach`` records only those): the rank when all agree, ``"lo–hi"``
+    when they differ (a summary cell, not a number to compute with); None without LoRA layers."""
+    if meta.get("rank") is not None:
+        return meta["rank"]
+    ranks = {layer["rank"] for layer in meta.get("layers", []) if layer.get("kind") == "lora"}
+    if not ranks:
+        return None
+    low, high = min(ranks), max(ranks)
+    return low if low == high else f"{low}–{high}"
+
+
 def summary_table(runs: Sequence[Run], frame: pd.DataFrame | None) -> pd.DataFrame:
     """One row per run with the columns of `SUMMARY_COLUMNS`, read from its metrics and `compare`'s frame.
 
@@ -131,7 +145,7 @@ def summary_table(runs: Sequence[Run], frame: pd.DataFrame | None) -> pd.DataFra
         rows.append({
             "run": run.name,
             "method": run.method,
-            "rank": run.meta.get("rank"),
+            "rank": adapter_rank(run.meta),
             "steps": run.last_step,
             **{name: _final_median(run.rows(name, [RUN_LAYER])) for name in ("loss", "eval_loss", "eval_accuracy")},
             "angle_left_max_deg": math.degrees(_final_median(_compared(frame, run, "angle_left_max"))),

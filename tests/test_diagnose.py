@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loft_probe.diagnosis import describe as D
-from loft_probe.diagnosis import thresholds as T
 from loft_probe.comparison import IncompatibleRunsError
 from loft_probe.diagnosis import Finding, describe_run, diagnose, findings_to_json, format_findings, headline
+from loft_probe.diagnosis import describe as D
+from loft_probe.diagnosis import thresholds as T
 from loft_probe.probe.rundir import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
 from loft_probe.runner import RunConfig, run
 
@@ -26,7 +26,8 @@ def converged(step: int) -> float:
 
 
 def write_run(path: Path, method: str = "lora", layers=("l0", "l1"), late=None, early=None, snapshot=None,
-              loss=converged, evals=None, rank: int = 8, hyper=None, seed: int = 0, snapshot_files: bool = False):
+              loss=converged, evals=None, rank: int = 8, hyper=None, seed: int = 0, snapshot_files: bool = False,
+              shadow: bool = True):
     """A run directory with per-layer metrics: `early` values at steps 5–20, `late` at 25 and 30 (the last
     third), `snapshot` values at step 30; `loss` (a function of the step, or None) a run-level value at every
     step 1..30; `evals` {step: held-out loss}. Values are {metric: {layer: value}} or {metric: value} (every
@@ -39,7 +40,7 @@ def write_run(path: Path, method: str = "lora", layers=("l0", "l1"), late=None, 
         "layers": [{"name": name, "shape": list(SHAPE), "kind": kind, "rank": None if kind == "full" else rank,
                     "scale": None if kind == "full" else 1.0} for name in layers],
         "closed": True, "last_step": STEPS[-1], "schedule": "every 5", "snapshots": "every 20",
-        "shadow": True, "capture_grad": True,
+        "shadow": shadow, "capture_grad": shadow,
     })
     rows = []
 
@@ -117,19 +118,37 @@ def test_step_too_large_against_adams_bound(tmp_path, ratio, expected):
         assert "fault to report" in finding.suggestion  # LoFT's step is bounded by construction
 
 
-@pytest.mark.parametrize("ratio, expected", [(T.UPDATE_WEIGHT_RATIO.value * 2, True),
-                                             (T.UPDATE_WEIGHT_RATIO.value / 2, False)])
-def test_lr_too_high_from_the_step_against_the_weight(tmp_path, ratio, expected):
+def bounced(step: int) -> float:
+    """A loss that reached 0.1 and came back up to 0.4 in the last third: the run got worse."""
+    return converged(step) if step < 20 else 0.4
+
+
+@pytest.mark.parametrize("ratio, loss, expected", [
+    (T.UPDATE_WEIGHT_RATIO.value * 2, bounced, True),
+    (T.UPDATE_WEIGHT_RATIO.value / 2, bounced, False),
+    (T.UPDATE_WEIGHT_RATIO.value * 2, converged, False),  # large steps while the loss holds its best: early training
+])
+def test_lr_too_high_from_the_step_against_the_weight(tmp_path, ratio, loss, expected):
     findings = diagnose(write_run(tmp_path / "full", "full", late=HEALTHY | {"update_weight_ratio": ratio},
-                                  snapshot=SNAPSHOT))
+                                  snapshot=SNAPSHOT, loss=loss))
     assert ("lr_too_high" in codes(findings)) is expected
+    if expected:
+        assert only(findings, "lr_too_high").evidence["loss_above_best"] == pytest.approx(0.4 / converged(12), rel=0.2)
+
+
+def test_lr_too_high_from_a_loss_spike(tmp_path):
+    """The loss rose above its start mid-run and came back: the steps were too large, not too few."""
+    findings = diagnose(write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT,
+                                  loss=lambda step: 1.0 if step == 1 else (5.0 if step < 21 else 0.9)))
+    assert "lr_too_high" in codes(findings) and "undertrained" not in codes(findings)
+    assert "rose above its start" in only(findings, "lr_too_high").title
 
 
 def test_only_the_last_third_counts(tmp_path):
     """Large early steps that settled are not reported; large late steps after a calm start are."""
     calm, wild = HEALTHY, HEALTHY | {"update_weight_ratio": 0.2}
-    settled = diagnose(write_run(tmp_path / "a", "full", early=wild, late=calm, snapshot=SNAPSHOT))
-    drifted = diagnose(write_run(tmp_path / "b", "full", early=calm, late=wild, snapshot=SNAPSHOT))
+    settled = diagnose(write_run(tmp_path / "a", "full", early=wild, late=calm, snapshot=SNAPSHOT, loss=bounced))
+    drifted = diagnose(write_run(tmp_path / "b", "full", early=calm, late=wild, snapshot=SNAPSHOT, loss=bounced))
     assert "lr_too_high" not in codes(settled) and "lr_too_high" in codes(drifted)
 
 
@@ -323,7 +342,8 @@ def test_incompatible_reference_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- sparse runs
 def test_no_shadow_says_what_to_turn_on(tmp_path):
-    findings = diagnose(write_run(tmp_path / "lora", "lora", late={"cos_moment_grad": 0.8}, snapshot=SNAPSHOT))
+    findings = diagnose(write_run(tmp_path / "lora", "lora", late={"cos_moment_grad": 0.8, "update_lr_ratio": 0.5},
+                                  snapshot=SNAPSHOT, shadow=False))
     finding = only(findings, "not_recorded")
     assert finding.severity == "info" and "shadow=True" in finding.suggestion
     assert "capture_grad=True" in finding.suggestion  # the residual needs the captured gradient too
@@ -367,9 +387,23 @@ def test_format_and_json():
 
 
 def test_warnings_come_first(tmp_path):
+    late = HEALTHY | {"shadow_m_proj_rel_error": 5.0}
+    findings = diagnose(write_run(tmp_path / "loft", "loft", late=late, snapshot={"delta_r90": 1, "intruders": 0}))
+    assert codes(findings) == ["optimizer_state", "rank_more_than_needed"]  # the warning before the info
+
+
+def test_a_broken_run_gets_no_rank_advice(tmp_path):
+    """A frozen factor (a training fault) leaves ΔW degenerate: its small r90 says nothing about the rank."""
     late = HEALTHY | {"factor_a_change_norm": 0.0}
     findings = diagnose(write_run(tmp_path / "lora", "lora", late=late, snapshot={"delta_r90": 1, "intruders": 0}))
-    assert codes(findings) == ["frozen_factor", "rank_more_than_needed"]  # the warning before the info
+    assert codes(findings) == ["frozen_factor"]
+
+
+def test_undefined_metrics_do_not_ask_for_a_switch_that_is_on(tmp_path):
+    """A dead layer has no residuals (undefined at G = 0): that is dead_gradients, not "turn on capture_grad"."""
+    late = {k: v for k, v in HEALTHY.items() if k != "residual_tangent"} | {"grad_norm": 0.0}
+    findings = diagnose(write_run(tmp_path / "lora", "lora", late=late, snapshot=SNAPSHOT))
+    assert "dead_gradients" in codes(findings) and "not_recorded" not in codes(findings)
 
 
 def test_describe_run_lists_everything(tmp_path):

@@ -1,6 +1,7 @@
 """Cosines, relative norms and low-rank inner products against dense computations (float64)."""
 
 import math
+
 import pytest
 import torch
 from helpers import F64, TOL, gen, randn

@@ -1,6 +1,7 @@
 """Gradient expressibility residuals against dense projectors and a vectorised least-squares oracle."""
 
 import math
+
 import pytest
 import torch
 from helpers import F64, TOL, gen

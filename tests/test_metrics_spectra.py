@@ -1,6 +1,7 @@
 """Spectral metrics of ΔW against dense formulas; intruder dimensions on constructed spikes."""
 
 import math
+
 import pytest
 import torch
 from helpers import F64, TOL, randn

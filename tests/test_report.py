@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from loft_probe import load_run
 from loft_probe.comparison import compare
+from loft_probe.diagnosis import diagnose
 from loft_probe.probe.rundir import RUN_LAYER, Run, write_metrics_part, write_snapshot
 from loft_probe.reporting import SUMMARY_COLUMNS, figures, report, summary_table
-from loft_probe.diagnosis import diagnose
 from loft_probe.reporting.build import FINDINGS_COLUMNS
 from loft_probe.reporting.frames import run_frame
 from loft_probe.reporting.page import CSP, html_table, md_table

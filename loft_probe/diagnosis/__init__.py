@@ -35,10 +35,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loft_probe.comparison import compare
-from loft_probe.diagnosis import checks
-from loft_probe.diagnosis.checks import Finding, signals
+from loft_probe.diagnosis import gap, training
 from loft_probe.diagnosis.describe import describe_run, findings_to_json, format_findings, headline
+from loft_probe.diagnosis.finding import Finding
 from loft_probe.diagnosis.reading import LayerValues
+from loft_probe.diagnosis.signals import signals
 from loft_probe.probe.rundir import Run
 
 __all__ = ["Finding", "describe_run", "diagnose", "findings_to_json", "format_findings", "headline", "signals"]
@@ -62,25 +63,25 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
                         "is attached to the optimizer that steps.")]
     frame = compare([run, reference], reference=reference) if reference is not None else None
     values = LayerValues(run)
-    findings = checks.nonfinite(run)
+    findings = training.nonfinite(run)
     if not _fired(findings, "diverged"):
-        findings += checks.loss_rose(run, values)
-    findings += checks.step_size(run, values)
+        findings += training.loss_rose(run, values)
+    findings += training.step_size(run, values)
     if not _fired(findings, "diverged"):
-        findings += checks.undertrained(run, values)
-    findings += checks.dead_gradients(run, values)
-    findings += checks.frozen_factor(run, values)
-    findings += checks.subspace(run, values)
-    findings += checks.optimizer_state(run, values)
+        findings += training.undertrained(run, values)
+    findings += training.dead_gradients(run, values)
+    findings += training.frozen_factor(run, values)
+    findings += gap.subspace(run, values)
+    findings += gap.optimizer_state(run, values)
     if not _fired(findings, *TRAINING_FAULTS):  # a broken run's ΔW says nothing about the rank it needs
-        findings += checks.rank_spare(run, values)
+        findings += gap.rank_spare(run, values)
     if reference is not None:
         explained = any(f.severity == "warning" for f in findings)
-        gap = checks.loss_gap(run, reference, explained)
-        if gap and gap[0].severity == "info":  # the reference says the run lost nothing: a limit that cost nothing
+        loss_gap = gap.loss_gap(run, reference, explained)
+        if loss_gap and loss_gap[0].severity == "info":  # no gap to the reference: a limit that cost nothing
             findings = [_no_cost(f, reference) if f.code in SUBSPACE else f for f in findings]
-        findings += gap + checks.intruders(run, reference, frame)
-    findings += checks.not_recorded(run, values)
+        findings += loss_gap + gap.intruders(run, reference, frame)
+    findings += gap.not_recorded(run, values)
     return sorted(findings, key=lambda f: f.severity != "warning")  # stable: the check order stays
 
 

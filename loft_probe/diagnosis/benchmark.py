@@ -27,9 +27,9 @@ from loft_probe.diagnosis.cases import CAUSE, CAUSES, SPLITS, Cause
 from loft_probe.diagnosis.thresholds import GAP_SHORTFALL
 from loft_probe.probe.rundir import RUN_LAYER, RunDirError, load_run
 
-HURT_SHORTFALL = 0.05
+HURT_SHORTFALL = 0.05  # a run that misses 5% of its healthy twin's held-out gain was measurably hurt
 # Info findings some cause expects (they claim something about the run); other infos are context, not claims.
-EXPECTED_INFOS = {"rank_more_than_needed", "not_recorded"}  # a run that misses 5% of its healthy twin's held-out gain was measurably hurt
+EXPECTED_INFOS = {"rank_more_than_needed", "not_recorded"}
 
 
 @dataclass(frozen=True)

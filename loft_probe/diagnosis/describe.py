@@ -7,7 +7,7 @@ import math
 import textwrap
 from dataclasses import asdict
 
-from loft_probe.diagnosis.checks import Finding, number
+from loft_probe.diagnosis.finding import Finding, number
 from loft_probe.diagnosis.reading import LayerValues, late_value, run_series
 from loft_probe.probe.rundir import RUN_LAYER, Run
 

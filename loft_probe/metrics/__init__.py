@@ -15,8 +15,8 @@ from loft_probe.metrics.alignment import (
     preconditioned_cosine,
     relative_error,
     relative_norm,
-    update_lr_ratio,
     update_cosine,
+    update_lr_ratio,
 )
 from loft_probe.metrics.expressibility import (
     Residuals,

@@ -1,0 +1,210 @@
+"""Checks of where a run's gap to full fine-tuning comes from (the subspace, the optimizer's state, the rank) and
+of the run against its reference (the loss gap, intruder dimensions); and what the record lacks for them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from loft_probe.diagnosis import thresholds as T
+from loft_probe.diagnosis.finding import Finding, layer_listing, number, worst_layers
+from loft_probe.diagnosis.reading import LayerValues, is_adapter, last_snapshot, late_value, ranks, run_series
+from loft_probe.diagnosis.training import dead_layers
+from loft_probe.optim.loft import LoFT
+from loft_probe.probe.rundir import RUN_LAYER, Run
+
+
+def subspace(run: Run, values: LayerValues) -> list[Finding]:
+    """High tangent residual *and* ΔW using every direction of its rank: the rank limits those layers."""
+    adapters = values.adapter_layers()
+    residual = values.late("residual_tangent")
+    residual = residual[residual.index.isin(adapters)]
+    if not len(residual):
+        return []
+    _, r90 = last_snapshot(run, "delta_r90")
+    rank = ranks(run)
+    at_rank = {layer for layer in r90.index if layer in rank and r90[layer] >= rank[layer] * T.RANK_FULL.value}
+    limited = residual[(residual >= T.RESIDUAL_HIGH.value) & residual.index.isin(at_rank)]
+    if not len(limited):
+        return []
+    worst = worst_layers(limited, lowest=False)
+    evidence = {"residual_min": T.RESIDUAL_HIGH.value, "layers_limited": float(len(limited)),
+                "layers": float(len(residual)), **worst}
+    ranks_used = sorted({rank[layer] for layer in limited.index})
+    higher = f" (e.g. rank {2 * ranks_used[0]})" if len(ranks_used) == 1 else ""
+    said = (f"{len(limited)} of {len(residual)} adapter layers cannot reach most of their gradient (late tangent "
+            f"residual ≥ {T.RESIDUAL_HIGH.value}) and use every direction their rank gives (r90 = rank): "
+            f"{layer_listing(worst, len(limited))}.")
+    if len(limited) >= T.RANK_LAYER_FRACTION.value * len(residual):
+        return [Finding("rank_too_low", "warning", said, evidence,
+                        f"The rank limits the run: raise it{higher}. No optimizer can step where the subspace "
+                        "cannot go.")]
+    return [Finding("gap_from_subspace", "warning", said, evidence,
+                    f"These layers need more rank than the others: raise it for them{higher}.")]
+
+
+def optimizer_state(run: Run, values: LayerValues) -> list[Finding]:
+    """LoFT's moment against the shadow's projected onto the adapter: off by more than its own size, whatever
+    the residual (the projection already leaves out what the subspace cannot hold)."""
+    errors = values.late("shadow_m_proj_rel_error")
+    errors = errors[~errors.index.isin(dead_layers(values))]  # G = 0: the shadow's moment decays, LoFT's is 0
+    off = errors[errors > T.PROJ_REL_ERROR.value]
+    if not len(off):
+        return []
+    worst = worst_layers(off, lowest=False)
+    hyper = run.meta.get("hyperparameters") or {}
+    changed = [f"{name}={hyper[name]!r}" for name, default in LoFT.switches().items()
+               if name in hyper and hyper[name] != default]
+    advice = (f"This run changed LoFT's defaults ({', '.join(changed)}): the defaults keep the moments aligned "
+              "with full fine-tuning's." if changed else
+              "Every LoFT switch is at its default: check the learning rate against full fine-tuning's, and "
+              "report the run if it persists.")
+    return [Finding(
+        "optimizer_state", "warning",
+        f"In {len(off)} of {len(errors)} layers the optimizer's first moment is off from full fine-tuning's "
+        f"within the adapter's subspace (late ‖M̂ − proj M_shadow‖/‖proj M_shadow‖ > {T.PROJ_REL_ERROR.value}): "
+        f"{layer_listing(worst, len(off))}.",
+        {"threshold": T.PROJ_REL_ERROR.value, "layers_off": float(len(off)), "layers": float(len(errors)),
+         **({"changed": ", ".join(changed)} if changed else {}), **worst}, advice)]
+
+
+def rank_spare(run: Run, values: LayerValues) -> list[Finding]:
+    """ΔW's r90 far below the rank in every adapter layer: the rank is more than the run uses."""
+    rank = ranks(run)
+    step, r90 = last_snapshot(run, "delta_r90")
+    r90 = r90[r90.index.isin(list(rank))]
+    if not len(r90):
+        return []
+    used = pd.Series({layer: r90[layer] / rank[layer] for layer in r90.index})
+    if used.max() > T.RANK_SPARE.value:
+        return []
+    largest, biggest = int(r90.max()), max(rank[layer] for layer in r90.index)
+    return [Finding(
+        "rank_more_than_needed", "info",
+        f"At step {step}, ΔW holds 90% of its energy in at most {largest} directions (r90) in every layer, "
+        f"against rank {biggest}.",
+        {"step": float(step), "rank": float(biggest), "max_r90": float(largest),
+         "rank_spare_fraction": T.RANK_SPARE.value, **worst_layers(r90, lowest=False)},
+        f"A rank near {max(1, 2 * largest)} would likely do as well for less memory; check the held-out loss "
+        "before settling on it.")]
+
+
+# ---------------------------------------------------------------------------------------------- against the reference
+def final_loss(run: Run) -> tuple[str, int, float]:
+    """(metric, step, value) a run is judged by: its last held-out loss, else its late training loss."""
+    evals = run_series(run, "eval_loss")
+    if len(evals):
+        return "eval_loss", int(evals.index[-1]), float(evals.iloc[-1])
+    loss = run_series(run, "loss")
+    if len(loss):
+        last = float(loss.iloc[-1])  # a run that ends non-finite has no final loss
+        return "loss", int(loss.index[-1]), late_value(run.rows("loss", [RUN_LAYER])) if math.isfinite(last) else last
+    return "", 0, math.nan
+
+
+def last_interval_drop(curve: pd.Series) -> float:
+    """The share of a loss curve's whole drop (first → last value) that came in its last interval: ~0 for a
+    converged curve; NaN with fewer than three points or no drop."""
+    if len(curve) < 3 or not float(curve.iloc[0]) > float(curve.iloc[-1]):
+        return math.nan
+    return (float(curve.iloc[-2]) - float(curve.iloc[-1])) / (float(curve.iloc[0]) - float(curve.iloc[-1]))
+
+
+def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:
+    """The run's final loss against the reference's, as a share of what the reference gained from the start
+    (an absolute floor: two converged runs at 1e-8 and 1e-9 do not differ). Says when the reference has not
+    converged, and never calls a shorter run better. ``explained``: another warning already names a cause."""
+    metric, step, value = final_loss(run)
+    ref_metric, ref_step, ref_value = final_loss(reference)
+    if not metric or metric != ref_metric:
+        return [Finding("loss_gap", "info", f"{run.name} and {reference.name} share no loss to compare.",
+                        {"reference": reference.name}, "Log the loss (probe.log) and a held-out loss in both.")]
+    start = run_series(reference, metric)
+    start_value = float(start.iloc[0])
+    gain = start_value - ref_value
+    evidence: dict[str, float | str] = {"reference": reference.name, "metric": metric, "step": float(step),
+                                        "reference_step": float(ref_step), "loss": value, "reference_loss": ref_value,
+                                        "start_loss": start_value}
+    if not math.isfinite(value):
+        return [Finding("loss_gap", "warning", f"{run.name}'s final {metric} is not finite: no comparison with "
+                        f"{reference.name} is possible.", evidence, "See the divergence finding.")]
+    notes = []
+    last_drop = last_interval_drop(start)
+    if math.isfinite(last_drop):
+        evidence["reference_still_falling"] = last_drop
+        if last_drop > T.REFERENCE_STILL_FALLING.value:
+            notes.append(f"{reference.name} itself has not converged (its {metric} still fell by {last_drop:.0%} "
+                         "of its gain in its last evaluation interval): train it longer for a fair reference")
+    if step < ref_step:
+        notes.append(f"{run.name} ran {step} steps against {reference.name}'s {ref_step}: a shorter run is "
+                     "compared at its own end")
+    shortfall = (value - ref_value) / gain if gain > 0 else math.nan
+    evidence["shortfall"], evidence["shortfall_max"] = shortfall, T.GAP_SHORTFALL.value
+    said = (f"Final {metric} {number(value)} against {reference.name}'s {number(ref_value)} "
+            f"(from {number(start_value)} at the start)")
+    tail = ("; ".join(notes) + ".") if notes else ""
+    if shortfall > T.GAP_SHORTFALL.value:
+        cause = ("" if explained else " Nothing else in the record names a cause"
+                 + (": LoRA's factor moments cannot be compared with full fine-tuning's, so an optimizer-state gap "
+                    "would not show; a LoFT run of the same rank tells" if run.method == "lora" else "") + ".")
+        return [Finding("loss_gap", "warning",
+                        f"{said}: {shortfall:.0%} of the reference's gain is missing.{cause} {tail}".strip(),
+                        evidence, "The other findings say where the gap comes from; a learning rate tuned for "
+                                  "this method matters too.")]
+    verdict = ("no worse than the reference" if shortfall <= 0 and step >= ref_step
+               else f"within {T.GAP_SHORTFALL.value:.0%} of the reference's gain")
+    return [Finding("loss_gap", "info", f"{said}: {verdict}. {tail}".strip(), evidence,
+                    "No loss gap to close; compare task metrics before calling the methods equal.")]
+
+
+def intruders(run: Run, reference: Run, frame: pd.DataFrame | None) -> list[Finding]:
+    """More intruder dimensions than the reference at the last snapshot both share: only against a reference,
+    and only where the base weights are pretrained (a zero W_0 has no singular directions to intrude on)."""
+    if frame is None or not is_adapter(run) or not LayerValues(run).has("delta_rel_size"):
+        return []  # delta_rel_size is undefined (missing) exactly when W_0 = 0
+    if (run.meta.get("task") or {}).get("pretrained") is False:
+        return []
+    rows = frame[frame["metric"] == "intruders"]
+    if not len(rows):
+        return []
+    step = int(rows["step"].max())
+    at = rows[rows["step"] == step]
+    mine = at[at["method"] == run.name]
+    theirs = at[at["method"] == reference.name]
+    total, ref_total = int(mine["value"].sum()), int(theirs["value"].sum())
+    if total <= ref_total:
+        return []
+    counts = pd.Series(mine["value"].to_numpy(), index=mine["layer"].astype(str).to_numpy())
+    present = counts[counts > 0]
+    worst = worst_layers(present, lowest=False)
+    return [Finding(
+        "intruders", "info",
+        f"{total} intruder dimension{'s' * (total != 1)} in {len(present)} layers at step {step} against "
+        f"{reference.name}'s {ref_total}: {layer_listing(worst, len(present))}.",
+        {"step": float(step), "total": float(total), "reference_total": float(ref_total), **worst},
+        "Intruder dimensions are new top singular directions nearly orthogonal to the pretrained ones "
+        "(Shuttleworth et al.), linked to forgetting; evaluate on the pretraining data to see whether they "
+        "matter. A higher rank, or LoFT, usually leaves fewer.")]
+
+
+def not_recorded(run: Run, values: LayerValues) -> list[Finding]:
+    """One info finding naming the checks skipped because a switch was off, and the switch that records them.
+    Decided on meta.json's switches, not on missing rows: a metric undefined at its input (G = 0, ΔW = 0) is
+    missing too, and turning a switch on would not record it."""
+    missing: dict[str, str] = {}
+    meta = run.meta
+    if is_adapter(run):
+        if meta.get("shadow") is False or (meta.get("shadow") is None and not values.has("shadow_update_cosine")):
+            missing["optimizer-state check"] = "shadow=True (loft-probe run --shadow)"
+        if meta.get("capture_grad") is False or (meta.get("capture_grad") is None and not values.has("grad_norm")):
+            missing["subspace (tangent residual) check"] = "capture_grad=True (implied by shadow=True)"
+    if not values.has("delta_r90") and not run.snapshot_steps:
+        missing["rank checks"] = "a snapshot (every 4th recorded step, and the last one when the probe closes)"
+    if not values.has("update_lr_ratio") and values.has("update_norm"):
+        missing["step-size checks"] = "a probe of this version (update_lr_ratio)"
+    if not missing:
+        return []
+    return [Finding("not_recorded", "info", "Skipped for lack of metrics: " + "; ".join(missing) + ".",
+                    dict(missing), "Record them with " + "; ".join(sorted(set(missing.values()))) + ".")]

@@ -427,3 +427,46 @@ def test_lora_dropout_warns_once_at_attach_when_g_is_captured(tmp_path, build):
         "only in expectation; train with LoRA dropout 0 for an exact comparison"]
     probe_of(model, "no_capture").close()  # no captured G: nothing to warn about (warnings are errors here)
     probe_of(model_with(0.0), "no_dropout", shadow=True).close()
+
+
+# ---------------------------------------------------------------------------------------------- step size, schedule
+def test_lr_schedule_and_step_size_are_recorded_with_the_steps_own_lr(tmp_path):
+    """The lr a step was taken with (a scheduler changes it after optimizer.step), and ‖ΔW‖/(lr·sqrt(mn)) from it;
+    AdamW's first step moves every entry by lr (|m̂|/sqrt(v̂) = 1), so that ratio is 1 up to eps."""
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-12)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    with attach(model, optimizer, tmp_path / "run", every=1) as probe:
+        for x, y in batches(4):
+            optimizer.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            optimizer.step()
+            scheduler.step()
+    run = load_run(tmp_path / "run")
+    lr = run.rows("lr", [""]).set_index("step")["value"]
+    assert lr.to_dict() == pytest.approx({1: 1e-2, 2: 5e-3, 3: 2.5e-3, 4: 1.25e-3})
+    assert set(run.rows("beta1", [""])["value"]) == {0.9} and set(run.rows("beta2", [""])["value"]) == {0.999}
+    ratio = run.rows("update_lr_ratio").set_index(["step", "layer"])["value"]
+    assert ratio.loc[(1, "0")] == pytest.approx(1.0, rel=1e-6) and ratio.loc[(1, "2")] == pytest.approx(1.0, rel=1e-6)
+    assert (ratio <= loft_probe.optim.functional.adam_ratio_bound(4, (0.9, 0.999)) + 1e-9).all()
+
+
+def test_undefined_metrics_are_missing_rows_never_numbers(tmp_path):
+    """A layer whose input is zeroed has G = 0: its cosines and residuals are undefined, so absent; a frozen
+    factor's movement is a real 0."""
+    model = lora_mlp()
+    model[0].register_forward_pre_hook(lambda module, args: (args[0] * 0.0,))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    with attach(model, optimizer, tmp_path / "run", every=1, shadow=True):  # no decay: ΔW = 0 in the dead layer
+        next(pair for pair in lora_pairs(model) if pair.name == "2").A.requires_grad_(False)  # frozen after attach
+        train(model, optimizer, batches(3))
+    metrics = load_run(tmp_path / "run").metrics
+    assert not metrics["value"].isna().any()
+    dead = metrics[metrics["layer"] == "0"]
+    assert set(dead.loc[dead["metric"] == "grad_norm", "value"]) == {0.0}
+    for undefined in ("residual_tangent", "cos_update_grad", "shadow_update_cosine", "cos_moment_grad"):
+        assert undefined not in set(dead["metric"]), undefined
+    alive = metrics[metrics["layer"] == "2"]
+    assert set(alive.loc[alive["metric"] == "factor_a_change_norm", "value"]) == {0.0}
+    assert (alive.loc[alive["metric"] == "factor_b_change_norm", "value"] > 0).all()
+    assert {"residual_tangent", "shadow_update_cosine"} <= set(alive["metric"])

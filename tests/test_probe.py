@@ -436,7 +436,7 @@ def test_lr_schedule_and_step_size_are_recorded_with_the_steps_own_lr(tmp_path):
     model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-12)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
-    with attach(model, optimizer, tmp_path / "run", every=1) as probe:
+    with attach(model, optimizer, tmp_path / "run", every=1):
         for x, y in batches(4):
             optimizer.zero_grad()
             (model(x) - y).pow(2).mean().backward()

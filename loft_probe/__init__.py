@@ -1,5 +1,7 @@
 """loft_probe: why LoRA does not behave like full fine-tuning, measured."""
 
+from importlib.metadata import version
+
 from loft_probe.comparison import compare
 from loft_probe.diagnosis import diagnose
 from loft_probe.lora import LoraLinear, LoraPair, add_lora, lora_pairs
@@ -7,7 +9,7 @@ from loft_probe.optim import LoFT
 from loft_probe.probe import Probe, Run, attach, load_run
 from loft_probe.sweeps import sweep
 
-__version__ = "0.1.0"
+__version__ = version("loft-probe")  # written once, in pyproject.toml
 
 
 __all__ = [

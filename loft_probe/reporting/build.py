@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
@@ -78,9 +79,7 @@ def report(runs: Sequence[Run], out: str | Path, *, reference: str | None = None
 
 
 def _version() -> str:
-    from loft_probe import __version__  # the package imports this module's package: read it late
-
-    return __version__
+    return version("loft-probe")  # pyproject.toml's, from the installed metadata: no import back up the package
 
 
 FINDINGS_COLUMNS = {"run": "the run diagnosed (against the reference run, when there is one)",

@@ -64,13 +64,13 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
     frame = compare([run, reference], reference=reference) if reference is not None else None
     values = LayerValues(run)
     findings = training.nonfinite(run)
+    stuck = training.dead_gradients(run, values) + training.frozen_factor(run, values)
     if not _fired(findings, "diverged"):
-        findings += training.loss_rose(run, values)
+        findings += training.loss_rose(run, values, collapse=not stuck)
     findings += training.step_size(run, values)
-    if not _fired(findings, "diverged"):
+    if not _fired(findings + stuck, "diverged", "dead_gradients", "frozen_factor"):  # those explain a still loss
         findings += training.undertrained(run, values)
-    findings += training.dead_gradients(run, values)
-    findings += training.frozen_factor(run, values)
+    findings += stuck
     findings += gap.subspace(run, values)
     findings += gap.optimizer_state(run, values)
     if not _fired(findings, *TRAINING_FAULTS):  # a broken run's ΔW says nothing about the rank it needs

@@ -19,7 +19,7 @@ class Threshold:
 
 
 LOSS_RISE = Threshold(
-    1.0, "late training loss above the first one: the run made things worse (diverged)",
+    1.2, "late training loss 20% above the start: the run made things worse (diverged); mid-run: a spike",
     "healthy late/first ≤ 0.19 (matfact LoRA); lr ×100 and ×1000 on matfact: 52–4e4. Digits starts at a loss "
     "of ~20 (new classes), so its diverged runs never rise above it: their gradients die instead (training.loss_rose)")
 STEP_LR_RATIO = Threshold(
@@ -42,6 +42,17 @@ LOSS_STILL_FALLING = Threshold(
     0.2, "the loss fell by more than 20% of its total drop between the middle and the last third of the run",
     "healthy ≤ 0.14 (matfact LoRA, slow at its lr of 10); lr ÷100 and a tenth of the steps where they hurt: "
     "0.23–0.41")
+LOSS_NOT_FALLEN = Threshold(
+    0.97, "late training loss at 97% of its start or more: the loss has not fallen",
+    "healthy late/first ≤ 0.19 (matfact, digits), 0.76–0.92 (MiniLM); lr ÷100 and 15-step MiniLM runs 1.01–1.05")
+UPDATE_WEIGHT_RATIO_PEAK = Threshold(
+    0.01, "a step of more than 1% of the weights at any record, in a run whose loss never fell: a collapse",
+    "evaluation split, MiniLM (held out): healthy peaks ≤ 0.003, lr ×100 and ×1000 0.03–0.22; the calibration "
+    "tasks' loss always fell, so they never reach this check")
+UPDATE_TINY = Threshold(
+    2e-5, "late ‖ΔW‖/‖W‖ below 2e-5 in every layer with the loss near its start: the run barely moves",
+    "healthy ≥ 1e-7 only where the loss has fallen (matfact, converged); otherwise ≥ 2.4e-4 (MiniLM), 5e-4 "
+    "(digits); MiniLM lr ÷100: 3–5e-6, LoFT without the projected update: 3e-7")
 DEAD_GRAD_NORM = Threshold(0.0, "a layer whose gradient is exactly 0 at every late step is dead", "exact")
 RESIDUAL_HIGH = Threshold(
     0.85, "late tangent residual ‖(I−P_B)·G·(I−P_A)‖/‖G‖: over 72% of the gradient's energy out of reach",

@@ -17,7 +17,7 @@ from loft_probe.probe.rundir import RUN_LAYER, Run
 
 
 def loss_curve(run: Run) -> dict[str, float]:
-    """The training loss's first value, late value (median of the last third), the median of the middle third,
+    """The training loss's start, late value (median of the last third), the median of the middle third,
     the best (lowest median of ten windows), and ``falling``: (middle − late)/(first − late), the share of the
     whole drop still happening at the end."""
     loss = run_series(run, "loss")
@@ -25,8 +25,8 @@ def loss_curve(run: Run) -> dict[str, float]:
     if len(loss) < 3:
         return {}
     n = len(loss)
-    first, mid, late = float(loss.iloc[0]), float(loss.iloc[n // 3: n - n // 3].median()), float(
-        loss.iloc[n - math.ceil(n / 3):].median())
+    first = float(loss.iloc[0])  # not a median: an optimizer that blows up does so in the first steps
+    mid, late = float(loss.iloc[n // 3: n - n // 3].median()), float(loss.iloc[n - math.ceil(n / 3):].median())
     window = max(1, n // 10)
     best = min(float(loss.iloc[i:i + window].median()) for i in range(0, n - window + 1, window))
     out = {"loss_first": first, "loss_mid": mid, "loss_late": late, "loss_best": best,
@@ -72,10 +72,12 @@ def nonfinite(run: Run) -> list[Finding]:
                   "repeat, lower the learning rate or check the data of those steps.")]
 
 
-def loss_rose(run: Run, values: LayerValues) -> list[Finding]:
+def loss_rose(run: Run, values: LayerValues, collapse: bool = True) -> list[Finding]:
     """A finite run that diverged without a NaN: its late training loss is above its first, or its gradients died
-    mid-run (G > 0 at an earlier record, 0 from then on: units a large step pushed into saturation). Names the
-    step it began and the layer stepping hardest (update_weight_ratio) there."""
+    mid-run (G > 0 at an earlier record, 0 from then on: units a large step pushed into saturation), or (with
+    ``collapse``) its loss never fell although its steps were large. Names the step it began and the layer
+    stepping hardest (update_weight_ratio) there. ``collapse=False`` where a dead or frozen factor explains a
+    loss that never fell."""
     curve = loss_curve(run)
     died = died_layers(run)
     if curve and curve["loss_rise"] > T.LOSS_RISE.value:
@@ -86,6 +88,12 @@ def loss_rose(run: Run, values: LayerValues) -> list[Finding]:
                 f"step {began}")
         evidence: dict[str, float | str] = {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"],
                                             "loss_rise_max": T.LOSS_RISE.value}
+    elif collapse and curve and curve["loss_late"] >= T.LOSS_NOT_FALLEN.value * curve["loss_first"] and (
+            peak := _peak_step(run)) > T.UPDATE_WEIGHT_RATIO_PEAK.value:
+        began = int(run_series(run, "loss").index[0])
+        what = (f"its steps reached {peak:.1%} of the weights and the loss never fell below its start "
+                f"({number(curve['loss_first'])} → {number(curve['loss_late'])}): it collapsed")
+        evidence = {"update_weight_ratio_peak": peak, "peak_max": T.UPDATE_WEIGHT_RATIO_PEAK.value}
     elif died:
         began = min(died.values())
         what = (f"the gradients of {name_list(list(died))} died at step {began} and stayed 0 (G > 0 before): a large "
@@ -98,6 +106,13 @@ def loss_rose(run: Run, values: LayerValues) -> list[Finding]:
     evidence |= {"began_step": float(began), **({"layer": layer, "update_weight_ratio": peak} if layer else {})}
     return [Finding("diverged", "warning", f"The run diverged: {what}{where}.", evidence,
                     "Lower the learning rate (a tenth is a start); for LoRA, α/r scales every step as well.")]
+
+
+def _peak_step(run: Run) -> float:
+    """The largest ‖ΔW‖/‖W‖ any layer recorded at any step (NaN when none)."""
+    ratio = run.rows("update_weight_ratio")["value"].to_numpy(dtype="float64")
+    ratio = ratio[np.isfinite(ratio)]
+    return float(ratio.max()) if len(ratio) else math.nan
 
 
 def died_layers(run: Run) -> dict[str, int]:
@@ -147,7 +162,7 @@ def step_size(run: Run, values: LayerValues) -> list[Finding]:
             {"bound": bound, "layers_over": float(len(over)), "layers": float(len(ratios)), **worst}, why))
         return findings
     curve = loss_curve(run)
-    if curve.get("loss_mid", -math.inf) > curve.get("loss_first", math.inf):
+    if curve.get("loss_mid", -math.inf) > T.LOSS_RISE.value * curve.get("loss_first", math.inf):
         return [Finding(
             "lr_too_high", "warning",
             f"The training loss rose above its start in the middle of the run (median {number(curve['loss_mid'])} "
@@ -185,17 +200,36 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
     """The loss still falls steeply at the end: the run stopped early, or its steps are too small."""
     curve = loss_curve(run)
     falling = curve.get("loss_falling", math.nan)
-    if not T.LOSS_STILL_FALLING.value < falling <= 1.0:  # above 1: the loss spiked mid-run (lr_too_high)
-        return []
     steps = int(run.last_step)
     lr = run_series(run, "lr")
+    evidence_lr = {"lr_last": float(lr.iloc[-1])} if len(lr) else {}
+    moved = values.late("update_weight_ratio")
+    not_fallen = bool(curve) and curve["loss_late"] >= T.LOSS_NOT_FALLEN.value * curve["loss_first"]
+    if not_fallen and not (len(moved) and moved.max() < T.UPDATE_TINY.value):
+        return [Finding(
+            "undertrained", "warning",
+            f"The training loss has not fallen after {steps} steps ({number(curve['loss_first'])} → "
+            f"{number(curve['loss_late'])}) while the steps are of a normal size: the run stopped before it "
+            "started to learn.",
+            {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"], "steps": float(steps),
+             **evidence_lr},
+            "Train longer (or raise the learning rate); compare with a run of the reference's length.")]
+    if not_fallen:
+        return [Finding(
+            "undertrained", "warning",
+            f"The run barely moves: every layer changes by less than {T.UPDATE_TINY.value:.0e} of its weight per "
+            f"step late in the run (largest {moved.max():.2g}), and the loss stayed near its start "
+            f"({number(curve['loss_first'])} → {number(curve['loss_late'])}).",
+            {"update_weight_ratio_max": float(moved.max()), "threshold": T.UPDATE_TINY.value, **evidence_lr},
+            "The learning rate (or, for LoRA, α/r) is far too small for this model: raise it tenfold and compare.")]
+    if not T.LOSS_STILL_FALLING.value < falling <= 1.0:  # above 1: the loss spiked mid-run (lr_too_high)
+        return []
     return [Finding(
         "undertrained", "warning",
         f"The training loss is still falling at the end: {falling:.0%} of its whole drop came in the last two "
         f"thirds' difference (median {number(curve['loss_mid'])} → {number(curve['loss_late'])}) after {steps} "
         "steps.",
-        {"loss_falling": falling, "threshold": T.LOSS_STILL_FALLING.value, "steps": float(steps),
-         **({"lr_last": float(lr.iloc[-1])} if len(lr) else {})},
+        {"loss_falling": falling, "threshold": T.LOSS_STILL_FALLING.value, "steps": float(steps), **evidence_lr},
         "Train longer, or raise the learning rate (for LoRA, α/r scales the steps too); the other findings "
         "describe a run that has not settled.")]
 

@@ -59,7 +59,8 @@ CAUSES: tuple[Cause, ...] = (
     Cause("no_projected_update", "LoFT as Adam in factor coordinates (no projected update; it needs the simple "
           "second moment)", ("loft",), ("optimizer_state",), allow=("undertrained",),
           loft={"projected_update": False, "second_moment": "simple"}),
-    Cause("frozen_A", "LoRA's A never trains", ("lora",), ("frozen_factor",), allow=("undertrained",), fault="freeze_A"),
+    Cause("frozen_A", "LoRA's A never trains", ("lora",), ("frozen_factor",), allow=("undertrained",),
+          fault="freeze_A"),
     Cause("frozen_B", "LoRA's B never trains (B = 0: the adapter is dead)", ("lora",), ("frozen_factor",),
           allow=("undertrained",), fault="freeze_B"),
     Cause("dead_layer", "one adapted layer's input is zeroed: its gradient is 0", ("full", "lora", "loft"),

@@ -226,9 +226,9 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
         return []
     return [Finding(
         "undertrained", "warning",
-        f"The training loss is still falling at the end: {falling:.0%} of its whole drop came in the last two "
-        f"thirds' difference (median {number(curve['loss_mid'])} → {number(curve['loss_late'])}) after {steps} "
-        "steps.",
+        f"The training loss is still falling at the end: between the middle and the last third of the run it fell "
+        f"by another {falling:.0%} of its whole drop (median {number(curve['loss_mid'])} → "
+        f"{number(curve['loss_late'])}), after {steps} steps.",
         {"loss_falling": falling, "threshold": T.LOSS_STILL_FALLING.value, "steps": float(steps), **evidence_lr},
         "Train longer, or raise the learning rate (for LoRA, α/r scales the steps too); the other findings "
         "describe a run that has not settled.")]

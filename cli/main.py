@@ -198,7 +198,9 @@ def diagnose_command(
     reference: Annotated[Path | None, typer.Option(help="Run directory of the full run to compare with.")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ):
-    """Plain-language findings about one run: update alignment, subspace vs optimizer, rank, intruders, loss.
+    """Plain-language findings about one run: did training go wrong (divergence, step size, too short, dead or
+    frozen), where its gap to full fine-tuning comes from (rank, optimizer state), and, with --reference, the
+    loss gap and intruder dimensions. How far to trust it: README, "The diagnosis, on runs whose cause is known".
 
     Example: loft-probe diagnose runs/demo/lora --reference runs/demo/full
     """

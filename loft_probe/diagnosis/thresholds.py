@@ -53,6 +53,11 @@ UPDATE_TINY = Threshold(
     2e-5, "late ‖ΔW‖/‖W‖ below 2e-5 in every layer with the loss near its start: the run barely moves",
     "healthy ≥ 1e-7 only where the loss has fallen (matfact, converged); otherwise ≥ 2.4e-4 (MiniLM), 5e-4 "
     "(digits); MiniLM lr ÷100: 3–5e-6, LoFT without the projected update: 3e-7")
+HELD_OUT_STILL_FALLING = Threshold(
+    0.17, "with four or more held-out evaluations, undertrained also needs the held-out loss to have gained over 17% "
+          "of its drop in the second half: a model that memorises its data keeps its training loss falling",
+    "calibration: healthy ≤ 0.15 (matfact LoRA), runs undertrained by lr ÷100 or a tenth of the steps 0.19–0.43; "
+    "MiniLM full fine-tuning's training loss still falls at its held-out optimum (0.36–0.70)")
 DEAD_GRAD_NORM = Threshold(0.0, "a layer whose gradient is exactly 0 at every late step is dead", "exact")
 RESIDUAL_HIGH = Threshold(
     0.85, "late tangent residual ‖(I−P_B)·G·(I−P_A)‖/‖G‖: over 72% of the gradient's energy out of reach",

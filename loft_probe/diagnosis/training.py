@@ -224,14 +224,30 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
             "The learning rate (or, for LoRA, α/r) is far too small for this model: raise it tenfold and compare.")]
     if not T.LOSS_STILL_FALLING.value < falling <= 1.0:  # above 1: the loss spiked mid-run (lr_too_high)
         return []
+    held_out = held_out_still_falling(run)
+    if held_out <= T.HELD_OUT_STILL_FALLING.value:  # a model memorising its data: held-out is what counts
+        return []
+    said = f"; the held-out loss gained {held_out:.0%} of its whole drop in the second half" if held_out >= 0 else ""
     return [Finding(
         "undertrained", "warning",
         f"The training loss is still falling at the end: between the middle and the last third of the run it fell "
         f"by another {falling:.0%} of its whole drop (median {number(curve['loss_mid'])} → "
-        f"{number(curve['loss_late'])}), after {steps} steps.",
-        {"loss_falling": falling, "threshold": T.LOSS_STILL_FALLING.value, "steps": float(steps), **evidence_lr},
+        f"{number(curve['loss_late'])}), after {steps} steps{said}.",
+        {"loss_falling": falling, "threshold": T.LOSS_STILL_FALLING.value, "steps": float(steps), **evidence_lr,
+         **({"held_out_second_half": held_out} if held_out >= 0 else {})},
         "Train longer, or raise the learning rate (for LoRA, α/r scales the steps too); the other findings "
         "describe a run that has not settled.")]
+
+
+def held_out_still_falling(run: Run) -> float:
+    """The share of the held-out loss's whole drop that came in the second half of its evaluations; +inf when the
+    run has fewer than four (then the training loss decides alone), -inf when the held-out loss never fell."""
+    curve = run_series(run, "eval_loss")
+    curve = curve[np.isfinite(curve.to_numpy())]
+    if len(curve) < 4:
+        return math.inf
+    first, half, last = float(curve.iloc[0]), float(curve.iloc[len(curve) // 2]), float(curve.iloc[-1])
+    return (half - last) / (first - last) if first > last else -math.inf
 
 
 def dead_layers(values: LayerValues) -> list[str]:

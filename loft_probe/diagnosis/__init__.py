@@ -10,12 +10,15 @@ fine-tuning.
 Findings, in the order shown (warnings first):
 
     code                  what it says                                                  decided on
-    diverged              NaN/Inf at the end, or a late loss above the first; the step   loss, non-finite rows
-                          and the layer where it began
+    diverged              NaN/Inf at the end, a late loss 20% above the start,           loss, non-finite rows,
+                          gradients that died mid-run, or a collapse (large steps,       grad_norm,
+                          loss never fell); the step and the layer where it began        update_weight_ratio
     nonfinite_steps       NaN/Inf at some steps, finite again later                      non-finite rows
     step_too_large        steps beyond Adam's bound in units of the lr                   update_lr_ratio
-    lr_too_high           steps too large for the weights they change                    update_weight_ratio
-    undertrained          the loss still falls steeply at the end                        the loss curve
+    lr_too_high           a mid-run loss spike, or late steps large against the weights  loss, update_weight_ratio
+                          with the loss above twice its best
+    undertrained          the loss (and the held-out loss) still falling at the end,     loss, eval_loss,
+                          or not fallen yet, or the weights barely moving                update_weight_ratio
     dead_gradients        layers whose gradient is exactly 0                             grad_norm
     frozen_factor         a LoRA factor that never moved                                 factor_{a,b}_change_norm
     rank_too_low          high tangent residual and r90 = rank in most adapter layers    residual_tangent, delta_r90

@@ -92,8 +92,8 @@ def test_captured_gradient_is_unchanged_by_gradient_checkpointing(tmp_path, reen
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-12)
 
 
-def test_trainer_timings_are_not_recorded_as_metrics():
-    """The Trainer logs eval_runtime and throughputs beside eval_loss: only the loss and the metrics are kept."""
+def recording_callback() -> tuple[ProbeCallback, dict]:
+    """A ProbeCallback whose probe only collects what the callback logs into the returned dict."""
     logged = {}
 
     class Recorder:
@@ -102,6 +102,12 @@ def test_trainer_timings_are_not_recorded_as_metrics():
 
     callback = ProbeCallback("unused")
     callback.probe = Recorder()
+    return callback, logged
+
+
+def test_trainer_timings_are_not_recorded_as_metrics():
+    """The Trainer logs eval_runtime and throughputs beside eval_loss: only the loss and the metrics are kept."""
+    callback, logged = recording_callback()
     callback.on_log(None, None, None, logs={"loss": 0.5, "eval_loss": 0.7, "eval_accuracy": 0.8, "eval_runtime": 1.2,
                                             "eval_samples_per_second": 30.0, "eval_steps_per_second": 4.0,
                                             "learning_rate": 1e-3})
@@ -177,14 +183,8 @@ def test_trainer_clipping_warns_once(tmp_path, trainer_clip, loft_clip, shadow, 
 
 def test_trainer_clip_coefficient_under_ddp_comes_from_the_logged_norm():
     """Under DDP the gradient hooks would see one rank's gradient: the Trainer's logged grad_norm is used."""
-    logged = {}
-
-    class Recorder:
-        def log(self, **values):
-            logged.update(values)
-
-    callback = ProbeCallback("unused")
-    callback.probe, callback._logged_norm = Recorder(), True
+    callback, logged = recording_callback()
+    callback._logged_norm = True
     callback.on_log(transformers.TrainingArguments(output_dir="unused", max_grad_norm=0.5), None, None,
                     logs={"loss": 0.5, "grad_norm": 2.0, "learning_rate": 1e-3})
     assert logged == {"loss": 0.5, "trainer_clip_coefficient": 0.25}

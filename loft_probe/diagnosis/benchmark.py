@@ -24,8 +24,10 @@ from pathlib import Path
 import pandas as pd
 
 from loft_probe.diagnosis.cases import CAUSE, CAUSES, SPLITS, Cause
+from loft_probe.diagnosis.reading import run_series
 from loft_probe.diagnosis.thresholds import GAP_SHORTFALL
-from loft_probe.probe.rundir import RUN_LAYER, RunDirError, load_run
+from loft_probe.probe.rundir import RunDirError, load_run
+from loft_probe.reporting.page import md_table
 
 HURT_SHORTFALL = 0.05  # a run that misses 5% of its healthy twin's held-out gain was measurably hurt
 # Info findings some cause expects (they claim something about the run); other infos are context, not claims.
@@ -178,8 +180,8 @@ def _shortfall(start: float, last: float, target: float) -> float:
 
 
 def _eval(run, index: int) -> float:
-    rows = run.rows("eval_loss", [RUN_LAYER]).sort_values("step")
-    return float(rows["value"].iloc[index]) if len(rows) else math.nan
+    curve = run_series(run, "eval_loss")
+    return float(curve.iloc[index]) if len(curve) else math.nan
 
 
 def _codes(findings, severity: str) -> str:
@@ -194,7 +196,7 @@ class Score:
     summary: dict[str, float]  # the targets' figures
 
     def markdown(self) -> str:
-        lines = [_table(self.causes), "", _table(self.findings), ""]
+        lines = [md_table(self.causes), "", md_table(self.findings), ""]
         lines += [f"- {key}: {value:.0%}" if value <= 1 else f"- {key}: {value:g}" for key, value in
                   self.summary.items()]
         return "\n".join(lines)
@@ -230,7 +232,7 @@ def score(rows: pd.DataFrame, reference: bool) -> Score:
          "fired_share": float((fired["code"] == code).sum() / max(1, len(rows))),
          "precision": float(fired.loc[fired["code"] == code, "true"].mean()) if (fired["code"] == code).any()
          else math.nan,
-         "recall": _recall(frame, rows, code, suffix) if expecting[code] else math.nan}
+         "recall": _recall(rows, code, suffix) if expecting[code] else math.nan}
         for code in expecting])
     injected = frame[frame["cause"] != "healthy"]
     hurt = injected[injected["hurt"]]
@@ -242,19 +244,7 @@ def score(rows: pd.DataFrame, reference: bool) -> Score:
     return Score(causes, findings, summary)
 
 
-def _recall(frame: pd.DataFrame, rows: pd.DataFrame, code: str, suffix: str) -> float:
+def _recall(rows: pd.DataFrame, code: str, suffix: str) -> float:
     expecting = rows[rows["cause"].map(lambda c: code in CAUSE[c].expect)]
     found = (expecting["warnings" + suffix] + " " + expecting["infos" + suffix]).str.split()
     return float(found.map(lambda codes: code in codes).mean())
-
-
-def _table(frame: pd.DataFrame) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "—" if math.isnan(value) else f"{value:.2f}"
-        return str(value)
-
-    head = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([head, rule, *body])

@@ -10,7 +10,15 @@ import pandas as pd
 
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.finding import Finding, layer_listing, number, worst_layers
-from loft_probe.diagnosis.reading import LayerValues, is_adapter, last_snapshot, late_value, ranks, run_series
+from loft_probe.diagnosis.reading import (
+    LayerValues,
+    drop_share,
+    is_adapter,
+    last_snapshot,
+    late_value,
+    ranks,
+    run_series,
+)
 from loft_probe.diagnosis.training import dead_layers
 from loft_probe.optim.loft import LoFT
 from loft_probe.probe.rundir import RUN_LAYER, Run
@@ -107,9 +115,9 @@ def final_loss(run: Run) -> tuple[str, int, float]:
 def last_interval_drop(curve: pd.Series) -> float:
     """The share of a loss curve's whole drop (first → last value) that came in its last interval: ~0 for a
     converged curve; NaN with fewer than three points or no drop."""
-    if len(curve) < 3 or not float(curve.iloc[0]) > float(curve.iloc[-1]):
+    if len(curve) < 3:
         return math.nan
-    return (float(curve.iloc[-2]) - float(curve.iloc[-1])) / (float(curve.iloc[0]) - float(curve.iloc[-1]))
+    return drop_share(float(curve.iloc[0]), float(curve.iloc[-2]), float(curve.iloc[-1]))
 
 
 def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:

@@ -25,6 +25,12 @@ def late_slice(steps: np.ndarray) -> np.ndarray:
     return steps >= first
 
 
+def drop_share(first: float, since: float, last: float) -> float:
+    """The share of a curve's whole drop, ``first → last``, that came after the point where it stood at ``since``:
+    (since − last)/(first − last); NaN when the curve did not drop."""
+    return (since - last) / (first - last) if first > last else math.nan
+
+
 def late_value(rows: pd.DataFrame) -> float:
     """The late value of one series of rows (step, value): the median of its finite values over the last third
     of its steps; NaN when it has none."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.finding import Finding, layer_listing, name_list, number, worst_layers
-from loft_probe.diagnosis.reading import LayerValues, run_series
+from loft_probe.diagnosis.reading import LayerValues, drop_share, late_slice, run_series
 from loft_probe.optim.functional import adam_ratio_bound
 from loft_probe.probe.rundir import RUN_LAYER, Run
 
@@ -26,13 +26,13 @@ def loss_curve(run: Run) -> dict[str, float]:
         return {}
     n = len(loss)
     first = float(loss.iloc[0])  # not a median: an optimizer that blows up does so in the first steps
-    mid, late = float(loss.iloc[n // 3: n - n // 3].median()), float(loss.iloc[n - math.ceil(n / 3):].median())
+    mid, late = float(loss.iloc[n // 3: n - n // 3].median()), float(loss[late_slice(loss.index.to_numpy())].median())
     window = max(1, n // 10)
     best = min(float(loss.iloc[i:i + window].median()) for i in range(0, n - window + 1, window))
     out = {"loss_first": first, "loss_mid": mid, "loss_late": late, "loss_best": best,
            "loss_rise": late / first if first else math.nan,
            "loss_above_best": late / best if best > 0 else math.nan}
-    out["loss_falling"] = (mid - late) / (first - late) if first > late else math.nan
+    out["loss_falling"] = drop_share(first, mid, late)
     return out
 
 
@@ -246,8 +246,8 @@ def held_out_still_falling(run: Run) -> float:
     curve = curve[np.isfinite(curve.to_numpy())]
     if len(curve) < 4:
         return math.inf
-    first, half, last = float(curve.iloc[0]), float(curve.iloc[len(curve) // 2]), float(curve.iloc[-1])
-    return (half - last) / (first - last) if first > last else -math.inf
+    share = drop_share(float(curve.iloc[0]), float(curve.iloc[len(curve) // 2]), float(curve.iloc[-1]))
+    return -math.inf if math.isnan(share) else share
 
 
 def dead_layers(values: LayerValues) -> list[str]:

@@ -6,6 +6,7 @@ import itertools
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ SMALL_OPTIONS = {
 }
 EXPECTED_METRICS = {
     "matfact": {"loss"},
-    "digits": {"loss", "accuracy"},
-    "minilm-sentiment": {"loss", "accuracy"},
+    "digits": {"loss", "loss_se", "accuracy"},
+    "minilm-sentiment": {"loss", "loss_se", "accuracy"},
 }
 
 
@@ -297,3 +298,13 @@ def test_snippet_split_is_disjoint_and_labelled():
     assert set(train_labels) | set(eval_labels) == {0, 1}
     assert sentiment.load_snippets(seed=0, n_train=300, n_eval=100)[0] == train_texts
     assert sentiment.load_snippets(seed=1, n_train=300, n_eval=100)[0] != train_texts
+
+
+def test_classifier_metrics_standard_error_is_that_of_the_mean_per_example_loss():
+    torch.manual_seed(0)
+    x, y = torch.randn(37, 5, dtype=torch.float64), torch.randint(0, 3, (37,))
+    model = torch.nn.Linear(5, 3).double()
+    metrics = classifier_metrics(model, lambda m, batch: (m(batch[0]), batch[1]), (x, y), batch_size=8)
+    per_row = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach().numpy()
+    assert metrics["loss"] == pytest.approx(per_row.mean(), rel=1e-6)  # logits go through float32
+    assert metrics["loss_se"] == pytest.approx(per_row.std(ddof=1) / np.sqrt(37), rel=1e-5)

@@ -50,6 +50,8 @@ METRICS = {
     # run-level rows (layer "")
     "loss": "training loss the user (or the Trainer) reported for the step",
     "eval_loss": "held-out loss (built-in tasks)",
+    "eval_loss_se": "standard error of eval_loss, std(per-example loss)/sqrt(n): how far it would move on "
+                    "another held-out set of the same size (built-in classifier tasks)",
     "eval_accuracy": "held-out accuracy (built-in tasks)",
     "skipped_step": "1 when the optimizer step was skipped for non-finite gradients (the step still counts: "
                     "each call of optimizer.step() is one step of the record)",

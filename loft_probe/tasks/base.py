@@ -7,6 +7,8 @@ evaluation. The runner owns the optimizer and the adapters; a task never adds ei
 
 from __future__ import annotations
 
+import math
+
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,14 +123,19 @@ def classifier_metrics(
     tensors: tuple[torch.Tensor, ...],
     batch_size: int,
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over all rows of `tensors`, taken in order `batch_size` at a time.
+    """Mean cross-entropy, its standard error and the accuracy over all rows of `tensors`, taken in order
+    `batch_size` at a time.
 
-    `logits_and_labels(model, batch)` returns logits (b, classes) and integer labels (b,).
+    `logits_and_labels(model, batch)` returns logits (b, classes) and integer labels (b,). ``loss_se`` =
+    std(per-row loss)/sqrt(n) says how far the mean would move on another held-out set of this size: the
+    diagnosis reads a change of the held-out loss smaller than twice it as noise.
     """
-    total_loss, correct, n = 0.0, 0, len(tensors[0])
+    losses, correct, n = [], 0, len(tensors[0])
     with evaluating(model):
         for start in range(0, n, batch_size):
             logits, labels = logits_and_labels(model, tuple(t[start : start + batch_size] for t in tensors))
-            total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            losses.append(F.cross_entropy(logits.float(), labels, reduction="none").double())
             correct += (logits.argmax(dim=-1) == labels).sum().item()
-    return {"loss": total_loss / n, "accuracy": correct / n}
+    per_row = torch.cat(losses)  # (n,)
+    se = per_row.std().item() / math.sqrt(n) if n > 1 else math.nan
+    return {"loss": per_row.mean().item(), "loss_se": se, "accuracy": correct / n}

@@ -27,11 +27,11 @@ def converged(step: int) -> float:
 
 def write_run(path: Path, method: str = "lora", layers=("l0", "l1"), late=None, early=None, snapshot=None,
               loss=converged, evals=None, rank: int = 8, hyper=None, seed: int = 0, snapshot_files: bool = False,
-              shadow: bool = True):
+              shadow: bool = True, eval_se: float | None = None):
     """A run directory with per-layer metrics: `early` values at steps 5–20, `late` at 25 and 30 (the last
     third), `snapshot` values at step 30; `loss` (a function of the step, or None) a run-level value at every
-    step 1..30; `evals` {step: held-out loss}. Values are {metric: {layer: value}} or {metric: value} (every
-    layer)."""
+    step 1..30; `evals` {step: held-out loss}, each with standard error `eval_se` when given. Values are
+    {metric: {layer: value}} or {metric: value} (every layer)."""
     kind = "full" if method == "full" else "lora"
     path.mkdir(parents=True)
     write_meta(path, {
@@ -57,6 +57,8 @@ def write_run(path: Path, method: str = "lora", layers=("l0", "l1"), late=None, 
     if loss is not None:
         rows += [(step, "", "loss", float(loss(step))) for step in range(1, STEPS[-1] + 1)]
     rows += [(step, "", "eval_loss", float(value)) for step, value in (evals or {}).items()]
+    if eval_se is not None:
+        rows += [(step, "", "eval_loss_se", eval_se) for step in (evals or {})]
     write_metrics_part(path, rows)
     if snapshot_files:  # compare() reads ΔW's singular triplets at the snapshot steps
         tensors = {}
@@ -158,6 +160,42 @@ def test_undertrained_when_the_loss_still_falls(tmp_path, loss, expected):
     assert ("undertrained" in codes(findings)) is expected
     if expected:
         assert only(findings, "undertrained").evidence["loss_falling"] > T.LOSS_STILL_FALLING.value
+
+
+HELD_OUT_FALLING = {0: 1.0, 10: 0.8, 20: 0.6, 30: 0.4}  # training loss still falling too (linear below)
+
+
+@pytest.mark.parametrize("se, expected", [(0.01, True), (0.2, False)])
+def test_undertrained_needs_a_held_out_drop_beyond_its_noise(tmp_path, se, expected):
+    """Second-half held-out drop 0.2: beyond 2·0.01, within 2·0.2 (then the held-out loss counts as flat)."""
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, loss=lambda step: 1.0 - 0.03 * step,
+                    evals=HELD_OUT_FALLING, eval_se=se)
+    assert ("undertrained" in codes(diagnose(run))) is expected
+
+
+@pytest.mark.parametrize("se, last, expected", [
+    (0.01, 0.6, "overfitting"),  # rose 0.2 from its best 0.4, still below its start 1.0
+    (0.15, 0.6, None),  # 0.2 is within 2·0.15
+    (None, 0.42, None),  # no standard error: the 10%-of-the-drop floor (0.06) decides
+    (None, 0.6, "overfitting"),
+    (0.01, 1.2, "lr_too_high"),  # ended above its start
+])
+def test_a_held_out_rise_while_the_training_loss_falls(tmp_path, se, last, expected):
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT,
+                    evals={0: 1.0, 10: 0.5, 20: 0.4, 30: last}, eval_se=se)
+    found = [code for code in codes(diagnose(run)) if code in ("overfitting", "lr_too_high")]
+    assert found == ([expected] if expected else [])
+    if expected:
+        finding = only(diagnose(run), expected)
+        assert finding.evidence["best_step"] == 20 and "step 20" in finding.suggestion
+
+
+def test_no_overfitting_when_the_training_loss_rose_too(tmp_path):
+    def bounced(step):  # fell to 0.1 by step 20, back up to 0.5 at 30 (below the start: not a divergence)
+        return converged(step) if step <= 20 else converged(20) + 0.04 * (step - 20)
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, loss=bounced,
+                    evals={0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}, eval_se=0.01)
+    assert "overfitting" not in codes(diagnose(run))
 
 
 def test_dead_gradients_name_the_layer(tmp_path):
@@ -315,6 +353,27 @@ def test_a_reference_that_has_not_converged_is_called_out(tmp_path):
     full = write_run(tmp_path / "full", "full", late={}, snapshot=SNAPSHOT, evals={0: 2.0, 10: 1.8, 20: 1.5, 30: 1.0})
     finding = only(diagnose(adapter, reference=full), "loss_gap")
     assert "full itself has not converged" in finding.title
+
+
+def test_a_gap_within_the_held_out_noise_is_not_a_warning(tmp_path):
+    """0.7 against 0.5 misses 13% of the gain (a warning at se 0.01), but 0.2 is within 2·0.15."""
+    for se, severity in ((0.01, "warning"), (0.15, "info")):
+        adapter = write_run(tmp_path / f"lora{se}", "lora", late=HEALTHY, snapshot=SNAPSHOT,
+                            evals={0: 2.0, 10: 1.2, 20: 0.8, 30: 0.7}, eval_se=se)
+        full = write_run(tmp_path / f"full{se}", "full", late={}, snapshot=SNAPSHOT, evals=EVALS_FULL, eval_se=se)
+        finding = only(diagnose(adapter, reference=full), "loss_gap")
+        assert finding.severity == severity
+        assert ("within the held-out set's noise" in finding.title) is (severity == "info")
+
+
+def test_a_reference_still_falling_within_its_noise_is_converged(tmp_path):
+    """The reference's last interval fell 0.5 (33% of its gain): called out at se 0.01, not at se 0.3."""
+    for se, called in ((0.01, True), (0.3, False)):
+        adapter = write_run(tmp_path / f"lora{se}", "lora", late=HEALTHY, snapshot=SNAPSHOT, evals={0: 2.0, 30: 1.2},
+                            eval_se=se)
+        full = write_run(tmp_path / f"full{se}", "full", late={}, snapshot=SNAPSHOT,
+                         evals={0: 2.0, 10: 1.8, 20: 1.5, 30: 1.0}, eval_se=se)
+        assert ("not converged" in only(diagnose(adapter, reference=full), "loss_gap").title) is called
 
 
 def test_an_unexplained_lora_gap_says_what_the_record_cannot_tell(tmp_path):

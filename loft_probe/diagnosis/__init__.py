@@ -16,9 +16,14 @@ Findings, in the order shown (warnings first):
     nonfinite_steps       NaN/Inf at some steps, finite again later                      non-finite rows
     step_too_large        steps beyond Adam's bound in units of the lr                   update_lr_ratio
     lr_too_high           a mid-run loss spike, or late steps large against the weights  loss, update_weight_ratio
-                          with the loss above twice its best
-    undertrained          the loss (and the held-out loss) still falling at the end,     loss, eval_loss,
-                          or not fallen yet, or the weights barely moving                update_weight_ratio
+                          with the loss above twice its best,
+                          or the held-out loss ended above its start while the           eval_loss(_se)
+                          training loss fell
+    undertrained          the loss (and the held-out loss, beyond its noise) still       loss, eval_loss(_se),
+                          falling at the end, or not fallen yet, or the weights          update_weight_ratio
+                          barely moving
+    overfitting           the held-out loss rose from its best beyond its noise while    eval_loss(_se), loss
+                          the training loss fell
     dead_gradients        layers whose gradient is exactly 0                             grad_norm
     frozen_factor         a LoRA factor that never moved                                 factor_{a,b}_change_norm
     rank_too_low          high tangent residual and r90 = rank in most adapter layers    residual_tangent, delta_r90
@@ -38,7 +43,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loft_probe.comparison import compare
-from loft_probe.diagnosis import gap, training
+from loft_probe.diagnosis import gap, held_out, training
 from loft_probe.diagnosis.describe import describe_run, findings_to_json, format_findings, headline
 from loft_probe.diagnosis.finding import Finding
 from loft_probe.diagnosis.reading import LayerValues
@@ -73,6 +78,8 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
     findings += training.step_size(run, values)
     if not _fired(findings + stuck, "diverged", "dead_gradients", "frozen_factor"):  # those explain a still loss
         findings += training.undertrained(run, values)
+    if not _fired(findings, "diverged", "lr_too_high"):  # a held-out rise after those is their consequence
+        findings += held_out.overfitting(run)
     findings += stuck
     findings += gap.subspace(run, values)
     findings += gap.optimizer_state(run, values)

@@ -7,8 +7,9 @@ them with and without the full fine-tuning reference, and score the findings aga
 
 Every run is an ordinary run directory (``OUT/<split>/<task>/seed<k>/<method>-<cause>``); a rerun reuses the
 finished ones. A run *measurably hurt* by its cause has a final held-out loss short of its healthy twin's
-(same task, seed and method) by more than ``HURT_SHORTFALL`` of what the twin gained from the start, or a
-non-finite one. `benchmarks/diagnosis_benchmark.py` is the command line.
+(same task, seed and method) by more than ``HURT_SHORTFALL`` of what the twin gained from the start and by
+more than the twin's held-out noise (:func:`loft_probe.diagnosis.held_out.noise`), or a non-finite one.
+`benchmarks/diagnosis_benchmark.py` is the command line.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def run_split(split: str, out: str | os.PathLike, jobs: int = 1, causes: Iterabl
 def diagnose_case(case: Case, out: Path) -> dict:
     """One row: the case, whether its cause hurt it, the findings without and with the reference, and the
     signals the checks read (for calibration)."""
-    from loft_probe.diagnosis import diagnose, signals
+    from loft_probe.diagnosis import diagnose, held_out, signals
 
     run = load_run(case.path(out))
     twin = load_run(Case(case.split, case.task, case.seed, case.method, "healthy").path(out))
@@ -164,9 +165,10 @@ def diagnose_case(case: Case, out: Path) -> dict:
     against = diagnose(run, reference=reference) if run.name != reference.name else alone
     start, last, healthy, full = _eval(run, 0), _eval(run, -1), _eval(twin, -1), _eval(reference, -1)
     shortfall = _shortfall(start, last, healthy)
+    hurt = shortfall > HURT_SHORTFALL and not last - healthy <= held_out.noise(twin)  # inf/NaN: non-finite
     return {"split": case.split, "task": case.task, "seed": case.seed, "method": case.method,
             "cause": case.cause, "eval_start": start, "eval_last": last, "eval_healthy": healthy,
-            "shortfall": shortfall, "hurt": bool(case.cause != "healthy" and shortfall > HURT_SHORTFALL),
+            "shortfall": shortfall, "hurt": bool(case.cause != "healthy" and hurt),
             "gap_to_full": _shortfall(start, last, full) > GAP_SHORTFALL.value,
             "warnings": _codes(alone, "warning"), "infos": _codes(alone, "info"),
             "warnings_ref": _codes(against, "warning"), "infos_ref": _codes(against, "info"),

@@ -8,6 +8,7 @@ import math
 
 import pandas as pd
 
+from loft_probe.diagnosis import held_out
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.finding import Finding, layer_listing, number, worst_layers
 from loft_probe.diagnosis.reading import (
@@ -139,10 +140,11 @@ def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:
         return [Finding("loss_gap", "warning", f"{run.name}'s final {metric} is not finite: no comparison with "
                         f"{reference.name} is possible.", evidence, "See the divergence finding.")]
     notes = []
+    noise = max(held_out.noise(run), held_out.noise(reference)) if metric == "eval_loss" else 0.0
     last_drop = last_interval_drop(start)
     if math.isfinite(last_drop):
         evidence["reference_still_falling"] = last_drop
-        if last_drop > T.REFERENCE_STILL_FALLING.value:
+        if last_drop > T.REFERENCE_STILL_FALLING.value and float(start.iloc[-2] - start.iloc[-1]) > noise:
             notes.append(f"{reference.name} itself has not converged (its {metric} still fell by {last_drop:.0%} "
                          "of its gain in its last evaluation interval): train it longer for a fair reference")
     if step < ref_step:
@@ -153,6 +155,13 @@ def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:
     said = (f"Final {metric} {number(value)} against {reference.name}'s {number(ref_value)} "
             f"(from {number(start_value)} at the start)")
     tail = ("; ".join(notes) + ".") if notes else ""
+    if shortfall > T.GAP_SHORTFALL.value and value - ref_value <= noise:
+        evidence["noise"] = noise
+        return [Finding("loss_gap", "info",
+                        f"{said}: {shortfall:.0%} of the reference's gain is missing, but the difference "
+                        f"({number(value - ref_value)}) is within the held-out set's noise ({number(noise)}, "
+                        f"{T.HELD_OUT_NOISE.value:g} standard errors). {tail}".strip(), evidence,
+                        "Evaluate on more held-out data (or several seeds) before acting on this gap.")]
     if shortfall > T.GAP_SHORTFALL.value:
         cause = ("" if explained else " Nothing else in the record names a cause"
                  + (": LoRA's factor moments cannot be compared with full fine-tuning's, so an optimizer-state gap "

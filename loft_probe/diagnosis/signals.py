@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from loft_probe.diagnosis import held_out
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.reading import LayerValues, last_snapshot, ranks
 from loft_probe.diagnosis.training import dead_layers, frozen_factors, loss_curve
@@ -18,6 +19,11 @@ def signals(run: Run) -> dict[str, float]:
     values = LayerValues(run)
     adapters = values.adapter_layers()
     out = loss_curve(run)
+    evals = held_out.curve(run)
+    if len(evals):
+        out |= {"eval_noise": held_out.noise(run), "eval_rise": float(evals.iloc[-1] - evals.min()),
+                "eval_above_start": float(evals.iloc[-1] - evals.iloc[0]),
+                "eval_still_falling": held_out.still_falling(run)}
     out["update_lr_ratio_max"] = _max(values.late("update_lr_ratio"))
     out["update_weight_ratio_max"] = _max(values.late("update_weight_ratio"))
     out["update_weight_ratio_median"] = _median(values.late("update_weight_ratio"))

@@ -58,6 +58,15 @@ HELD_OUT_STILL_FALLING = Threshold(
           "of its drop in the second half: a model that memorises its data keeps its training loss falling",
     "calibration: healthy ≤ 0.15 (matfact LoRA), runs undertrained by lr ÷100 or a tenth of the steps 0.19–0.43; "
     "MiniLM full fine-tuning's training loss still falls at its held-out optimum (0.36–0.70)")
+HELD_OUT_NOISE = Threshold(
+    2.0, "a held-out change within two standard errors of the held-out mean (eval_loss_se) is noise",
+    "a choice, not a fit: two standard errors hold ~95% of a normal error; unpaired, so conservative for two "
+    "evaluations of the same held-out set. MiniLM sentiment's 200 snippets: 2·SE ≈ 0.07, a third of full "
+    "fine-tuning's held-out gain (0.19); the benchmark holds out 1000")
+HELD_OUT_RISE = Threshold(
+    0.1, "the held-out loss rose from its best by over 10% of its drop to that best, while the training loss fell: "
+         "overfitting (above its start: lr_too_high)",
+    "a floor for records without a standard error; with one, the rise must also exceed HELD_OUT_NOISE")
 DEAD_GRAD_NORM = Threshold(0.0, "a layer whose gradient is exactly 0 at every late step is dead", "exact")
 RESIDUAL_HIGH = Threshold(
     0.85, "late tangent residual ‖(I−P_B)·G·(I−P_A)‖/‖G‖: over 72% of the gradient's energy out of reach",

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from loft_probe.diagnosis import held_out as held_out_curve
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.finding import Finding, layer_listing, name_list, number, worst_layers
 from loft_probe.diagnosis.reading import LayerValues, drop_share, late_slice, run_series
@@ -142,8 +143,8 @@ def _largest_step(run: Run, until: int) -> tuple[str, float]:
 
 def step_size(run: Run, values: LayerValues) -> list[Finding]:
     """Steps beyond what the learning rate accounts for (update_lr_ratio), then steps too large for the run:
-    a loss that rose above its start mid-run, or late steps large against the weights while the loss no
-    longer falls."""
+    a loss that rose above its start mid-run, a held-out loss that ended above its start while the training
+    loss fell, or late steps large against the weights while the loss no longer falls."""
     findings = []
     ratios = values.late("update_lr_ratio")
     bound = _step_bound(run)
@@ -170,6 +171,8 @@ def step_size(run: Run, values: LayerValues) -> list[Finding]:
             f"{number(curve['loss_late'])}: the steps are too large for this run.",
             {"loss_first": curve["loss_first"], "loss_mid": curve["loss_mid"], "loss_late": curve["loss_late"]},
             "Lower the learning rate (a third to a tenth); for LoRA, α/r scales every step as well.")]
+    if memorised := held_out_curve.above_start(run):
+        return memorised
     ratio = values.late("update_weight_ratio")
     high = ratio[ratio > T.UPDATE_WEIGHT_RATIO.value]
     above_best = curve.get("loss_above_best", math.nan)
@@ -224,7 +227,7 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
             "The learning rate (or, for LoRA, α/r) is far too small for this model: raise it tenfold and compare.")]
     if not T.LOSS_STILL_FALLING.value < falling <= 1.0:  # above 1: the loss spiked mid-run (lr_too_high)
         return []
-    held_out = held_out_still_falling(run)
+    held_out = held_out_curve.still_falling(run)
     if held_out <= T.HELD_OUT_STILL_FALLING.value:  # a model memorising its data: held-out is what counts
         return []
     said = f"; the held-out loss gained {held_out:.0%} of its whole drop in the second half" if held_out >= 0 else ""
@@ -237,17 +240,6 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
          **({"held_out_second_half": held_out} if held_out >= 0 else {})},
         "Train longer, or raise the learning rate (for LoRA, α/r scales the steps too); the other findings "
         "describe a run that has not settled.")]
-
-
-def held_out_still_falling(run: Run) -> float:
-    """The share of the held-out loss's whole drop that came in the second half of its evaluations; +inf when the
-    run has fewer than four (then the training loss decides alone), -inf when the held-out loss never fell."""
-    curve = run_series(run, "eval_loss")
-    curve = curve[np.isfinite(curve.to_numpy())]
-    if len(curve) < 4:
-        return math.inf
-    share = drop_share(float(curve.iloc[0]), float(curve.iloc[len(curve) // 2]), float(curve.iloc[-1]))
-    return -math.inf if math.isnan(share) else share
 
 
 def dead_layers(values: LayerValues) -> list[str]:

@@ -7,9 +7,8 @@ evaluation. The runner owns the optimizer and the adapters; a task never adds ei
 
 from __future__ import annotations
 
-import math
-
 import importlib
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields

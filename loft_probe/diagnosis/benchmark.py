@@ -8,7 +8,7 @@ them with and without the full fine-tuning reference, and score the findings aga
 Every run is an ordinary run directory (``OUT/<split>/<task>/seed<k>/<method>-<cause>``); a rerun reuses the
 finished ones. A run *measurably hurt* by its cause has a final held-out loss short of its healthy twin's
 (same task, seed and method) by more than ``HURT_SHORTFALL`` of what the twin gained from the start and by
-more than the twin's held-out noise (:func:`loft_probe.diagnosis.held_out.noise`), or a non-finite one.
+more than the held-out noise (:func:`loft_probe.diagnosis.held_out.margin`), or a non-finite one.
 `benchmarks/diagnosis_benchmark.py` is the command line.
 """
 
@@ -165,7 +165,8 @@ def diagnose_case(case: Case, out: Path) -> dict:
     against = diagnose(run, reference=reference) if run.name != reference.name else alone
     start, last, healthy, full = _eval(run, 0), _eval(run, -1), _eval(twin, -1), _eval(reference, -1)
     shortfall = _shortfall(start, last, healthy)
-    hurt = shortfall > HURT_SHORTFALL and not last - healthy <= held_out.noise(twin)  # inf/NaN: non-finite
+    noise = held_out.margin(held_out.last_se(twin))
+    hurt = shortfall > HURT_SHORTFALL and not last - healthy <= noise  # a non-finite end (NaN) is measurable
     return {"split": case.split, "task": case.task, "seed": case.seed, "method": case.method,
             "cause": case.cause, "eval_start": start, "eval_last": last, "eval_healthy": healthy,
             "shortfall": shortfall, "hurt": bool(case.cause != "healthy" and hurt),

@@ -140,11 +140,13 @@ def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:
         return [Finding("loss_gap", "warning", f"{run.name}'s final {metric} is not finite: no comparison with "
                         f"{reference.name} is possible.", evidence, "See the divergence finding.")]
     notes = []
-    noise = max(held_out.noise(run), held_out.noise(reference)) if metric == "eval_loss" else 0.0
+    noise = held_out.margin(held_out.last_se(reference)) if metric == "eval_loss" else 0.0
     last_drop = last_interval_drop(start)
     if math.isfinite(last_drop):
         evidence["reference_still_falling"] = last_drop
-        if last_drop > T.REFERENCE_STILL_FALLING.value and float(start.iloc[-2] - start.iloc[-1]) > noise:
+        evals = held_out.evaluations(reference)
+        last_noise = held_out.margin(float(evals["se"].iloc[-1])) if metric == "eval_loss" else 0.0
+        if last_drop > T.REFERENCE_STILL_FALLING.value and float(start.iloc[-2] - start.iloc[-1]) > last_noise:
             notes.append(f"{reference.name} itself has not converged (its {metric} still fell by {last_drop:.0%} "
                          "of its gain in its last evaluation interval): train it longer for a fair reference")
     if step < ref_step:

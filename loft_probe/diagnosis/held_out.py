@@ -1,11 +1,11 @@
 """The held-out loss: how large a change its evaluation can resolve, whether it still falls at the end, and
 whether it rose while the training loss fell (overfitting; above its start: steps too large).
 
-The noise scale is ``HELD_OUT_NOISE`` standard errors of the held-out mean, from the ``eval_loss_se`` the built-in
-classifier tasks record (std of the per-example loss over sqrt(n)). It is the error of one evaluation against
-the population, so it is conservative for two evaluations of the same held-out set (their errors correlate). A
-record without it (the HF Trainer's eval_loss, matfact's deterministic loss) has a noise of 0: changes are then
-judged by the relative thresholds alone.
+A change between two evaluations is noise when it is within ``HELD_OUT_NOISE`` times the standard error of the
+lower one, from the ``eval_loss_se`` the built-in classifier tasks record (std of the per-example loss over
+sqrt(n)). That is the error of one evaluation against the population, so it is conservative for two evaluations
+of the same held-out set (their errors correlate). A record without it (the HF Trainer's eval_loss, matfact's
+deterministic loss) has a margin of 0: changes are then judged by the relative thresholds alone.
 """
 
 from __future__ import annotations
@@ -21,45 +21,57 @@ from loft_probe.diagnosis.reading import drop_share, run_series
 from loft_probe.probe.rundir import Run
 
 
-def curve(run: Run) -> pd.Series:
-    """The finite held-out losses by step."""
+def evaluations(run: Run) -> pd.DataFrame:
+    """The finite held-out losses by step (column ``loss``) with their standard errors (``se``, NaN where none
+    was recorded)."""
     evals = run_series(run, "eval_loss")
-    return evals[np.isfinite(evals.to_numpy())]
-
-
-def noise(run: Run) -> float:
-    """The smallest held-out change the record resolves: HELD_OUT_NOISE × the median recorded standard error;
-    0 when none is recorded."""
+    evals = evals[np.isfinite(evals.to_numpy())]
     se = run_series(run, "eval_loss_se")
-    se = se[np.isfinite(se.to_numpy())]
-    return T.HELD_OUT_NOISE.value * float(se.median()) if len(se) else 0.0
+    return pd.DataFrame({"loss": evals, "se": se.reindex(evals.index)})
+
+
+def margin(se: float) -> float:
+    """The smallest rise above an evaluation with standard error ``se`` that is not noise: HELD_OUT_NOISE × se;
+    0 when it is unknown. Always the lower evaluation's error: a broken run's huge per-example losses make its
+    own error huge, and must not hide how far it is above a healthy one."""
+    return T.HELD_OUT_NOISE.value * se if math.isfinite(se) else 0.0
+
+
+def last_se(run: Run) -> float:
+    """The standard error of the run's last held-out evaluation (NaN when not recorded)."""
+    evals = evaluations(run)
+    return float(evals["se"].iloc[-1]) if len(evals) else math.nan
 
 
 def still_falling(run: Run) -> float:
     """The share of the held-out loss's whole drop that came in the second half of its evaluations; +inf with
     fewer than four evaluations (the training loss then decides alone), 0 when that second-half drop is within
     the noise, -inf when the held-out loss never fell."""
-    evals = curve(run)
+    evals = evaluations(run)
     if len(evals) < 4:
         return math.inf
-    first, middle, last = float(evals.iloc[0]), float(evals.iloc[len(evals) // 2]), float(evals.iloc[-1])
-    if first > last and middle - last <= noise(run):
+    middle, last = evals.iloc[len(evals) // 2], evals.iloc[-1]
+    first = float(evals["loss"].iloc[0])
+    if first > last["loss"] and middle["loss"] - last["loss"] <= margin(last["se"]):
         return 0.0
-    share = drop_share(first, middle, last)
+    share = drop_share(first, float(middle["loss"]), float(last["loss"]))
     return -math.inf if math.isnan(share) else share
 
 
 def rise(run: Run) -> dict[str, float]:
-    """The held-out loss's rise from its lowest evaluation to its last, when it exceeds the noise and the
-    training loss fell over the same interval (median of the training losses up to the best evaluation against
-    those after the second-to-last one); {} otherwise, or with fewer than four evaluations."""
-    evals = curve(run)
+    """The held-out loss's rise from its lowest evaluation to its last, when it exceeds the noise, with the
+    training loss over the same interval (the median of its values between the evaluation before the best and
+    the best, against those after the second-to-last evaluation); {} without such a rise or with fewer than
+    four evaluations."""
+    evals = evaluations(run)
     if len(evals) < 4:
         return {}
-    best_at = int(np.argmin(evals.to_numpy()))
-    first, best, last = float(evals.iloc[0]), float(evals.iloc[best_at]), float(evals.iloc[-1])
-    margin = noise(run)
-    if best_at == len(evals) - 1 or last - best <= max(margin, T.HELD_OUT_RISE.value * (first - best)):
+    best_at = int(np.argmin(evals["loss"].to_numpy()))
+    best, last = evals.iloc[best_at], evals.iloc[-1]
+    first = float(evals["loss"].iloc[0])
+    # Without a standard error, a share of the drop to the best stands in for the noise.
+    noise = margin(best["se"]) if math.isfinite(best["se"]) else T.HELD_OUT_RISE.value * (first - best["loss"])
+    if best_at == len(evals) - 1 or last["loss"] - best["loss"] <= noise:
         return {}
     steps = evals.index.to_numpy()
     loss = run_series(run, "loss")
@@ -67,34 +79,42 @@ def rise(run: Run) -> dict[str, float]:
     since = steps[best_at - 1] if best_at else -1
     at_best = loss[(loss.index > since) & (loss.index <= steps[best_at])]
     late = loss[loss.index > steps[-2]]
-    if not len(at_best) or not len(late) or float(late.median()) >= float(at_best.median()):
+    if not len(at_best) or not len(late):
         return {}
-    return {"eval_first": first, "eval_best": best, "eval_last": last, "best_step": float(steps[best_at]),
-            "last_step": float(steps[-1]), "noise": margin, "loss_at_best": float(at_best.median()),
-            "loss_late": float(late.median())}
+    return {"eval_first": first, "eval_best": float(best["loss"]), "eval_last": float(last["loss"]),
+            "best_step": float(steps[best_at]), "last_step": float(steps[-1]), "noise": noise,
+            "loss_at_best": float(at_best.median()), "loss_late": float(late.median())}
 
 
-def above_start(run: Run) -> list[Finding]:
-    """lr_too_high: the held-out loss ended above where it started (beyond the noise) while the training loss
-    fell: the steps fit the training data at the expense of everything else."""
+def worse_at_the_end(run: Run) -> list[Finding]:
+    """lr_too_high: both losses got worse late in the run (the training loss over LOSS_ABOVE_BEST × its value at
+    the held-out best), or the held-out loss ended above its start while the training loss fell: the steps are
+    too large for what the data supports."""
     risen = rise(run)
-    if not risen or risen["eval_last"] - risen["eval_first"] <= risen["noise"]:
+    if not risen:
         return []
-    return [Finding(
-        "lr_too_high", "warning",
-        f"The held-out loss ended above where it started ({number(risen['eval_first'])} → best "
-        f"{number(risen['eval_best'])} at step {int(risen['best_step'])} → {number(risen['eval_last'])}) while the "
-        f"training loss kept falling ({number(risen['loss_at_best'])} → {number(risen['loss_late'])}): the steps "
-        "are too large for what the data supports.",
-        risen, "Lower the learning rate (a third to a tenth; for LoRA, α/r scales the steps too), or stop near "
-               f"step {int(risen['best_step'])}.")]
+    span = (f"{number(risen['eval_first'])} → best {number(risen['eval_best'])} at step {int(risen['best_step'])} "
+            f"→ {number(risen['eval_last'])}")
+    training = f"{number(risen['loss_at_best'])} → {number(risen['loss_late'])}"
+    if risen["loss_late"] > T.LOSS_ABOVE_BEST.value * risen["loss_at_best"]:
+        what = (f"Both losses got worse at the end of the run: held-out {span}, training {training} (over "
+                f"{T.LOSS_ABOVE_BEST.value:g}× its value at the held-out best): the steps destabilise the run.")
+    elif risen["loss_late"] < risen["loss_at_best"] and risen["eval_last"] - risen["eval_first"] > risen["noise"]:
+        what = (f"The held-out loss ended above where it started ({span}) while the training loss kept falling "
+                f"({training}): the steps are too large for what the data supports.")
+    else:
+        return []
+    return [Finding("lr_too_high", "warning", what, risen,
+                    "Lower the learning rate (a third to a tenth; for LoRA, α/r scales the steps too), or stop "
+                    f"near step {int(risen['best_step'])}.")]
 
 
 def overfitting(run: Run) -> list[Finding]:
     """The held-out loss rose from its best by more than the noise while the training loss fell, and did not
-    end above its start (that is :func:`above_start`)."""
+    end above its start (that is :func:`worse_at_the_end`)."""
     risen = rise(run)
-    if not risen or risen["eval_last"] - risen["eval_first"] > risen["noise"]:
+    if not risen or risen["loss_late"] >= risen["loss_at_best"] or risen["eval_last"] - risen["eval_first"] > \
+            risen["noise"]:
         return []
     return [Finding(
         "overfitting", "warning",

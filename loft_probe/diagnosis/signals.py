@@ -19,9 +19,9 @@ def signals(run: Run) -> dict[str, float]:
     values = LayerValues(run)
     adapters = values.adapter_layers()
     out = loss_curve(run)
-    evals = held_out.curve(run)
+    evals = held_out.evaluations(run)["loss"]
     if len(evals):
-        out |= {"eval_noise": held_out.noise(run), "eval_rise": float(evals.iloc[-1] - evals.min()),
+        out |= {"eval_noise": held_out.margin(held_out.last_se(run)), "eval_rise": float(evals.iloc[-1] - evals.min()),
                 "eval_above_start": float(evals.iloc[-1] - evals.iloc[0]),
                 "eval_still_falling": held_out.still_falling(run)}
     out["update_lr_ratio_max"] = _max(values.late("update_lr_ratio"))

@@ -66,7 +66,7 @@ HELD_OUT_NOISE = Threshold(
 HELD_OUT_RISE = Threshold(
     0.1, "the held-out loss rose from its best by over 10% of its drop to that best, while the training loss fell: "
          "overfitting (above its start: lr_too_high)",
-    "a floor for records without a standard error; with one, the rise must also exceed HELD_OUT_NOISE")
+    "stands in for HELD_OUT_NOISE in records without a standard error (the HF Trainer's eval_loss)")
 DEAD_GRAD_NORM = Threshold(0.0, "a layer whose gradient is exactly 0 at every late step is dead", "exact")
 RESIDUAL_HIGH = Threshold(
     0.85, "late tangent residual ‖(I−P_B)·G·(I−P_A)‖/‖G‖: over 72% of the gradient's energy out of reach",

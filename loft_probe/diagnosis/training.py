@@ -143,8 +143,8 @@ def _largest_step(run: Run, until: int) -> tuple[str, float]:
 
 def step_size(run: Run, values: LayerValues) -> list[Finding]:
     """Steps beyond what the learning rate accounts for (update_lr_ratio), then steps too large for the run:
-    a loss that rose above its start mid-run, a held-out loss that ended above its start while the training
-    loss fell, or late steps large against the weights while the loss no longer falls."""
+    a loss that rose above its start mid-run, both losses worse at the end (or the held-out one above its
+    start), or late steps large against the weights while the loss no longer falls."""
     findings = []
     ratios = values.late("update_lr_ratio")
     bound = _step_bound(run)
@@ -171,8 +171,8 @@ def step_size(run: Run, values: LayerValues) -> list[Finding]:
             f"{number(curve['loss_late'])}: the steps are too large for this run.",
             {"loss_first": curve["loss_first"], "loss_mid": curve["loss_mid"], "loss_late": curve["loss_late"]},
             "Lower the learning rate (a third to a tenth); for LoRA, α/r scales every step as well.")]
-    if memorised := held_out_curve.above_start(run):
-        return memorised
+    if worse := held_out_curve.worse_at_the_end(run):
+        return worse
     ratio = values.late("update_weight_ratio")
     high = ratio[ratio > T.UPDATE_WEIGHT_RATIO.value]
     above_best = curve.get("loss_above_best", math.nan)

@@ -285,7 +285,7 @@ class LoFT(torch.optim.Optimizer):
             group_grads = [p.grad for p in group["params"] if p.grad is not None]
             grads += group_grads
             if id(group) not in scaled:
-                squares += [g.detach().float().pow(2).sum() for g in group_grads]
+                squares += [_precise(g.detach()).pow(2).sum() for g in group_grads]
         for bucket in buckets:
             group = bucket.groups[0]
             if not group["scale_gradients"]:
@@ -294,14 +294,16 @@ class LoFT(torch.optim.Optimizer):
             for i in self.moving_sides(group):
                 grad = (gB, gA.mT)[i]
                 # in an orthonormal frame ‖G·P‖ is the norm of G's coordinates: no m×n matrix needed
-                squares.append(bucket.frames[i].coordinates(grad / group["lora_scale"]).float().pow(2).sum())
+                coordinates = bucket.frames[i].coordinates(grad / group["lora_scale"])
+                squares.append(_precise(coordinates).pow(2).sum(dim=(-2, -1)).reshape(-1))  # per pair
         if not grads:
             return torch.tensor(0.0)
-        total = torch.stack([s.to(grads[0].device) for s in squares]).sum().sqrt()
+        # float64 sum: a float64 model's norm is exact to its roundoff however the pairs are bucketed
+        total = torch.cat([s.reshape(-1).to(grads[0].device, torch.float64) for s in squares]).sum().sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
-        return total
+        return total.float()  # the dtype torch.nn.utils.clip_grad_norm_ gives float32 gradients
 
     def _gradients_finite(self) -> bool:
         """Rejects sparse gradients; then one check (one device sync) that every gradient is finite."""
@@ -428,6 +430,11 @@ def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor
     gB = B.grad.to(dtype) if B.grad is not None else torch.zeros_like(Bc)
     gA = A.grad.to(dtype) if A.grad is not None else torch.zeros_like(Ac)
     return Bc, Ac, gB, gA
+
+
+def _precise(x: Tensor) -> Tensor:
+    """x in float32 at least (half-precision squares overflow), float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:

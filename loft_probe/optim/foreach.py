@@ -19,10 +19,15 @@ from torch import Tensor
 
 from loft_probe.optim import functional as F
 
-# Rows × pairs × l numbers per reconstruction block in a stack. Larger than functional.BLOCK_ELEMENTS (which
-# keeps one pair's block in cache): a stack pays ~8 operator calls per block, and at the per-pair size a stack
-# of small layers would need one block per row. 2²⁰ float32 numbers (4 MiB) per buffer still fits a server's L2.
-STACK_BLOCK_ELEMENTS = 1 << 20
+# Numbers per reconstruction block of a stack (rows × pairs × l), per device type. Each block costs ~8 operator
+# calls. On an accelerator every call is a kernel launch: large blocks (2²⁴ numbers, 64 MiB in float32, two
+# buffers) bring a stack of 144 small layers down to a handful of launches. On the CPU a call costs microseconds
+# but memory traffic dominates: functional's cache-sized block measured fastest (benchmarks/bench_loft_model.py).
+STACK_BLOCK_ELEMENTS = {"cpu": F.BLOCK_ELEMENTS, "accelerator": 1 << 24}
+
+
+def stack_block_elements(device: torch.device) -> int:
+    return STACK_BLOCK_ELEMENTS["cpu" if device.type == "cpu" else "accelerator"]
 
 
 class Side(NamedTuple):

@@ -135,7 +135,8 @@ class SecondMomentBasis:
 
     def features(self, h: Tensor) -> Tensor:
         """``h_p·h_q`` for every stored (p, q): (k, r) → (k, T). Its EMA is the state."""
-        return h.index_select(-1, self.p) * h.index_select(-1, self.q)
+        rows = h.reshape(-1, h.shape[-1])  # a stack's rows as one matrix: gathers along dim 1 of a matrix are fast
+        return (rows.index_select(1, self.p) * rows.index_select(1, self.q)).view(*h.shape[:-1], self.width)
 
     def kernel(self, R: Tensor) -> Tensor:
         """(T, n) matrix K with ``V = S·K``, ``V_ij = r_jᵀ·S_i·r_j`` (r_j: column j of R)."""
@@ -192,9 +193,10 @@ def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: S
     """Step 5: ``D·E`` (k×r), D the full-space Adam direction (k×l), undivided by ``1 − β1ᵗ``.
 
     ``D = M̂ / (sqrt(V̂) + ε)`` with the reconstructed moments ``M = m·Eᵀ``, ``V = S·kernel(Eᵀ)``
-    (see :func:`reconstruct_moments`), computed block of rows by block of rows: the transient memory is
-    two blocks of ``block_elements`` numbers, not two k×l buffers. With leading batch dimensions (P pairs
-    of one shape) a block takes the same rows of every pair, so it spans ``P × rows × l`` numbers.
+    (see :func:`reconstruct_moments`), computed block by block: the transient memory is two blocks of
+    ``block_elements`` numbers, not two k×l buffers. For a stack of P pairs (a leading dimension on every
+    argument) a block is a run of rows of several pairs: whole pairs when they fit, so that each batched
+    multiply keeps the many rows per pair a matrix multiply needs to run fast.
 
     ``V_ij`` is a quadratic form: where the gradients are nearly orthogonal to ``e_j`` its roundoff is of the
     order of eps·‖S_i‖·‖e_j‖², far above the true value, and can take it to 0 while ``M_ij`` is not (then
@@ -202,23 +204,29 @@ def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: S
     :func:`adam_ratio_bound`), so every entry of D is clamped to ``±max_ratio``: a no-op in exact arithmetic
     that keeps the step within its bound whatever the precision.
     """
+    if exp_avg.dim() == 2:  # one pair: a stack of one
+        return projected_direction(exp_avg[None], exp_avg_sq[None], E[None], basis, step, betas, eps,
+                                   max_ratio, block_elements)[0]
     beta1, beta2 = betas
-    batch, (k, r), n = exp_avg.shape[:-2], exp_avg.shape[-2:], E.shape[-2]
-    pairs = math.prod(batch)
-    rows = max(1, min(k, block_elements // (n * pairs)))
-    R = E.mT  # (r, l)
-    K = basis.kernel(R).div_(1 - beta2**step)  # (T, l); the bias correction folded in once
+    (P, k, r), n = exp_avg.shape, E.shape[-2]
+    rows = max(1, min(k, block_elements // n))
+    pairs = max(1, min(P, block_elements // (rows * n)))
+    R = E.mT.contiguous()  # (P, r, l); contiguous rows make the kernel's row gathers plain copies
+    K = basis.kernel(R).div_(1 - beta2**step)  # (P, T, l); the bias correction folded in once
     cap = max_ratio * (1 - beta1**step)  # |D| ≤ max_ratio once divided by 1 − β1ᵗ
     M = exp_avg.new_empty(pairs * rows * n)  # flat, so that every block's view of it is contiguous
     V = exp_avg.new_empty(pairs * rows * n)
-    out = exp_avg.new_empty(*batch, k, r)
-    for start in range(0, k, rows):
-        stop = min(start + rows, k)
-        M_b, V_b = (buffer[: pairs * (stop - start) * n].view(*batch, stop - start, n) for buffer in (M, V))
-        torch.matmul(exp_avg[..., start:stop, :], R, out=M_b)
-        torch.matmul(exp_avg_sq[..., start:stop, :], K, out=V_b)
-        M_b.div_(V_b.clamp_min_(0).sqrt_().add_(eps)).clamp_(-cap, cap)
-        torch.matmul(M_b, E, out=out[..., start:stop, :])
+    out = exp_avg.new_empty(P, k, r)
+    for first in range(0, P, pairs):
+        last = min(first + pairs, P)
+        for start in range(0, k, rows):
+            stop = min(start + rows, k)
+            M_b, V_b = (buffer[: (last - first) * (stop - start) * n].view(last - first, stop - start, n)
+                        for buffer in (M, V))
+            torch.matmul(exp_avg[first:last, start:stop], R[first:last], out=M_b)
+            torch.matmul(exp_avg_sq[first:last, start:stop], K[first:last], out=V_b)
+            M_b.div_(V_b.clamp_min_(0).sqrt_().add_(eps)).clamp_(-cap, cap)
+            torch.matmul(M_b, E[first:last], out=out[first:last, start:stop])
     return out
 
 

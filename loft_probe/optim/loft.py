@@ -88,9 +88,10 @@ class LoFT(torch.optim.Optimizer):
             GradScaler skips such steps. ``"raise"``: ``FloatingPointError``, state untouched.
         foreach: the multi-tensor step. Pairs of the same shapes, dtype, device, hyperparameters, step count
             and moving side step as one stack (batched r×r work, batched blocked reconstruction), and the
-            AdamW groups use torch's foreach AdamW. ``None`` (default): stacks wherever two or more pairs
-            agree, torch's default for the AdamW groups. ``False``: pair by pair. The result is the same up to
-            roundoff, the state format too.
+            AdamW groups use torch's foreach AdamW. ``None`` (default): on accelerators (stacks wherever two
+            or more pairs agree), off on the CPU, where one pair's working set stays in cache and an operator
+            call costs microseconds, not a kernel launch (README, "LoFT: correctness and speed"). ``False``:
+            pair by pair. The result is the same up to roundoff, the state format too.
 
     With ``alternating, scale_gradients, transport, projected_update`` all off and ``"simple"`` second
     moments, LoFT is AdamW on the factors (plain LoRA).
@@ -204,10 +205,8 @@ class LoFT(torch.optim.Optimizer):
 
     def moving_sides(self, group: dict[str, Any]) -> tuple[int, ...]:
         """The factors of a pair group the next step moves: 0 = B, 1 = A (both when not alternating)."""
-        if not group["alternating"]:
-            return (0, 1)
         state_B = self.state[group["params"][0]]
-        return (int(state_B["phase"]) if state_B else 0,)
+        return _moving(group["alternating"], int(state_B["phase"]) if state_B else 0)
 
     def full_space_moments(self, group: dict[str, Any]) -> FullSpaceMoments | None:
         """The moments of the factor that moved at the last step, in the weight's space (m×n each): ``M = m_B·E_Bᵀ``
@@ -234,27 +233,41 @@ class LoFT(torch.optim.Optimizer):
         with their partners' frames as in the forward pass. The frames depend on the factors only, so
         clipping and the step share them."""
         keyed: dict[Any, list[dict[str, Any]]] = {}
+        counts = self._counts() if self.foreach is not False else {}  # read once, not per pair
         for group in self.param_groups:
             if group["lora_scale"] is None:
                 continue
             B, A = group["params"]
             if B.grad is None and A.grad is None:
                 continue
-            keyed.setdefault(id(group) if self.foreach is False else self._stack_key(group), []).append(group)
+            keyed.setdefault(id(group) if self.foreach is False else self._stack_key(group, counts), []).append(group)
         buckets = []
         for groups in keyed.values():
-            if self.foreach or len(groups) > 1:
+            if self.foreach or (self.foreach is None and len(groups) > 1 and _stacks_help(groups[0]["params"][0])):
                 buckets.append(self._stacked_bucket(groups))
             else:
                 buckets += [self._pair_bucket(group) for group in groups]
         return buckets
 
-    def _stack_key(self, group: dict[str, Any]) -> tuple:
+    def _counts(self) -> dict[int, tuple[int, int]]:
+        """``(step, phase)`` of every started pair, read in one go (two host reads, not two per pair)."""
+        started = [g for g in self.param_groups if g["lora_scale"] is not None and self.state[g["params"][0]]]
+        if not started:
+            return {}
+        states = [self.state[g["params"][0]] for g in started]
+        steps = torch.stack([s["step"] for s in states]).tolist()
+        phases = torch.stack([s["phase"] for s in states]).tolist()
+        return {id(g): (int(t), int(p)) for g, t, p in zip(started, steps, phases, strict=True)}
+
+    @staticmethod
+    def _stack_key(group: dict[str, Any], counts: dict[int, tuple[int, int]]) -> tuple:
+        """What pairs must share to step as one stack: shapes, dtypes, device, every hyperparameter the step
+        reads, the step count (bias corrections, the ratio bound) and the moving side."""
         B, A = group["params"]
-        state_B = self.state[B]
-        step = int(state_B["step"]) + 1 if state_B else 1  # bias corrections and the ratio bound read it
+        step, phase = counts.get(id(group), (0, 0))
+        moving = _moving(group["alternating"], phase)
         hyper = tuple(group[key] for key in _STEP_KEYS)
-        return (B.shape, A.shape, B.dtype, A.dtype, B.device, self.moving_sides(group), step, hyper)
+        return (B.shape, A.shape, B.dtype, A.dtype, B.device, moving, step, hyper)
 
     @staticmethod
     def _pair_bucket(group: dict[str, Any]) -> _Bucket:
@@ -265,7 +278,7 @@ class LoFT(torch.optim.Optimizer):
     @staticmethod
     def _stacked_bucket(groups: list[dict[str, Any]]) -> _Bucket:
         dtype, cutoff = compute_dtype(groups[0]["params"][0]), groups[0]["partner_cutoff"]
-        B, A = (torch.stack([g["params"][i].detach() for g in groups]).to(dtype) for i in (0, 1))  # (P, ·, ·)
+        B, A = (torch.stack([g["params"][i] for g in groups]).to(dtype) for i in (0, 1))  # (P, ·, ·), no grad
         return _Bucket(groups, (B, A), (F.PartnerFrame(A, cutoff), F.PartnerFrame(B.mT, cutoff)), True)
 
     @staticmethod
@@ -311,10 +324,12 @@ class LoFT(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads):
             raise RuntimeError("LoFT does not support sparse gradients; use dense gradients (e.g. "
                                "nn.Embedding(sparse=False))")
-        flags: dict[torch.device, list[Tensor]] = {}  # stacked per device: a model may span several
+        by_device: dict[torch.device, list[Tensor]] = {}  # a model may span several devices
         for g in grads:
-            flags.setdefault(g.device, []).append(torch.isfinite(g).all())
-        return all(bool(torch.stack(f).all()) for f in flags.values())
+            by_device.setdefault(g.device, []).append(g)
+        # the largest magnitude is NaN or Inf exactly when some entry is: one multi-tensor reduction per device
+        return all(bool(torch.stack([m.float() for m in torch._foreach_norm(gs, float("inf"))]).isfinite().all())
+                   for gs in by_device.values())
 
     # ---------------------------------------------------------------- AdamW for every other parameter
     def _adamw_group(self, group: dict[str, Any]) -> None:
@@ -326,7 +341,7 @@ class LoFT(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype(p))
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype(p))
-        if self.foreach is not False and params:
+        if params and (self.foreach or (self.foreach is None and _stacks_help(params[0]))):
             computed = [p.detach().to(compute_dtype(p)) for p in params]  # the parameters unless low-precision
             FE.adamw_foreach_(computed, [p.grad.to(c.dtype) for p, c in zip(params, computed, strict=True)],
                               [self.state[p] for p in params], group["lr"], group["betas"], group["eps"],
@@ -365,7 +380,7 @@ class LoFT(torch.optim.Optimizer):
         if bucket.stacked:
             stacked_B, stacked_A = FE.stack_states(states_B), FE.stack_states(states_A)
             sides = FE.sides_of(B, A, gB, gA, stacked_B, stacked_A)
-            FE.pair_step_(sides, bucket.frames, moving, step, group, basis, FE.STACK_BLOCK_ELEMENTS)
+            FE.pair_step_(sides, bucket.frames, moving, step, group, basis, FE.stack_block_elements(B.device))
             FE.unstack_states_(states_B, stacked_B)
             FE.unstack_states_(states_A, stacked_A)
             for i in moving:
@@ -430,6 +445,16 @@ def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor
     gB = B.grad.to(dtype) if B.grad is not None else torch.zeros_like(Bc)
     gA = A.grad.to(dtype) if A.grad is not None else torch.zeros_like(Ac)
     return Bc, Ac, gB, gA
+
+
+def _stacks_help(p: Tensor) -> bool:
+    """``foreach=None``: stack on accelerators, where every operator is a kernel launch; not on the CPU."""
+    return p.device.type != "cpu"
+
+
+def _moving(alternating: bool, phase: int) -> tuple[int, ...]:
+    """The sides the next step moves (0 = B, 1 = A): the phase's side, or both when not alternating."""
+    return (phase,) if alternating else (0, 1)
 
 
 def _precise(x: Tensor) -> Tensor:

@@ -19,14 +19,15 @@ F64 = torch.float64
 TOL = {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6}
 
 
-def assert_agree(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+def assert_agree(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     if dtype == F64:
         assert_close(actual, expected, rtol=TOL[F64], atol=TOL[F64])
     else:
         assert actual.dtype == expected.dtype
         error = float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
-        squares = 2 if what == "exp_avg_sq" else 1  # quadratic in the gradient: twice its relative rounding
-        assert error <= squares * TOL[dtype], (what, error)
+        # a state is further from the rounding than a parameter: frames come out of an SVD (a singular
+        # vector's sensitivity is 1/gap), second moments are squares
+        assert error <= (TOL[dtype] if what == "parameter" else 4 * TOL[dtype]), (what, error)
 
 # (m, n, r, dtype, copies): several pairs per shape so that stacks form, next to singletons
 MIXED = [(12, 9, 3, F64, 3), (9, 12, 3, F64, 2), (12, 9, 2, F64, 2), (10, 10, 4, torch.float32, 3),
@@ -70,7 +71,7 @@ def assert_same(per_pair: LoFT, stacked: LoFT) -> None:
     """Parameters and every state tensor agree, at the tolerance of the parameter's dtype."""
     for g1, g2 in zip(per_pair.param_groups, stacked.param_groups, strict=True):
         for p1, p2 in zip(g1["params"], g2["params"], strict=True):
-            assert_agree(p2.detach(), p1.detach(), p1.dtype)
+            assert_agree(p2.detach(), p1.detach(), p1.dtype, "parameter")
             s1, s2 = per_pair.state[p1], stacked.state[p2]
             assert s1.keys() == s2.keys()
             for key in s1:

@@ -262,3 +262,25 @@ def test_the_batched_core_compiles_and_matches_eager():
         pytest.skip(f"torch.compile unavailable here: {type(error).__name__}: {str(error).splitlines()[0]}")
     for c, e in zip(compiled, eager, strict=True):
         assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_check_parses_imports_and_says_when_there_is_no_gpu():
+    """benchmarks/gpu_check.sh runs as is on a CUDA machine; here it can only be parsed, its Python imported,
+    and, without CUDA, asked to say so."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    spec = importlib.util.spec_from_file_location("gpu_check", script.with_suffix(".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.equality) and callable(module.step) and callable(module.probe)
+    if torch.cuda.is_available():
+        return
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr, (done.returncode, done.stderr)

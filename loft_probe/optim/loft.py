@@ -191,6 +191,7 @@ class LoFT(torch.optim.Optimizer):
             self._bucket_step(bucket)
         return loss
 
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip all gradients by the global norm of what LoFT will use; returns that norm (before clipping).
 

@@ -98,6 +98,44 @@ def sides_of(B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, state_B: dict[str, Te
     return b_side, a_side
 
 
+class Bucket(NamedTuple):
+    """Pair groups that step together: one group (2-D tensors), or a stack of P groups ((P, ·, ·) tensors)."""
+
+    groups: list[dict[str, Any]]
+    factors: tuple[Tensor, Tensor]  # B (m, r) and A (r, n) in the compute dtype: the parameters themselves
+    # for one float32/64 pair, stacked copies for a stack
+    frames: tuple[F.PartnerFrame, F.PartnerFrame]  # of A (for the B-side) and of Bᵀ (for the A-side)
+    stacked: bool
+
+
+def bucket(groups: list[dict[str, Any]], stacked: bool) -> Bucket:
+    """The bucket of ``groups`` (one group unless ``stacked``) with its partners' frames as in the forward pass."""
+    dtype, cutoff = compute_dtype(groups[0]["params"][0]), groups[0]["partner_cutoff"]
+    if stacked:
+        B, A = (torch.stack([g["params"][i] for g in groups]).to(dtype) for i in (0, 1))  # (P, ·, ·), under no_grad
+    else:
+        B, A = (p.detach().to(dtype) for p in groups[0]["params"])
+    return Bucket(groups, (B, A), (F.PartnerFrame(A, cutoff), F.PartnerFrame(B.mT, cutoff)), stacked)
+
+
+def bucket_gradients(bucket: Bucket) -> tuple[Tensor, Tensor]:
+    """``(g_B, g_A)`` of a bucket in the compute dtype, stacked for a stack. A missing gradient reads as zero
+    (a factor that did not take part in the loss). Read after clipping: a stack's are copies."""
+    dtype = bucket.factors[0].dtype
+
+    def grad(p: Tensor) -> Tensor:
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    if not bucket.stacked:
+        return tuple(grad(p).to(dtype) for p in bucket.groups[0]["params"])
+    return tuple(torch.stack([grad(g["params"][i]) for g in bucket.groups]).to(dtype) for i in (0, 1))
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 parameters (LoFT's solves need it), the parameter's dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "frame")
 
 

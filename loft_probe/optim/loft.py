@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from loft_probe.optim import foreach as FE
 from loft_probe.optim import functional as F
+from loft_probe.optim.foreach import compute_dtype
 
 SECOND_MOMENTS = ("full", "simple")
 NONFINITE = ("skip", "raise")
@@ -32,16 +33,6 @@ NONFINITE = ("skip", "raise")
 # count and moving side) can step as one stack.
 _STEP_KEYS = ("lr", "betas", "eps", "weight_decay", "lora_scale", "alternating", "scale_gradients", "transport",
               "second_moment", "projected_update", "partner_cutoff")
-
-
-class _Bucket(NamedTuple):
-    """Pair groups that step together: one group (2-D tensors), or a stack of P groups ((P, ·, ·) tensors)."""
-
-    groups: list[dict[str, Any]]
-    factors: tuple[Tensor, Tensor]  # B (m, r) and A (r, n) in the compute dtype: the parameters themselves
-    # for one float32/64 pair, stacked copies for a stack
-    frames: tuple[F.PartnerFrame, F.PartnerFrame]  # of A (for the B-side) and of Bᵀ (for the A-side)
-    stacked: bool
 
 
 class FullSpaceMoments(NamedTuple):
@@ -229,7 +220,7 @@ class LoFT(torch.optim.Optimizer):
             return FullSpaceMoments(first, second, orthonormal, "B")
         return FullSpaceMoments(first.T, second.T, orthonormal, "A")
 
-    def _buckets(self) -> list[_Bucket]:
+    def _buckets(self) -> list[FE.Bucket]:
         """The pair groups with a gradient (a pair without gradients does not step), bucketed for this step,
         with their partners' frames as in the forward pass. The frames depend on the factors only, so
         clipping and the step share them."""
@@ -245,9 +236,9 @@ class LoFT(torch.optim.Optimizer):
         buckets = []
         for groups in keyed.values():
             if self.foreach or (self.foreach is None and len(groups) > 1 and _stacks_help(groups[0]["params"][0])):
-                buckets.append(self._stacked_bucket(groups))
+                buckets.append(FE.bucket(groups, stacked=True))
             else:
-                buckets += [self._pair_bucket(group) for group in groups]
+                buckets += [FE.bucket([group], stacked=False) for group in groups]
         return buckets
 
     def _counts(self) -> dict[int, tuple[int, int]]:
@@ -270,29 +261,7 @@ class LoFT(torch.optim.Optimizer):
         hyper = tuple(group[key] for key in _STEP_KEYS)
         return (B.shape, A.shape, B.dtype, A.dtype, B.device, moving, step, hyper)
 
-    @staticmethod
-    def _pair_bucket(group: dict[str, Any]) -> _Bucket:
-        B, A = (p.detach().to(compute_dtype(p)) for p in group["params"])
-        cutoff = group["partner_cutoff"]
-        return _Bucket([group], (B, A), (F.PartnerFrame(A, cutoff), F.PartnerFrame(B.T, cutoff)), False)
-
-    @staticmethod
-    def _stacked_bucket(groups: list[dict[str, Any]]) -> _Bucket:
-        dtype, cutoff = compute_dtype(groups[0]["params"][0]), groups[0]["partner_cutoff"]
-        B, A = (torch.stack([g["params"][i] for g in groups]).to(dtype) for i in (0, 1))  # (P, ·, ·), no grad
-        return _Bucket(groups, (B, A), (F.PartnerFrame(A, cutoff), F.PartnerFrame(B.mT, cutoff)), True)
-
-    @staticmethod
-    def _gradients(bucket: _Bucket) -> tuple[Tensor, Tensor]:
-        """``(g_B, g_A)`` of a bucket in the compute dtype, stacked for a stack; a missing gradient reads as
-        zero (a factor that did not take part in the loss). Read after clipping."""
-        if not bucket.stacked:
-            return _compute_views(*bucket.groups[0]["params"])[2:]
-        dtype = bucket.factors[0].dtype
-        return tuple(torch.stack([p.grad if p.grad is not None else torch.zeros_like(p)
-                                  for p in (g["params"][i] for g in bucket.groups)]).to(dtype) for i in (0, 1))
-
-    def _clip(self, max_norm: float, buckets: list[_Bucket]) -> Tensor:
+    def _clip(self, max_norm: float, buckets: list[FE.Bucket]) -> Tensor:
         squares, grads = [], []
         scaled = {id(g) for bucket in buckets for g in bucket.groups if g["scale_gradients"]}
         for group in self.param_groups:
@@ -304,7 +273,7 @@ class LoFT(torch.optim.Optimizer):
             group = bucket.groups[0]
             if not group["scale_gradients"]:
                 continue
-            gB, gA = self._gradients(bucket)
+            gB, gA = FE.bucket_gradients(bucket)
             for i in self.moving_sides(group):
                 grad = (gB, gA.mT)[i]
                 # in an orthonormal frame ‖G·P‖ is the norm of G's coordinates: no m×n matrix needed
@@ -362,7 +331,7 @@ class LoFT(torch.optim.Optimizer):
                 p.copy_(param)
 
     # ---------------------------------------------------------------- LoFT for LoRA pairs
-    def _bucket_step(self, bucket: _Bucket) -> None:
+    def _bucket_step(self, bucket: FE.Bucket) -> None:
         """One step of every pair of a bucket: gather states (stacked for a stack), :func:`FE.pair_step_`,
         write back what moved, advance ``step`` and flip ``phase``."""
         group, in_factor_space = bucket.groups[0], not bucket.groups[0]["projected_update"]
@@ -377,7 +346,7 @@ class LoFT(torch.optim.Optimizer):
         step = int(states_B[0]["step"]) + 1
         basis = self._basis(group, group["params"][0])
         B, A = bucket.factors
-        gB, gA = self._gradients(bucket)
+        gB, gA = FE.bucket_gradients(bucket)
         if bucket.stacked:
             stacked_B, stacked_A = FE.stack_states(states_B), FE.stack_states(states_A)
             sides = FE.sides_of(B, A, gB, gA, stacked_B, stacked_A)
@@ -436,18 +405,6 @@ class LoFT(torch.optim.Optimizer):
                     self.state[params[index]][key] = value.to(device=device, copy=True)
 
 
-def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(B, A, g_B, g_A)`` in the compute dtype: the parameters themselves unless they are low-precision.
-
-    A missing gradient reads as zero (a factor that did not take part in the loss).
-    """
-    dtype = compute_dtype(B)
-    Bc, Ac = B.detach().to(dtype), A.detach().to(dtype)
-    gB = B.grad.to(dtype) if B.grad is not None else torch.zeros_like(Bc)
-    gA = A.grad.to(dtype) if A.grad is not None else torch.zeros_like(Ac)
-    return Bc, Ac, gB, gA
-
-
 def _stacks_help(p: Tensor) -> bool:
     """``foreach=None``: stack on accelerators, where every operator is a kernel launch; not on the CPU."""
     return p.device.type != "cpu"
@@ -461,11 +418,6 @@ def _moving(alternating: bool, phase: int) -> tuple[int, ...]:
 def _precise(x: Tensor) -> Tensor:
     """x in float32 at least (half-precision squares overflow), float64 kept."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 parameters (LoFT's solves need it), the parameter's dtype otherwise."""
-    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
 
 
 def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,

@@ -4,7 +4,7 @@ A model has hundreds of LoRA pairs but only a handful of shapes. Pairs with the 
 hyperparameters, step count and moving side go through :func:`pair_step_` *together*: their factors,
 gradients and states are stacked to (P, ·, ·) tensors, so each of the step's ~30 small r×r operations
 (SVDs, solves, transport, features) is one batched call instead of P, and the m×n reconstruction runs as
-batched multiplies over blocks of rows of every pair at once. Every function of
+batched multiplies over blocks of whole pairs (of rows, when one pair exceeds a block). Every function of
 :mod:`loft_probe.optim.functional` accepts such leading batch dimensions, so this file holds the step once:
 called with 2-D tensors it is the per-pair step (the readable reference), with 3-D ones the batched step.
 The per-pair state in ``optimizer.state`` keeps its format: stacks are gathered before and written back after.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 F64 = torch.float64
@@ -40,3 +41,13 @@ def train(model, optimizer, batches, probe) -> None:
         loss.backward()
         optimizer.step()
         probe.log(loss=loss.item())
+
+
+@pytest.fixture(params=[False, True], ids=["per-pair", "foreach"])
+def both_loft_paths(request, monkeypatch):
+    """Runs a test twice: LoFT pair by pair, and as stacks (``foreach=True`` stacks even a lone pair).
+    Modules that use it on every test import it and apply it with ``pytestmark``."""
+    from loft_probe.optim import LoFT
+
+    monkeypatch.setitem(LoFT.__init__.__kwdefaults__, "foreach", request.param)
+    return request.param

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from helpers import both_loft_paths  # noqa: F401 (a fixture)
 from torch.testing import assert_close
 
 from loft_probe.optim import LoFT
@@ -14,6 +15,7 @@ from loft_probe.optim import functional as F
 from loft_probe.optim.reference import ReferenceLoFT
 
 F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("both_loft_paths")  # every test on both LoFT paths
 
 
 def well_conditioned(rows: int, cols: int, gen: torch.Generator, dtype=F64) -> torch.Tensor:

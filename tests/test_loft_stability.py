@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import both_loft_paths  # noqa: F401 (a fixture)
 from torch.testing import assert_close
 
 from loft_probe import LoFT
@@ -19,6 +20,7 @@ from loft_probe.optim import functional as F
 from loft_probe.optim.reference import ReferenceLoFT
 
 F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("both_loft_paths")  # every test on both LoFT paths
 BETAS = (0.9, 0.999)
 
 
@@ -301,6 +303,7 @@ def test_old_state_format_is_refused():
         opt.load_state_dict(state)
 
 
+@pytest.mark.parametrize("both_loft_paths", [None], ids=["default path"], indirect=True)  # slow: run once
 @pytest.mark.parametrize("task, rank, steps, options, final", [
     ("matfact", 16, 300, dict(m=256, n=128, target_rank=4), 1e-9),  # raw coordinates: 6.8e-6, then NaN
     ("digits", 64, 20, {}, None),  # raw coordinates: NaN from step 6 (fc1 has 64 inputs: r = 64 is full)

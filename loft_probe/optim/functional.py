@@ -43,6 +43,9 @@ PARTNER_CUTOFF = 1e-2
 class PartnerFrame:
     """The numerically supported row space of a partner factor ``R`` (r×l): ``R ≈ V·diag(σ)·Qᵀ``.
 
+    ``R`` may carry leading batch dimensions (P, r, l): every map then works pair by pair, as for the
+    multi-tensor step (:mod:`loft_probe.optim.foreach`); shapes below are written for one pair.
+
     Singular values at or below ``cutoff·σ₁`` are dropped (σ, 1/σ and Q's columns set to 0 there), so a zero
     partner has rank 0 and every map below returns 0 for it, never NaN. Computed in float64 by a thin SVD of
     ``Rᵀ`` (accurate to float64 roundoff at any conditioning, unlike an eigen-decomposition of the Gram
@@ -54,37 +57,37 @@ class PartnerFrame:
     """
 
     def __init__(self, R: Tensor, cutoff: float = PARTNER_CUTOFF) -> None:
-        r = R.shape[0]
-        U, sigma, Vh = torch.linalg.svd(R.to(torch.float64).T, full_matrices=False)  # (l,k) (k,) (k,r), k=min(r,l)
-        if sigma.numel() < r:  # more factor columns than the partner has room for: pad with absent directions
-            pad = r - sigma.numel()
+        r = R.shape[-2]
+        U, sigma, Vh = torch.linalg.svd(R.to(torch.float64).mT, full_matrices=False)  # (l,k) (k,) (k,r), k=min(r,l)
+        if sigma.shape[-1] < r:  # more factor columns than the partner has room for: pad with absent directions
+            pad = r - sigma.shape[-1]
             U = torch.nn.functional.pad(U, (0, pad))
             sigma = torch.nn.functional.pad(sigma, (0, pad))
             Vh = torch.nn.functional.pad(Vh, (0, 0, 0, pad))
-        kept = sigma > cutoff * sigma[:1]  # strict: σ₁ = 0 keeps nothing
+        kept = sigma > cutoff * sigma[..., :1]  # strict: σ₁ = 0 keeps nothing
         self.sigma = torch.where(kept, sigma, 0.0)  # (r,)
         self.inv_sigma = torch.where(kept, 1 / torch.where(kept, sigma, 1.0), 0.0)  # (r,)
-        self.right = Vh.T  # (r, r)
-        self.basis = (U * kept).to(R.dtype)  # (l, r)
+        self.right = Vh.mT  # (r, r)
+        self.basis = (U * kept.unsqueeze(-2)).to(R.dtype)  # (l, r)
         self._partner = R
 
     def coordinates(self, X: Tensor) -> Tensor:
         """``X·V·diag(1/σ)`` (k×r): the coordinates in Q of the k×l matrix Y with ``Y·Rᵀ = X`` (the minimum-norm
         one). For a factor gradient, ``coordinates(g_L / s) = G·Q``: the full gradient seen by L."""
-        return ((X.to(torch.float64) @ self.right) * self.inv_sigma).to(X.dtype)
+        return ((X.to(torch.float64) @ self.right) * self.inv_sigma.unsqueeze(-2)).to(X.dtype)
 
     def push(self, X: Tensor) -> Tensor:
         """``X·V·diag(σ)`` (k×r): the coordinates in Q of ``X·R`` for factor coefficients X (k×r)."""
-        return ((X.to(torch.float64) @ self.right) * self.sigma).to(X.dtype)
+        return ((X.to(torch.float64) @ self.right) * self.sigma.unsqueeze(-2)).to(X.dtype)
 
     def to_factor(self, Y: Tensor) -> Tensor:
         """``Y·diag(1/σ)·Vᵀ`` (k×r): the factor coefficients X with ``X·R = Y·Qᵀ`` (minimum norm, ``Y·Qᵀ·R⁺``).
         The one ill-conditioned map: its gain is 1/σ_ρ ≤ 1/(cutoff·σ₁)."""
-        return ((Y.to(torch.float64) * self.inv_sigma) @ self.right.T).to(Y.dtype)
+        return ((Y.to(torch.float64) * self.inv_sigma.unsqueeze(-2)) @ self.right.mT).to(Y.dtype)
 
     def matrix(self, factor_coordinates: bool) -> Tensor:
         """The frame E (l×r) moments are written against: Q, or ``Rᵀ`` itself for raw factor coordinates."""
-        return self._partner.T if factor_coordinates else self.basis
+        return self._partner.mT if factor_coordinates else self.basis
 
     def in_frame(self, Y: Tensor, factor_coordinates: bool) -> Tensor:
         """Q-coordinates Y (k×r) rewritten in the frame of :meth:`matrix` (identity for Q)."""
@@ -105,7 +108,7 @@ def gradient_coordinates(grad: Tensor, scale: float, frame: PartnerFrame, scaled
 def transport_matrix(old_frame: Tensor, frame: PartnerFrame, factor_coordinates: bool) -> Tensor:
     """Step 2: ``C`` (r×r) with ``m·C·Eᵀ = (m·E_oldᵀ)·P``: the full-space moment written against the old frame
     E_old (l×r) is carried over to the new one, not reinterpreted. Orthonormal frames: ``C = Q_oldᵀ·Q``."""
-    overlap = old_frame.to(torch.float64).T @ frame.basis.to(torch.float64)  # (r, r)
+    overlap = old_frame.to(torch.float64).mT @ frame.basis.to(torch.float64)  # (r, r)
     return frame.in_frame(overlap, factor_coordinates).to(old_frame.dtype)
 
 
@@ -132,11 +135,12 @@ class SecondMomentBasis:
 
     def features(self, h: Tensor) -> Tensor:
         """``h_p·h_q`` for every stored (p, q): (k, r) → (k, T). Its EMA is the state."""
-        return h.index_select(1, self.p) * h.index_select(1, self.q)
+        rows = h.reshape(-1, h.shape[-1])  # a stack's rows as one matrix: gathers along dim 1 of a matrix are fast
+        return (rows.index_select(1, self.p) * rows.index_select(1, self.q)).view(*h.shape[:-1], self.width)
 
     def kernel(self, R: Tensor) -> Tensor:
         """(T, n) matrix K with ``V = S·K``, ``V_ij = r_jᵀ·S_i·r_j`` (r_j: column j of R)."""
-        K = R.index_select(0, self.p) * R.index_select(0, self.q)
+        K = R.index_select(-2, self.p) * R.index_select(-2, self.q)
         return torch.where(self.off_diagonal[:, None], 2 * K, K)
 
     def transport(self, C: Tensor) -> Tensor:
@@ -145,10 +149,10 @@ class SecondMomentBasis:
         full: ``S'_kl = Σ_{p≤q} S_pq·(C_pk·C_ql + [p<q]·C_qk·C_pl)``.
         simple: the diagonal of ``Cᵀ·diag(v)·C``, i.e. ``v' = v·(C∘C)``.
         """
-        p, q = self.p, self.q
-        T = C[p][:, p] * C[q][:, q]  # rows: stored (p, q); columns: stored (k, l)
+        Cp, Cq = C.index_select(-2, self.p), C.index_select(-2, self.q)  # rows p, rows q of C
+        T = Cp.index_select(-1, self.p) * Cq.index_select(-1, self.q)  # rows: stored (p, q); columns: (k, l)
         if self.full:
-            T = T + self.off_diagonal[:, None] * (C[q][:, p] * C[p][:, q])
+            T = T + self.off_diagonal[:, None] * (Cq.index_select(-1, self.p) * Cp.index_select(-1, self.q))
         return T
 
 
@@ -184,12 +188,15 @@ BLOCK_ELEMENTS = 1 << 18
 
 
 def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: SecondMomentBasis,
-                        step: int, betas: tuple[float, float], eps: float, max_ratio: float) -> Tensor:
+                        step: int, betas: tuple[float, float], eps: float, max_ratio: float,
+                        block_elements: int = BLOCK_ELEMENTS) -> Tensor:
     """Step 5: ``D·E`` (k×r), D the full-space Adam direction (k×l), undivided by ``1 − β1ᵗ``.
 
     ``D = M̂ / (sqrt(V̂) + ε)`` with the reconstructed moments ``M = m·Eᵀ``, ``V = S·kernel(Eᵀ)``
-    (see :func:`reconstruct_moments`), computed block of rows by block of rows: the transient memory is
-    two blocks of ``BLOCK_ELEMENTS`` numbers, not two k×l buffers.
+    (see :func:`reconstruct_moments`), computed block by block: the transient memory is two blocks of
+    ``block_elements`` numbers, not two k×l buffers. For a stack of P pairs (a leading dimension on every
+    argument) a block is a run of rows of several pairs: whole pairs when they fit, so that each batched
+    multiply keeps the many rows per pair a matrix multiply needs to run fast.
 
     ``V_ij`` is a quadratic form: where the gradients are nearly orthogonal to ``e_j`` its roundoff is of the
     order of eps·‖S_i‖·‖e_j‖², far above the true value, and can take it to 0 while ``M_ij`` is not (then
@@ -197,22 +204,29 @@ def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: S
     :func:`adam_ratio_bound`), so every entry of D is clamped to ``±max_ratio``: a no-op in exact arithmetic
     that keeps the step within its bound whatever the precision.
     """
+    if exp_avg.dim() == 2:  # one pair: a stack of one
+        return projected_direction(exp_avg[None], exp_avg_sq[None], E[None], basis, step, betas, eps,
+                                   max_ratio, block_elements)[0]
     beta1, beta2 = betas
-    k, n = exp_avg.shape[0], E.shape[0]
-    rows = max(1, min(k, BLOCK_ELEMENTS // n))
-    R = E.T  # (r, l)
-    K = basis.kernel(R).div_(1 - beta2**step)  # (T, l); the bias correction folded in once
+    (P, k, r), n = exp_avg.shape, E.shape[-2]
+    rows = max(1, min(k, block_elements // n))
+    pairs = max(1, min(P, block_elements // (rows * n)))
+    R = E.mT.contiguous()  # (P, r, l); contiguous rows make the kernel's row gathers plain copies
+    K = basis.kernel(R).div_(1 - beta2**step)  # (P, T, l); the bias correction folded in once
     cap = max_ratio * (1 - beta1**step)  # |D| ≤ max_ratio once divided by 1 − β1ᵗ
-    M = exp_avg.new_empty(rows, n)
-    V = exp_avg.new_empty(rows, n)
-    out = exp_avg.new_empty(k, E.shape[1])  # (k, r)
-    for start in range(0, k, rows):
-        stop = min(start + rows, k)
-        M_b, V_b = M[: stop - start], V[: stop - start]
-        torch.mm(exp_avg[start:stop], R, out=M_b)
-        torch.mm(exp_avg_sq[start:stop], K, out=V_b)
-        M_b.div_(V_b.clamp_min_(0).sqrt_().add_(eps)).clamp_(-cap, cap)
-        torch.mm(M_b, E, out=out[start:stop])
+    M = exp_avg.new_empty(pairs * rows * n)  # flat, so that every block's view of it is contiguous
+    V = exp_avg.new_empty(pairs * rows * n)
+    out = exp_avg.new_empty(P, k, r)
+    for first in range(0, P, pairs):
+        last = min(first + pairs, P)
+        for start in range(0, k, rows):
+            stop = min(start + rows, k)
+            M_b, V_b = (buffer[: (last - first) * (stop - start) * n].view(last - first, stop - start, n)
+                        for buffer in (M, V))
+            torch.matmul(exp_avg[first:last, start:stop], R[first:last], out=M_b)
+            torch.matmul(exp_avg_sq[first:last, start:stop], K[first:last], out=V_b)
+            M_b.div_(V_b.clamp_min_(0).sqrt_().add_(eps)).clamp_(-cap, cap)
+            torch.matmul(M_b, E[first:last], out=out[first:last, start:stop])
     return out
 
 
@@ -220,7 +234,7 @@ def reconstruct_moments(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor,
                         basis: SecondMomentBasis) -> tuple[Tensor, Tensor]:
     """Full-space first and second moments ``(m·Eᵀ, S·kernel(Eᵀ))`` (k×l each) for the frame E (l×r)."""
     # clamp: roundoff can take a reconstructed second moment slightly below 0
-    return exp_avg @ E.T, (exp_avg_sq @ basis.kernel(E.T)).clamp_min_(0)
+    return exp_avg @ E.mT, (exp_avg_sq @ basis.kernel(E.mT)).clamp_min_(0)
 
 
 def adam_ratio_bound(step: int, betas: tuple[float, float]) -> float:

@@ -23,21 +23,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from loft_probe.optim import foreach as FE
 from loft_probe.optim import functional as F
+from loft_probe.optim.foreach import compute_dtype
 
 SECOND_MOMENTS = ("full", "simple")
 NONFINITE = ("skip", "raise")
-
-
-class _Side(NamedTuple):
-    """One factor of a pair seen as the left factor L (k×r) of ``s·L·R``; see functional's docstring."""
-
-    factor: Tensor  # (k, r) compute-dtype view of the parameter (B, or Aᵀ)
-    partner: Tensor  # (r, l) the other factor (A, or Bᵀ), as in the forward pass
-    grad: Tensor  # (k, r)
-    exp_avg: Tensor  # (k, r)
-    exp_avg_sq: Tensor  # (k, T)
-    frame: Tensor  # (l, r) the frame the moments are written against
+# A pair group's entries that its step reads: pairs agreeing on all of them (and on shapes, dtype, device, step
+# count and moving side) can step as one stack.
+_STEP_KEYS = ("lr", "betas", "eps", "weight_decay", "lora_scale", "alternating", "scale_gradients", "transport",
+              "second_moment", "projected_update", "partner_cutoff")
 
 
 class FullSpaceMoments(NamedTuple):
@@ -82,6 +77,12 @@ class LoFT(torch.optim.Optimizer):
         nonfinite: what a step with a NaN or Inf gradient does. ``"skip"`` (default): nothing moves, no state
             changes, and every group's ``skipped_steps`` counts it (saved in ``state_dict``), as AMP's
             GradScaler skips such steps. ``"raise"``: ``FloatingPointError``, state untouched.
+        foreach: the multi-tensor step. Pairs of the same shapes, dtype, device, hyperparameters, step count
+            and moving side step as one stack (batched r×r work, batched blocked reconstruction), and the
+            AdamW groups use torch's foreach AdamW. ``None`` (default): on accelerators (stacks wherever two
+            or more pairs agree), off on the CPU, where one pair's working set stays in cache and an operator
+            call costs microseconds, not a kernel launch (README, "LoFT: correctness and speed"). ``False``:
+            pair by pair. The result is the same up to roundoff, the state format too.
 
     With ``alternating, scale_gradients, transport, projected_update`` all off and ``"simple"`` second
     moments, LoFT is AdamW on the factors (plain LoRA).
@@ -103,18 +104,21 @@ class LoFT(torch.optim.Optimizer):
         partner_cutoff: float = F.PARTNER_CUTOFF,
         max_grad_norm: float | None = None,
         nonfinite: str = "skip",
+        foreach: bool | None = None,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay, second_moment, projected_update, partner_cutoff,
                                max_grad_norm)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lora_scale=None,
             alternating=alternating, scale_gradients=scale_gradients, transport=transport,
             second_moment=second_moment, projected_update=projected_update, partner_cutoff=partner_cutoff,
             skipped_steps=0,
         )
-        self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
+        self.max_grad_norm, self.nonfinite, self.foreach = max_grad_norm, nonfinite, foreach
         self._bases: dict[tuple, F.SecondMomentBasis] = {}  # index tensors, one per (rank, variant, device)
         super().__init__(params, defaults)
 
@@ -168,16 +172,17 @@ class LoFT(torch.optim.Optimizer):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             return loss
-        frames = self._frames()
+        buckets = self._buckets()
         if self.max_grad_norm is not None:
-            self._clip(self.max_grad_norm, frames)
+            self._clip(self.max_grad_norm, buckets)
         for group in self.param_groups:
             if group["lora_scale"] is None:
                 self._adamw_group(group)
-            elif id(group) in frames:  # a pair without gradients does not step
-                self._pair_step(group, frames[id(group)])
+        for bucket in buckets:
+            self._bucket_step(bucket)
         return loss
 
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip all gradients by the global norm of what LoFT will use; returns that norm (before clipping).
 
@@ -188,14 +193,12 @@ class LoFT(torch.optim.Optimizer):
         """
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        return self._clip(max_norm, self._frames())
+        return self._clip(max_norm, self._buckets())
 
     def moving_sides(self, group: dict[str, Any]) -> tuple[int, ...]:
         """The factors of a pair group the next step moves: 0 = B, 1 = A (both when not alternating)."""
-        if not group["alternating"]:
-            return (0, 1)
         state_B = self.state[group["params"][0]]
-        return (int(state_B["phase"]) if state_B else 0,)
+        return _moving(group["alternating"], int(state_B["phase"]) if state_B else 0)
 
     def full_space_moments(self, group: dict[str, Any]) -> FullSpaceMoments | None:
         """The moments of the factor that moved at the last step, in the weight's space (m×n each): ``M = m_B·E_Bᵀ``
@@ -217,42 +220,73 @@ class LoFT(torch.optim.Optimizer):
             return FullSpaceMoments(first, second, orthonormal, "B")
         return FullSpaceMoments(first.T, second.T, orthonormal, "A")
 
-    def _frames(self) -> dict[int, tuple[F.PartnerFrame, F.PartnerFrame]]:
-        """Per pair group with a gradient: the frames of its partners as in the forward pass, (frame of A for
-        the B-side, frame of Bᵀ for the A-side). They depend on the factors only, so clipping and the step share
-        them."""
-        frames = {}
+    def _buckets(self) -> list[FE.Bucket]:
+        """The pair groups with a gradient (a pair without gradients does not step), bucketed for this step,
+        with their partners' frames as in the forward pass. The frames depend on the factors only, so
+        clipping and the step share them."""
+        keyed: dict[Any, list[dict[str, Any]]] = {}
+        counts = self._counts() if self.foreach is not False else {}  # read once, not per pair
         for group in self.param_groups:
             if group["lora_scale"] is None:
                 continue
             B, A = group["params"]
             if B.grad is None and A.grad is None:
                 continue
-            cutoff = group["partner_cutoff"]
-            Bc, Ac = (p.detach().to(compute_dtype(p)) for p in (B, A))
-            frames[id(group)] = (F.PartnerFrame(Ac, cutoff), F.PartnerFrame(Bc.T, cutoff))
-        return frames
+            keyed.setdefault(id(group) if self.foreach is False else self._stack_key(group, counts), []).append(group)
+        buckets = []
+        for groups in keyed.values():
+            if self.foreach or (self.foreach is None and len(groups) > 1 and _stacks_help(groups[0]["params"][0])):
+                buckets.append(FE.bucket(groups, stacked=True))
+            else:
+                buckets += [FE.bucket([group], stacked=False) for group in groups]
+        return buckets
 
-    def _clip(self, max_norm: float, frames: dict) -> Tensor:
+    def _counts(self) -> dict[int, tuple[int, int]]:
+        """``(step, phase)`` of every started pair, read in one go (two host reads, not two per pair)."""
+        started = [g for g in self.param_groups if g["lora_scale"] is not None and self.state[g["params"][0]]]
+        if not started:
+            return {}
+        states = [self.state[g["params"][0]] for g in started]
+        steps = torch.stack([s["step"] for s in states]).tolist()
+        phases = torch.stack([s["phase"] for s in states]).tolist()
+        return {id(g): (int(t), int(p)) for g, t, p in zip(started, steps, phases, strict=True)}
+
+    @staticmethod
+    def _stack_key(group: dict[str, Any], counts: dict[int, tuple[int, int]]) -> tuple:
+        """What pairs must share to step as one stack: shapes, dtypes, device, every hyperparameter the step
+        reads, the step count (bias corrections, the ratio bound) and the moving side."""
+        B, A = group["params"]
+        step, phase = counts.get(id(group), (0, 0))
+        moving = _moving(group["alternating"], phase)
+        hyper = tuple(group[key] for key in _STEP_KEYS)
+        return (B.shape, A.shape, B.dtype, A.dtype, B.device, moving, step, hyper)
+
+    def _clip(self, max_norm: float, buckets: list[FE.Bucket]) -> Tensor:
         squares, grads = [], []
+        scaled = {id(g) for bucket in buckets for g in bucket.groups if g["scale_gradients"]}
         for group in self.param_groups:
             group_grads = [p.grad for p in group["params"] if p.grad is not None]
             grads += group_grads
-            if id(group) not in frames or not group["scale_gradients"]:
-                squares += [g.detach().float().pow(2).sum() for g in group_grads]
+            if id(group) not in scaled:
+                squares += [_precise(g.detach()).pow(2).sum() for g in group_grads]
+        for bucket in buckets:
+            group = bucket.groups[0]
+            if not group["scale_gradients"]:
                 continue
-            _, _, gB, gA = _compute_views(*group["params"])
+            gB, gA = FE.bucket_gradients(bucket)
             for i in self.moving_sides(group):
-                grad = (gB, gA.T)[i]
+                grad = (gB, gA.mT)[i]
                 # in an orthonormal frame ‖G·P‖ is the norm of G's coordinates: no m×n matrix needed
-                squares.append(frames[id(group)][i].coordinates(grad / group["lora_scale"]).float().pow(2).sum())
+                coordinates = bucket.frames[i].coordinates(grad / group["lora_scale"])
+                squares.append(_precise(coordinates).pow(2).sum(dim=(-2, -1)).reshape(-1))  # per pair
         if not grads:
             return torch.tensor(0.0)
-        total = torch.stack([s.to(grads[0].device) for s in squares]).sum().sqrt()
+        # float64 sum: a float64 model's norm is exact to its roundoff however the pairs are bucketed
+        total = torch.cat([s.reshape(-1).to(grads[0].device, torch.float64) for s in squares]).sum().sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
-        return total
+        return total.float()  # the dtype torch.nn.utils.clip_grad_norm_ gives float32 gradients
 
     def _gradients_finite(self) -> bool:
         """Rejects sparse gradients; then one check (one device sync) that every gradient is finite."""
@@ -260,22 +294,34 @@ class LoFT(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads):
             raise RuntimeError("LoFT does not support sparse gradients; use dense gradients (e.g. "
                                "nn.Embedding(sparse=False))")
-        flags: dict[torch.device, list[Tensor]] = {}  # stacked per device: a model may span several
+        by_device: dict[torch.device, list[Tensor]] = {}  # a model may span several devices
         for g in grads:
-            flags.setdefault(g.device, []).append(torch.isfinite(g).all())
-        return all(bool(torch.stack(f).all()) for f in flags.values())
+            by_device.setdefault(g.device, []).append(g)
+        # the largest magnitude is NaN or Inf exactly when some entry is: one multi-tensor reduction per device
+        return all(bool(torch.stack([m.float() for m in torch._foreach_norm(gs, float("inf"))]).isfinite().all())
+                   for gs in by_device.values())
 
     # ---------------------------------------------------------------- AdamW for every other parameter
     def _adamw_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype(p))
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype(p))
+        if params and (self.foreach or (self.foreach is None and _stacks_help(params[0]))):
+            computed = [p.detach().to(compute_dtype(p)) for p in params]  # the parameters unless low-precision
+            FE.adamw_foreach_(computed, [p.grad.to(c.dtype) for p, c in zip(params, computed, strict=True)],
+                              [self.state[p] for p in params], group["lr"], group["betas"], group["eps"],
+                              group["weight_decay"])
+            low = [(p, c) for p, c in zip(params, computed, strict=True) if p.dtype != c.dtype]
+            if low:
+                torch._foreach_copy_([p for p, _ in low], [c for _, c in low])
+            return
+        for p in params:
+            state = self.state[p]
             state["step"] += 1
             param = p.detach().to(compute_dtype(p))  # the parameter itself unless it is low-precision
             F.adamw_update_(param, p.grad.to(param.dtype), state["exp_avg"], state["exp_avg_sq"],
@@ -284,71 +330,56 @@ class LoFT(torch.optim.Optimizer):
             if param.dtype != p.dtype:
                 p.copy_(param)
 
-    # ---------------------------------------------------------------- LoFT for one LoRA pair
-    def _pair_step(self, group: dict[str, Any], frames: tuple[F.PartnerFrame, F.PartnerFrame]) -> None:
-        B, A = group["params"]
+    # ---------------------------------------------------------------- LoFT for LoRA pairs
+    def _bucket_step(self, bucket: FE.Bucket) -> None:
+        """One step of every pair of a bucket: gather states (stacked for a stack), :func:`FE.pair_step_`,
+        write back what moved, advance ``step`` and flip ``phase``."""
+        group, in_factor_space = bucket.groups[0], not bucket.groups[0]["projected_update"]
+        first_frames = [frame.matrix(in_factor_space) for frame in bucket.frames]  # (P?, l, r) each
+        states_B, states_A = [], []
+        for j, g in enumerate(bucket.groups):
+            own = [f[j] for f in first_frames] if bucket.stacked else first_frames
+            state_B, state_A = self._pair_state(g, own)
+            states_B.append(state_B)
+            states_A.append(state_A)
         moving = self.moving_sides(group)
-        state_B, state_A = self._pair_state(group, frames)
-        state_B["step"] += 1
-        t = int(state_B["step"])
-        beta1, beta2 = group["betas"]
-        scale, basis = group["lora_scale"], self._basis(group, B)
-        in_factor_space = not group["projected_update"]
-        sides = _sides(B, A, state_B, state_A)
-
-        # Phase one: update both factors' states with the factors of the forward pass (spec step 4).
-        # Only a factor about to move has a partner that changed since its state was last written: for the
-        # other, the frame is unchanged (a frame is a deterministic function of its partner) and C = I.
-        for i, (side, frame) in enumerate(zip(sides, frames, strict=True)):
-            h = F.gradient_coordinates(side.grad, scale, frame, group["scale_gradients"], in_factor_space)
-            if i in moving:
-                if group["transport"]:
-                    C = F.transport_matrix(side.frame, frame, in_factor_space)  # (r, r)
-                    side.exp_avg.copy_(side.exp_avg @ C)
-                    side.exp_avg_sq.copy_(side.exp_avg_sq @ basis.transport(C))
-                side.frame.copy_(frame.matrix(in_factor_space))
-            side.exp_avg.lerp_(h, 1 - beta1)
-            side.exp_avg_sq.mul_(beta2).add_(basis.features(h), alpha=1 - beta2)
-
-        # Phase two: compute the moving factors' projected steps (they read the partners), then move.
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        steps = {}
-        if group["projected_update"]:
-            # |M̂| ≤ K(t)·sqrt(V̂) for the full second moment; its diagonal ("simple") only gives sqrt(r)·K(t)
-            max_ratio = F.adam_ratio_bound(t, group["betas"]) * (1 if basis.full else B.shape[1] ** 0.5)
+        step = int(states_B[0]["step"]) + 1
+        basis = self._basis(group, group["params"][0])
+        B, A = bucket.factors
+        gB, gA = FE.bucket_gradients(bucket)
+        if bucket.stacked:
+            stacked_B, stacked_A = FE.stack_states(states_B), FE.stack_states(states_A)
+            sides = FE.sides_of(B, A, gB, gA, stacked_B, stacked_A)
+            FE.pair_step_(sides, bucket.frames, moving, step, group, basis, FE.stack_block_elements(B.device))
+            FE.unstack_states_(states_B, stacked_B)
+            FE.unstack_states_(states_A, stacked_A)
             for i in moving:
-                side, frame = sides[i], frames[i]
-                direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, side.frame, basis, t,
-                                                  group["betas"], group["eps"], max_ratio)  # (k, r): D·Q
-                steps[i] = frame.to_factor(direction).mul_(lr / (1 - beta1**t) / scale)  # D·R⁺, (k, r)
-        for i in moving:
-            side = sides[i]
-            if group["projected_update"]:
-                side.factor.mul_(1 - lr * weight_decay).sub_(steps[i])
-            else:  # Adam in factor coordinates (elementwise second moment)
-                F.adamw_move_(side.factor, side.exp_avg, side.exp_avg_sq, t, lr, beta1, beta2, group["eps"],
-                              weight_decay)
-        state_B["phase"].fill_(1 - int(state_B["phase"]))
-        for param, side in zip((B, A), sides, strict=True):
-            factor = side.factor if param is B else side.factor.T
-            if param.dtype != factor.dtype:  # low-precision factor: computed in float32, stored back
-                param.copy_(factor)
+                torch._foreach_copy_([g["params"][i] for g in bucket.groups], list(bucket.factors[i].unbind(0)))
+        else:
+            FE.pair_step_(FE.sides_of(B, A, gB, gA, states_B[0], states_A[0]), bucket.frames, moving, step,
+                          group, basis)
+            for param, factor in zip(group["params"], bucket.factors, strict=True):
+                if param.dtype != factor.dtype:  # low-precision factor: computed in float32, stored back
+                    param.copy_(factor)
+        steps, phases = [s["step"] for s in states_B], [s["phase"] for s in states_B]
+        torch._foreach_add_(steps, 1)
+        torch._foreach_mul_(phases, -1)  # phase ← 1 − phase
+        torch._foreach_add_(phases, 1)
 
-    def _pair_state(self, group: dict[str, Any], frames: tuple[F.PartnerFrame, F.PartnerFrame]
-                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _pair_state(self, group: dict[str, Any], frames: list[Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The pair's states, created at its first step with the frames ``frames`` (E_B (n, r), E_A (m, r))."""
         B, A = group["params"]
         state_B, state_A = self.state[B], self.state[A]
         if not state_B:
             dtype, width = compute_dtype(B), self._basis(group, B).width
-            in_factor_space = not group["projected_update"]
             state_B["step"] = torch.tensor(0.0)
             state_B["phase"] = torch.tensor(0.0)
             state_B["exp_avg"] = torch.zeros_like(B, dtype=dtype)  # (m, r)
             state_B["exp_avg_sq"] = B.new_zeros(B.shape[0], width, dtype=dtype)  # (m, T)
-            state_B["frame"] = frames[0].matrix(in_factor_space).to(dtype, copy=True)  # (n, r)
+            state_B["frame"] = frames[0].to(dtype, copy=True)  # (n, r)
             state_A["exp_avg"] = torch.zeros_like(A, dtype=dtype)  # (r, n)
             state_A["exp_avg_sq"] = A.new_zeros(A.shape[1], width, dtype=dtype)  # (n, T)
-            state_A["frame"] = frames[1].matrix(in_factor_space).to(dtype, copy=True)  # (m, r)
+            state_A["frame"] = frames[1].to(dtype, copy=True)  # (m, r)
         return state_B, state_A
 
     def _basis(self, group: dict[str, Any], B: Tensor) -> F.SecondMomentBasis:
@@ -374,29 +405,19 @@ class LoFT(torch.optim.Optimizer):
                     self.state[params[index]][key] = value.to(device=device, copy=True)
 
 
-def _compute_views(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(B, A, g_B, g_A)`` in the compute dtype: the parameters themselves unless they are low-precision.
-
-    A missing gradient reads as zero (a factor that did not take part in the loss).
-    """
-    dtype = compute_dtype(B)
-    Bc, Ac = B.detach().to(dtype), A.detach().to(dtype)
-    gB = B.grad.to(dtype) if B.grad is not None else torch.zeros_like(Bc)
-    gA = A.grad.to(dtype) if A.grad is not None else torch.zeros_like(Ac)
-    return Bc, Ac, gB, gA
+def _stacks_help(p: Tensor) -> bool:
+    """``foreach=None``: stack on accelerators, where every operator is a kernel launch; not on the CPU."""
+    return p.device.type != "cpu"
 
 
-def _sides(B: Tensor, A: Tensor, state_B: dict, state_A: dict) -> tuple[_Side, _Side]:
-    """The B-side (L = B, R = A) and the A-side (L = Aᵀ, R = Bᵀ) of a pair."""
-    Bc, Ac, gB, gA = _compute_views(B, A)
-    b_side = _Side(Bc, Ac, gB, state_B["exp_avg"], state_B["exp_avg_sq"], state_B["frame"])
-    a_side = _Side(Ac.T, Bc.T, gA.T, state_A["exp_avg"].T, state_A["exp_avg_sq"], state_A["frame"])
-    return b_side, a_side
+def _moving(alternating: bool, phase: int) -> tuple[int, ...]:
+    """The sides the next step moves (0 = B, 1 = A): the phase's side, or both when not alternating."""
+    return (phase,) if alternating else (0, 1)
 
 
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 parameters (LoFT's solves need it), the parameter's dtype otherwise."""
-    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+def _precise(x: Tensor) -> Tensor:
+    """x in float32 at least (half-precision squares overflow), float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,

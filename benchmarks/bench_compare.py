@@ -18,7 +18,7 @@ import torch
 
 from loft_probe.comparison import compare
 from loft_probe.metrics import lowrank_svd, lowrank_update
-from loft_probe.probe.rundir import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
+from loft_probe.run import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
 
 M = N = 4096
 RANK = 16  # LoRA rank r

@@ -21,9 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loft_probe.probe import rundir
-from loft_probe.probe.rundir import load_run
-from loft_probe.probe.writer import RunWriter
+from loft_probe.run import RunWriter, layout, load_run, write_meta, write_metrics_part
 
 LAYERS = ("encoder.0.q", "encoder.0.v")
 METRICS = ("grad_norm", "update_norm", "weight_change_norm", "update_weight_ratio", "cos_update_grad",
@@ -60,7 +58,7 @@ def measure(root: Path, steps: int) -> dict[str, float]:
     for step in range(1, steps + 1):
         writer.append(rows(step))
     write_ms = (time.perf_counter() - start) / steps * 1e3
-    parts = len(rundir.list_parts(path))
+    parts = len(layout.list_parts(path))
     running = best_load(path)
     writer.finish({**META, "closed": True})
     closed = best_load(path)
@@ -69,9 +67,9 @@ def measure(root: Path, steps: int) -> dict[str, float]:
     if steps <= UNCOMPACTED_MAX:
         flat = root / f"flat-{steps}"
         flat.mkdir()
-        rundir.write_meta(flat, META)
+        write_meta(flat, META)
         for step in range(1, steps + 1):
-            rundir.write_metrics_part(flat, rows(step), step - 1, step - 1, "00000000")
+            write_metrics_part(flat, rows(step), step - 1, step - 1, "00000000")
         out["uncompacted"] = best_load(flat)
     return out
 

@@ -11,7 +11,7 @@ all alike); each round is ``--steps`` optimizer steps (16 covers one recorded st
   floor: no probe, but every frozen base weight gets its gradient G computed (one weight-gradient multiply per
     layer, what full fine-tuning pays and the cheapest way to obtain G);
   full: ``every=16``, shadow AdamW and G capture on every adapted layer; full bf16: the same with
-    ``shadow_dtype=torch.bfloat16``;  baseline again: the noise floor of the comparison.
+    ``Gradients(shadow_dtype=torch.bfloat16)``;  baseline again: the noise floor of the comparison.
 Memory: resident-set growth from building LoFT, attaching the probe and taking two steps, in a fresh process
 per configuration; the probe's share is the growth beyond the baseline's (LoFT's state, torch's lazy
 allocations), against the bytes of the model's weights.
@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from loft_probe import add_lora, attach
+from loft_probe.probe import Gradients
 from loft_probe.optim import LoFT
 
 CONFIGS = {"baseline": None, "light": dict(every=16), "floor": "floor", "full": dict(every=16, shadow=True),
-           "full bf16": dict(every=16, shadow=True, shadow_dtype=torch.bfloat16), "baseline again": None}
+           "full bf16": dict(every=16, shadow=True, gradients=Gradients(shadow_dtype=torch.bfloat16)), "baseline again": None}
 
 
 class Block(nn.Module):

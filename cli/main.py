@@ -15,19 +15,14 @@ import pandas as pd
 import typer
 from rich.console import Console
 
+from loft_probe.demo import DEMO_EVERY, DEMO_STEPS, demo_configs, run_demo
 from loft_probe.diagnosis import describe_run, diagnose, findings_to_json, format_findings, headline
-from loft_probe.probe.rundir import Run, load_run
+from loft_probe.run import Run, load_run
 from loft_probe.runner import METHODS, RunConfig, run
 from loft_probe.tasks import TASKS
 
 from . import render, sweeps
 from .errors import OneLineErrors
-
-DEMO_TASK = "minilm-sentiment"
-# The task's default. The whole demo (3 runs, report, diagnosis) measured 138 s on an idle 2-core CPU with
-# OMP_NUM_THREADS unset (281 s while other jobs shared the CPU): within 5 minutes with room to spare.
-DEMO_STEPS = 200
-DEMO_EVERY = 10  # record every 10 steps: enough points for the report's curves, cheap next to training
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -84,22 +79,16 @@ def demo(
 
     Example: loft-probe demo --steps 60 --out runs/demo
     """
-    options = {"layers": layers} | {k: v for k, v in (("n_train", n_train), ("n_eval", n_eval)) if v is not None}
-    configs = [RunConfig(task=DEMO_TASK, method=method, out=out / method, rank=rank, steps=steps, every=every,
-                         seed=seed, task_options=options) for method in METHODS]
+    configs = demo_configs(out, steps=steps, rank=rank, layers=layers, seed=seed, every=every, n_train=n_train,
+                           n_eval=n_eval)
     for config in configs:
         _check_new(config.out)
-    paths = []
-    for config in configs:
-        with render.progress_bar(config.method, steps) as on_step:
-            paths.append(run(config, on_step=on_step))
-    runs = {r.method: r for r in map(load_run, paths)}
-    page = _write_report(list(runs.values()), out / "report")
-    Console().print(render.table(_headlines(runs.values()), title="Runs"))
-    for method in ("loft", "lora"):
+    result = run_demo(configs, out / "report", progress=lambda config: render.progress_bar(config.method, steps))
+    Console().print(render.table(_headlines(result.runs.values()), title="Runs"))
+    for method, findings in result.findings.items():
         typer.echo(f"\nDiagnosis of {method} against full fine-tuning:")
-        typer.echo(format_findings(diagnose(runs[method], reference=runs["full"])))
-    typer.echo(f"\nReport: {page}")
+        typer.echo(format_findings(findings))
+    typer.echo(f"\nReport: {result.report}")
 
 
 @app.command("run")
@@ -171,13 +160,13 @@ def compare(
     """Compare runs with a reference run: subspace angles, ΔW cosine, intruders, loss gap.
 
     The table shows, per run and metric, the median over layers and the worst layer at the last snapshot
-    the run shares with the reference; csv and json print the whole long-form frame (step, layer, method,
-    kind, reference, metric, value).
+    the run shares with the reference; csv and json print the whole long-form frame (step, layer, run,
+    method, reference, metric, value).
 
     Example: loft-probe compare runs/demo/full runs/demo/lora runs/demo/loft --format csv
     """
     from loft_probe.comparison import compare as compare_runs
-    from loft_probe.comparison import summarize
+    from loft_probe.summary import comparison_table
 
     frame = compare_runs([load_run(path) for path in runs], reference=reference, force=force)
     if output is Format.csv:
@@ -186,9 +175,9 @@ def compare(
         typer.echo(render.escape_controls(frame.to_json(orient="records", indent=2)))
     else:
         console = Console()
-        for (method, ref), rows in summarize(frame).groupby(["method", "reference"], sort=False):
-            title = f"{method} against {ref}" if method != ref else f"{method} (the reference)"
-            console.print(render.table(rows.drop(columns=["method", "kind", "reference"]),
+        for (name, ref), rows in comparison_table(frame).groupby(["run", "reference"], sort=False):
+            title = f"{name} against {ref}" if name != ref else f"{name} (the reference)"
+            console.print(render.table(rows.drop(columns=["run", "method", "reference"]),
                                        title=render.escape_controls(title)))
 
 

@@ -1,6 +1,6 @@
 """Terminal rendering for the commands: a progress bar per training run and rich tables of DataFrames.
 
-Presentation only: the numbers come from the library (`compare.summarize`, `diagnose.headline`).
+Presentation only: the numbers come from the library (`loft_probe.summary`, `diagnose.headline`).
 """
 
 from __future__ import annotations

@@ -6,18 +6,21 @@ from loft_probe.comparison import compare
 from loft_probe.diagnosis import diagnose
 from loft_probe.lora import LoraLinear, LoraPair, add_lora, lora_pairs
 from loft_probe.optim import LoFT
-from loft_probe.probe import Probe, Run, attach, load_run
+from loft_probe.probe import Gradients, Labels, Snapshots, attach
+from loft_probe.run import Run, load_run
 from loft_probe.sweeps import sweep
 
 __version__ = version("loft-probe")  # written once, in pyproject.toml
 
 
 __all__ = [
+    "Gradients",
+    "Labels",
     "LoFT",
     "LoraLinear",
     "LoraPair",
-    "Probe",
     "Run",
+    "Snapshots",
     "add_lora",
     "attach",
     "compare",

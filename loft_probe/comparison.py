@@ -1,23 +1,31 @@
 """Cross-run comparison: adapter runs (LoRA, LoFT, ...) against a reference run, snapshot by snapshot.
 
 Runs compare only when they share base weights, layer names and shapes, seed and data order
-(docs/metrics-spec.md, "Cross-run comparison"): `check_compatible` refuses them otherwise. `compare` reads the
+(docs/metrics-spec.md, "Cross-run comparison"): `loft_probe.compatibility.check_compatible` refuses them
+otherwise. `compare` reads the
 runs' snapshots (top-k singular triplets of the cumulative ΔW = W_t − W_0, and the adapter factors B, A)
-and returns one tidy long-form frame; `summarize` reduces it to one row per (run, metric) for a report
-table. Every number comes from `loft_probe.metrics`; no m×n matrix is formed.
+and returns one tidy long-form frame; `loft_probe.summary.comparison_table` reduces it to one row per (run,
+metric). Every number comes from `loft_probe.metrics`; no m×n matrix is formed.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from loft_probe.compatibility import (
+    IncompatibleRunsError,
+    IncompatibleRunsWarning,
+    RunSelectionError,
+    as_run,
+    check_compatible,
+    default_reference,
+    layer_table,
+)
 from loft_probe.metrics import (
     SVD,
     grassmann_distance,
@@ -28,12 +36,12 @@ from loft_probe.metrics import (
     subspace_similarity,
     update_cosine,
 )
-from loft_probe.probe.rundir import RUN_LAYER, Run, RunDirError, load_run
+from loft_probe.run import RUN_LAYER, Run, RunDirError
 
-# The frame's columns: step (int64); layer ("" for run-level rows); method: the run's name (two LoRA runs of
-# different rank stay apart); kind: its meta "method" (full, lora, loft, other); reference: the reference
+# The frame's columns: step (int64); layer ("" for run-level rows); run: the run's name (two LoRA runs of
+# different rank stay apart); method: its meta "method" (full, lora, loft, other); reference: the reference
 # run's name; metric: a key of COMPARE_METRICS; value (float64).
-COLUMNS = ("step", "layer", "method", "kind", "reference", "metric", "value")
+COLUMNS = ("step", "layer", "run", "method", "reference", "metric", "value")
 
 COMPARE_METRICS = {
     "angle_left_max": "largest principal angle (rad) between span(B) and the reference's top-r left subspace",
@@ -50,8 +58,8 @@ COMPARE_METRICS = {
     "loss_gap": "loss_run − loss_ref at a step where both recorded a loss (layer \"\")",
 }
 
-# Which end of each metric is worse, for `summarize`'s worst layer. None: no direction (a norm ratio is off
-# both ways), so no worst layer is named.
+# Which end of each metric is worse, for `loft_probe.summary.comparison_table`'s worst layer. None: no
+# direction (a norm ratio is off both ways), so no worst layer is named.
 WORSE_IS_HIGHER: dict[str, bool | None] = {
     "angle_left_max": True,
     "angle_left_mean": True,
@@ -67,109 +75,11 @@ WORSE_IS_HIGHER: dict[str, bool | None] = {
     "loss_gap": True,
 }
 
-SUMMARY_COLUMNS = ("method", "kind", "reference", "metric", "step", "layers", "median", "worst_layer",
-                   "worst")
+# The snapshot metrics describe the runs' state at a step: their summary is at the last step; the loss gap is
+# a per-step metric, summarized by its late value (loft_probe.run.series).
+END_STATE = frozenset(COMPARE_METRICS) - {"loss_gap"}
 
-_SHOWN = 3  # layer names a message lists before "and N more"
 _SNAPSHOT_EPS = torch.finfo(torch.float32).eps  # snapshots are stored in float32
-
-
-class IncompatibleRunsError(ValueError):
-    """Runs that differ in base weights, layers, seed or data order; the message names each field."""
-
-
-class IncompatibleRunsWarning(UserWarning):
-    """``force=True``: the runs differ as `IncompatibleRunsError` would say, and are compared anyway."""
-
-
-class RunSelectionError(ValueError):
-    """No usable reference run (none or several full runs, an unknown name), or two runs with one name."""
-
-
-# ---------------------------------------------------------------------------------------------- compatibility
-def check_compatible(runs: Iterable[Run | str | os.PathLike], force: bool = False, *,
-                     reference: Run | None = None) -> None:
-    """Refuse runs that cannot be compared with the reference, naming every field that differs.
-
-    Args:
-        runs: `Run` objects or run directories.
-        force: warn (`IncompatibleRunsWarning`, one warning naming the same differences) instead of raising.
-        reference: the run the others are checked against; default the single "full" run, else the first.
-
-    Each run is checked against the reference on:
-        - seed and data_order (meta), equal values (None only equals None);
-        - layers: one run's layer names must all be in the other's (an adapter run usually probes a subset
-          of a full run's layers; layers only in one run are not compared), with equal shapes;
-        - fingerprint: the sha256 of the probed base weights. It covers the probed layer set, so it is only
-          comparable between runs probing the same layers; otherwise per-layer fingerprints
-          (``layers[i]["fingerprint"]``) are compared when both runs record them, and the base weights are
-          reported as unverifiable when they do not.
-
-    Raises:
-        IncompatibleRunsError: one line, ``"runs do not compare: seed: lora has 1, full has 0; ..."``.
-    """
-    runs = [_as_run(run) for run in runs]
-    if reference is None:
-        full = [run for run in runs if run.method == "full"]
-        reference = full[0] if len(full) == 1 else runs[0]
-    found = [d for run in runs if run is not reference for d in _differences(run, reference)]
-    if not found:
-        return
-    message = "runs do not compare: " + "; ".join(found)
-    if not force:
-        raise IncompatibleRunsError(message)
-    warnings.warn(message + " (force=True: compared anyway)", IncompatibleRunsWarning, stacklevel=2)
-
-
-def _differences(run: Run, ref: Run) -> list[str]:
-    """One phrase per field in which `run` differs from the reference `ref`."""
-    found = [f"{key}: {run.name} has {run.meta.get(key)!r}, {ref.name} has {ref.meta.get(key)!r}"
-             for key in ("seed", "data_order") if run.meta.get(key) != ref.meta.get(key)]
-    mine, theirs = _layer_table(run), _layer_table(ref)
-    # The run with fewer layers must have them all in the other (a LoRA run probes a subset of a full run's).
-    small, large = (run, ref) if len(mine) <= len(theirs) else (ref, run)
-    missing = [name for name in _layer_table(small) if name not in _layer_table(large)]
-    if missing:
-        found.append(f"layers: {small.name} has {_names(missing)} not in {large.name}")
-    common = [name for name in mine if name in theirs]
-    shapes = [name for name in common if mine[name]["shape"] != theirs[name]["shape"]]
-    if shapes:
-        first = shapes[0]
-        found.append(f"shape: layer {first!r} is {mine[first]['shape']} in {run.name}, "
-                     f"{theirs[first]['shape']} in {ref.name}" + _more(shapes, 1))
-    if mine.keys() == theirs.keys():
-        if run.meta.get("fingerprint") != ref.meta.get("fingerprint"):
-            found.append(f"fingerprint: {run.name} has {_short(run.meta.get('fingerprint'))}, "
-                         f"{ref.name} has {_short(ref.meta.get('fingerprint'))}")
-    elif all("fingerprint" in mine[name] and "fingerprint" in theirs[name] for name in common):
-        differ = [name for name in common if mine[name]["fingerprint"] != theirs[name]["fingerprint"]]
-        if differ:
-            first = differ[0]
-            a, b = _short(mine[first]["fingerprint"]), _short(theirs[first]["fingerprint"])
-            found.append(f"fingerprint: layer {first!r} is {a} in {run.name}, {b} in {ref.name}"
-                         + _more(differ, 1))
-    else:
-        found.append(f"fingerprint: covers {len(mine)} layers in {run.name}, {len(theirs)} in {ref.name}, "
-                     "so the base weights cannot be checked (no per-layer fingerprints)")
-    return found
-
-
-def _layer_table(run: Run) -> dict[str, dict]:
-    return {str(layer["name"]): layer for layer in run.meta["layers"]}
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(repr(name) for name in names[:_SHOWN]) + _more(names, _SHOWN)
-
-
-def _more(items: list, shown: int) -> str:
-    return f" and {len(items) - shown} more" if len(items) > shown else ""
-
-
-def _short(fingerprint: object) -> str:
-    """A fingerprint for a message: sha256 digests differ within their first 12 hex digits."""
-    long = isinstance(fingerprint, str) and len(fingerprint) > 12
-    return repr(f"{fingerprint[:12]}…" if long else fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -183,8 +93,8 @@ def compare(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
         force: compare incompatible runs anyway, with a warning (see `check_compatible`).
 
     Returns:
-        DataFrame with columns `COLUMNS` = (step, layer, method, kind, reference, metric, value): method is
-        the run's name, kind its meta method. For each other run, at each snapshot step it shares with the
+        DataFrame with columns `COLUMNS` = (step, layer, run, method, reference, metric, value): run is
+        the run's name, method its meta method. For each other run, at each snapshot step it shares with the
         reference, for each layer both probe with the same shape:
 
         - angle_{left,right}_{max,mean}, grassmann_{left,right}, phi_{left,right}: principal angles (rad),
@@ -203,7 +113,7 @@ def compare(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
         ΔW_ref is zero. Besides, at the steps compared:
 
         - intruders: each run's own recorded count, copied, for the adapter runs and for the reference
-          itself (method = reference = the reference's name), so that the frame keeps one shape;
+          itself (run = reference = the reference's name), so that the frame keeps one shape;
         - loss_gap (layer ""): loss_run − loss_ref at every step where both recorded "loss".
 
     Raises:
@@ -240,17 +150,13 @@ def compare(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
     pieces.append(_labelled(_recorded(ref, "intruders", ref_layers, compared), ref, ref, "intruders"))
     # Empty pieces are dropped: pandas is deprecating their effect on the concatenated dtypes.
     frame = pd.concat([piece for piece in pieces if len(piece)] or pieces[:1], ignore_index=True)
-    return frame.astype({"step": "int64", "layer": "string", "method": "string", "kind": "string",
+    return frame.astype({"step": "int64", "layer": "string", "run": "string", "method": "string",
                          "reference": "string", "metric": "string", "value": "float64"})
-
-
-def _as_run(run: Run | str | os.PathLike) -> Run:
-    return run if isinstance(run, Run) else load_run(run)
 
 
 def _select(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None) -> tuple[list[Run], Run]:
     """The runs (a `Run` reference not among them joins them) and the reference run."""
-    runs = [_as_run(run) for run in runs]
+    runs = [as_run(run) for run in runs]
     if isinstance(reference, Run) and not any(run is reference for run in runs):
         runs.insert(0, reference)
     names = [run.name for run in runs]
@@ -266,18 +172,13 @@ def _select(runs: Iterable[Run | str | os.PathLike], reference: Run | str | None
         if not match:
             raise RunSelectionError(f"reference {reference!r} is not one of the runs {names}")
         return runs, match[0]
-    full = [run for run in runs if run.method == "full"]
-    if len(full) != 1:
-        raise RunSelectionError(f"need exactly one run with method 'full' as the default reference, got "
-                                f"{[run.name for run in full]}; choose the reference (--reference on the command line, "
-                                f"reference= in Python) among {names}")
-    return runs, full[0]
+    return runs, default_reference(runs)
 
 
 def _common_layers(run: Run, ref: Run) -> list[str]:
     """Layers both runs probe with the same shape, in the reference's order (force may let others through)."""
-    mine = _layer_table(run)
-    return [name for name, layer in _layer_table(ref).items()
+    mine = layer_table(run)
+    return [name for name, layer in layer_table(ref).items()
             if name in mine and mine[name]["shape"] == layer["shape"]]
 
 
@@ -370,7 +271,7 @@ def _loss_gap(run: Run, ref: Run) -> pd.DataFrame:
 
 def _labelled(table: pd.DataFrame, run: Run, ref: Run, metric: str) -> pd.DataFrame:
     """A (step, layer, value) table as frame rows of `run` against `ref`."""
-    return table.assign(method=run.name, kind=run.method, reference=ref.name, metric=metric)[list(COLUMNS)]
+    return table.assign(run=run.name, method=run.method, reference=ref.name, metric=metric)[list(COLUMNS)]
 
 
 def phi_grid(run: Run, ref: Run, step: int, layer: str, side: str = "left",
@@ -420,36 +321,6 @@ def _snapshot_layer(run: Run, step: int, layer: str) -> dict[str, dict[str, Tens
     return snapshot
 
 
-# ---------------------------------------------------------------------------------------------- summary
-def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, reference, metric): the median over layers and the worst layer, at the last step.
-
-    Args:
-        frame: a `compare` frame.
-
-    Returns:
-        DataFrame with columns `SUMMARY_COLUMNS` = (method, kind, reference, metric, step, layers, median,
-        worst_layer, worst): step is the last step of the group (for an adapter run the last step it
-        shares with the reference), layers the number of layers there, worst_layer / worst the layer
-        with the largest value where `WORSE_IS_HIGHER` says True, the smallest where False, none (an
-        empty name and NaN) where None. Ties go to the first layer in frame order. Missing values (NaN: a
-        diverged run's loss gap) are left out of the median and the worst layer; all missing gives NaN.
-    """
-    missing = [column for column in COLUMNS if column not in frame.columns]
-    if missing:
-        raise ValueError(f"frame lacks columns {missing}; summarize takes a compare() frame {list(COLUMNS)}")
-    unknown = sorted(set(frame["metric"]) - WORSE_IS_HIGHER.keys())
-    if unknown:
-        raise ValueError(f"no worse direction for metrics {unknown}; known: {sorted(WORSE_IS_HIGHER)}")
-    rows = []
-    for (method, kind, reference, metric), group in frame.groupby(
-            ["method", "kind", "reference", "metric"], sort=False):
-        last = group[group["step"] == group["step"].max()]
-        higher = WORSE_IS_HIGHER[metric]
-        finite = last["value"][np.isfinite(last["value"].to_numpy(dtype="float64"))]  # NaN: missing, never worst
-        worst = None if higher is None or not len(finite) else finite.idxmax() if higher else finite.idxmin()
-        rows.append((method, kind, reference, metric, int(last["step"].iloc[0]), len(last),
-                     float(finite.median()) if len(finite) else float("nan"),
-                     "" if worst is None else last.at[worst, "layer"],
-                     float("nan") if worst is None else float(last.at[worst, "value"])))
-    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+__all__ = ["COLUMNS", "COMPARE_METRICS", "END_STATE", "WORSE_IS_HIGHER", "IncompatibleRunsError",
+           "IncompatibleRunsWarning", "RunSelectionError", "check_compatible", "compare", "default_reference",
+           "phi_grid"]

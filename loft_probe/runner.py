@@ -17,7 +17,7 @@ from torch import nn
 
 from loft_probe.lora import add_lora, matches_target
 from loft_probe.optim import LoFT
-from loft_probe.probe import attach
+from loft_probe.probe import Labels, attach
 from loft_probe.tasks import Task, build_task
 
 METHODS = ("full", "lora", "loft")
@@ -104,8 +104,8 @@ def run(config: RunConfig, on_step: Callable[[int, float], None] | None = None, 
     eval_steps = {max(1, round(steps * (i + 1) / config.evals)) for i in range(config.evals)}
     batches = task.batches(config.seed)
     with attach(model, optimizer, config.out, every=config.every, shadow=config.shadow,
-                layers=layer_names, seed=config.seed, data_order=f"{config.task}:seed={config.seed}",
-                name=config.name or config.method, extra_meta=extra) as probe:
+                layers=layer_names, labels=Labels(seed=config.seed, data_order=f"{config.task}:seed={config.seed}",
+                                                  name=config.name or config.method, extra=extra)) as probe:
         try:
             probe.log(**{f"eval_{k}": v for k, v in task.evaluate(model).items()})  # step 0: the start
             for step in range(1, steps + 1):

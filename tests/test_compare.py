@@ -18,7 +18,6 @@ from torch.testing import assert_close
 from loft_probe.comparison import (
     COLUMNS,
     COMPARE_METRICS,
-    SUMMARY_COLUMNS,
     WORSE_IS_HIGHER,
     IncompatibleRunsError,
     IncompatibleRunsWarning,
@@ -26,9 +25,9 @@ from loft_probe.comparison import (
     check_compatible,
     compare,
     phi_grid,
-    summarize,
 )
-from loft_probe.probe.rundir import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
+from loft_probe.run import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
+from loft_probe.summary import COMPARISON_TABLE_COLUMNS, comparison_table
 
 M, N = 24, 20
 R = 3  # adapter rank
@@ -152,8 +151,8 @@ def runs(tmp_path):
     }
 
 
-def values(frame: pd.DataFrame, method: str, metric: str, step: int = 20) -> dict[str, float]:
-    rows = frame[(frame.method == method) & (frame.metric == metric) & (frame.step == step)]
+def values(frame: pd.DataFrame, run: str, metric: str, step: int = 20) -> dict[str, float]:
+    rows = frame[(frame.run == run) & (frame.metric == metric) & (frame.step == step)]
     return dict(zip(rows.layer, rows.value, strict=True))
 
 
@@ -162,7 +161,7 @@ def test_frame_shape_and_vocabulary(runs):
     assert tuple(frame.columns) == COLUMNS
     assert set(frame.metric) == set(COMPARE_METRICS) == set(WORSE_IS_HIGHER)
     assert set(frame.reference) == {"full"}
-    assert dict(zip(frame.method, frame.kind, strict=True)) == {
+    assert dict(zip(frame.run, frame.method, strict=True)) == {
         "full": "full", "aligned": "lora", "orthogonal": "lora", "rotated": "lora", "other": "other"}
     snap = frame[frame.metric == "phi_left"]
     assert set(snap.step) == set(STEPS), "only snapshot steps common to run and reference (not 30)"
@@ -230,7 +229,7 @@ def test_delta_cosine_is_exact_when_k_covers_the_rank(runs):
 def test_loss_gap_is_the_difference_at_common_steps(runs):
     frame = compare([runs["full"], runs["rotated"]])
     gap = frame[frame.metric == "loss_gap"]
-    assert set(gap.layer) == {""} and set(gap.method) == {"rotated"}
+    assert set(gap.layer) == {""} and set(gap.run) == {"rotated"}
     assert list(gap.step) == list(range(2, 21, 2)), "steps where both recorded a loss"
     expected = [(2.5 - 0.04 * t) - (2.0 - 0.05 * t) for t in gap.step]
     assert list(gap.value) == pytest.approx(expected, abs=1e-12)
@@ -239,11 +238,11 @@ def test_loss_gap_is_the_difference_at_common_steps(runs):
 def test_intruders_copied_for_runs_and_reference(runs):
     frame = compare([runs["full"], runs["rotated"]])
     intruders = frame[frame.metric == "intruders"]
-    mine = intruders[intruders.method == "rotated"]
+    mine = intruders[intruders.run == "rotated"]
     expected = [(t, layer, 7.0 + t) for t in STEPS for layer in RANKS]
     assert sorted(zip(mine.step, mine.layer, mine.value, strict=True)) == expected
-    ref = intruders[intruders.method == "full"]
-    assert set(ref.reference) == {"full"} and set(ref.kind) == {"full"}
+    ref = intruders[intruders.run == "full"]
+    assert set(ref.reference) == {"full"} and set(ref.method) == {"full"}
     assert sorted(zip(ref.step, ref.layer, ref.value, strict=True)) == [
         (t, layer, float(t // 10 + i)) for t in STEPS for i, layer in enumerate(RANKS)], "no l2, no step 30"
 
@@ -335,24 +334,28 @@ def test_reference_selection(runs, tmp_path):
     with pytest.raises(RunSelectionError, match=r"got \['full', 'full-twin'\]"):
         compare([runs["full"], twin, runs["rotated"]])
     frame = compare([runs["full"], twin, runs["rotated"]], reference="full-twin")
-    assert set(frame.reference) == {"full-twin"} and "full" in set(frame.method)
+    assert set(frame.reference) == {"full-twin"} and "full" in set(frame.run)
     assert set(compare([runs["rotated"]], reference=runs["full"]).reference) == {"full"}
     with pytest.raises(RunSelectionError, match="reference 'nope' is not one of the runs"):
         compare(runs.values(), reference="nope")
     with pytest.raises(RunSelectionError, match="unique"):
         compare([runs["full"], runs["rotated"], runs["rotated"].path])
+    # One default-reference rule: check_compatible refuses to guess where compare would
+    with pytest.raises(RunSelectionError, match=r"exactly one run with method 'full'.*got \['full', 'full-twin'\]"):
+        check_compatible([runs["full"], twin, runs["rotated"]])
+    check_compatible([runs["full"], twin, runs["rotated"]], reference=twin)
 
 
 def test_runs_given_as_paths(runs):
     frame = compare([run.path for run in runs.values()])
-    assert set(frame.method) == set(runs)
+    assert set(frame.run) == set(runs)
 
 
 # ---------------------------------------------------------------------------------------------- summary
 def test_summarize_picks_worst_layer_at_last_step(runs):
-    table = summarize(compare(runs.values()))
-    assert tuple(table.columns) == SUMMARY_COLUMNS
-    rows = table.set_index(["method", "metric"])
+    table = comparison_table(compare(runs.values()))
+    assert tuple(table.columns) == COMPARISON_TABLE_COLUMNS
+    rows = table.set_index(["run", "metric"])
     for metric in ("angle_left_max", "angle_right_mean", "grassmann_left", "phi_left", "phi_right"):
         row = rows.loc[("rotated", metric)]
         assert row.worst_layer == "l1" and row.step == 20 and row.layers == 2, metric
@@ -361,7 +364,7 @@ def test_summarize_picks_worst_layer_at_last_step(runs):
     assert rows.loc[("rotated", "loss_gap")].worst_layer == ""
     assert rows.loc[("rotated", "delta_rel_norm")].worst_layer == ""
     assert math.isnan(rows.loc[("rotated", "delta_rel_norm")].worst)
-    assert rows.loc[("full", "intruders")].kind == "full"
+    assert rows.loc[("full", "intruders")].method == "full"
 
 
 def test_summarize_directions_on_a_hand_made_frame():
@@ -370,15 +373,15 @@ def test_summarize_directions_on_a_hand_made_frame():
             (2, "c", "loss_gap", -1.0)]
     frame = pd.DataFrame([(s, layer, "x", "lora", "ref", metric, v) for s, layer, metric, v in rows],
                          columns=COLUMNS)
-    table = summarize(frame).set_index("metric")
+    table = comparison_table(frame).set_index("metric")
     worst = table.loc["phi_left", ["worst_layer", "worst"]].tolist()
     assert worst == ["b", 0.5], "the smallest φ of step 2"
     assert table.loc["phi_left", "median"] == pytest.approx(0.7), "median of the last step only"
     assert table.loc["loss_gap", ["worst_layer", "worst"]].tolist() == ["b", 0.3], "the largest gap"
     with pytest.raises(ValueError, match=r"no worse direction for metrics \['mystery'\]"):
-        summarize(frame.assign(metric="mystery"))
-    with pytest.raises(ValueError, match=r"frame lacks columns \['kind'\]"):
-        summarize(frame.drop(columns="kind"))
+        comparison_table(frame.assign(metric="mystery"))
+    with pytest.raises(ValueError, match=r"frame lacks columns \['method'\]"):
+        comparison_table(frame.drop(columns="method"))
 
 
 # ---------------------------------------------------------------------------------------------- exact case
@@ -425,9 +428,9 @@ def test_undefined_quantities_are_left_out(tmp_path):
 
 def test_summarize_leaves_missing_values_out():
     """A diverged run's loss gap is NaN: summarize still answers, with NaN and no worst layer where all are."""
-    frame = pd.DataFrame({"step": [5, 5, 5], "layer": ["", "l0", "l1"], "method": "lora", "kind": "lora",
+    frame = pd.DataFrame({"step": [5, 5, 5], "layer": ["", "l0", "l1"], "run": "lora", "method": "lora",
                           "reference": "full", "metric": ["loss_gap", "angle_left_max", "angle_left_max"],
                           "value": [math.nan, math.nan, 0.3]})
-    summary = summarize(frame).set_index("metric")
+    summary = comparison_table(frame).set_index("metric")
     assert math.isnan(summary.at["loss_gap", "median"]) and summary.at["loss_gap", "worst_layer"] == ""
     assert summary.at["angle_left_max", "median"] == 0.3 and summary.at["angle_left_max", "worst_layer"] == "l1"

@@ -12,7 +12,7 @@ from loft_probe.comparison import IncompatibleRunsError
 from loft_probe.diagnosis import Finding, describe_run, diagnose, findings_to_json, format_findings, headline
 from loft_probe.diagnosis import describe as D
 from loft_probe.diagnosis import thresholds as T
-from loft_probe.probe.rundir import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
+from loft_probe.run import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
 from loft_probe.runner import RunConfig, run
 
 STEPS = (5, 10, 15, 20, 25, 30)  # recorded steps: the last third is 25 and 30
@@ -409,7 +409,7 @@ def test_no_shadow_says_what_to_turn_on(tmp_path):
                                   snapshot=SNAPSHOT, shadow=False))
     finding = only(findings, "not_recorded")
     assert finding.severity == "info" and "shadow=True" in finding.suggestion
-    assert "capture_grad=True" in finding.suggestion  # the residual needs the captured gradient too
+    assert "Gradients(capture=True)" in finding.suggestion  # the residual needs the captured gradient too
     assert not {"optimizer_state", "rank_too_low", "gap_from_subspace"} & set(codes(findings))
 
 
@@ -431,8 +431,8 @@ def test_sparse_run_does_not_crash(tmp_path):
     findings = diagnose(run_)
     assert "not_recorded" in codes(findings)
     json.loads(findings_to_json(findings))
-    assert format_findings(findings)
-    assert describe_run(run_) and headline(run_)["name"] == "x"
+    assert "not_recorded" in format_findings(findings)
+    assert "method loft" in describe_run(run_) and headline(run_)["name"] == "x"
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -480,14 +480,7 @@ def test_describe_run_lists_everything(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- real runs
-@pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory):
-    """Full, LoRA and LoFT fine-tuning of the digits task from one seed, 30 steps recorded every 5."""
-    root = tmp_path_factory.mktemp("digits")
-    return {method: load_run(run(RunConfig(task="digits", method=method, out=root / method, steps=30, every=5)))
-            for method in ("full", "lora", "loft")}
-
-
+# digits_runs: the session's full, LoRA and LoFT digits runs from one seed, 30 steps recorded every 5 (conftest.py)
 def test_real_full_run(digits_runs):
     found = set(codes(diagnose(digits_runs["full"])))
     # A full run is its own shadow: no subspace, no factors, no optimizer-state gap; a short healthy run.

@@ -17,12 +17,12 @@ from loft_probe import cli
 
 TRAINING = """
 import sys, torch
-from loft_probe import LoFT, add_lora, attach
+from loft_probe import LoFT, Snapshots, add_lora, attach
 torch.manual_seed(0)
 model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
                  rank=2, targets=["0", "2"])
 opt = LoFT.from_model(model, lr=1e-2)
-probe = attach(model, opt, sys.argv[1], every=1, snapshots=[2, 6, 10, 14], shadow=True)
+probe = attach(model, opt, sys.argv[1], every=1, snapshots=Snapshots([2, 6, 10, 14]), shadow=True)
 print("ready", flush=True)
 for step in range(100000):
     opt.zero_grad()

@@ -20,29 +20,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import damage_a_file
+from helpers import damage_a_file, mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from loft_probe import LoFT, add_lora, attach, cli, load_run
-from loft_probe.probe import RunDirError, rundir
+from loft_probe.probe import Labels, Snapshots
+from loft_probe.run import RunDirError, layout
 
 F64 = torch.float64
 SNAPSHOT_STEP = 4
 READ_SECONDS = 60  # far above any reader's time on these tiny runs: a reader past it hangs
 
 
-def mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)).to(F64)
-
-
-def record(model, optimizer, path: Path, **options) -> Path:
+def record(model, optimizer, path: Path, name: str) -> Path:
     gen = torch.Generator().manual_seed(0)
-    with attach(model, optimizer, path, every=2, snapshots=[SNAPSHOT_STEP], shadow=True, seed=0,
-                data_order="hostile:0", **options) as probe:
+    with attach(model, optimizer, path, every=2, snapshots=Snapshots([SNAPSHOT_STEP]), shadow=True,
+                labels=Labels(seed=0, data_order="hostile:0", name=name)) as probe:
         for _ in range(6):
             x, y = torch.randn(16, 8, generator=gen, dtype=F64), torch.randn(16, 5, generator=gen, dtype=F64)
             optimizer.zero_grad()
@@ -74,7 +70,7 @@ def edit_meta(change: Callable[[dict], None]) -> Callable[[Path, Path], None]:
 
 def edit_snapshot(change: Callable[[dict], None]) -> Callable[[Path, Path], None]:
     def apply(run_dir: Path, other: Path) -> None:
-        path = rundir.snapshot_path(run_dir, SNAPSHOT_STEP)
+        path = layout.snapshot_path(run_dir, SNAPSHOT_STEP)
         tensors = load_file(str(path))
         change(tensors)
         save_file(tensors, str(path))
@@ -161,7 +157,7 @@ CORPUS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "a FIFO named like a part": (fifo_part, "not a regular file"),
     "a snapshot linked to another run's": (
         replace(f"snapshots/step-{SNAPSHOT_STEP:09d}.safetensors",
-                lambda p, o: p.symlink_to(rundir.snapshot_path(o, SNAPSHOT_STEP))), "a symbolic link"),
+                lambda p, o: p.symlink_to(layout.snapshot_path(o, SNAPSHOT_STEP))), "a symbolic link"),
     "metrics/ a link to another run's": (replace("metrics", lambda p, o: p.symlink_to(o / "metrics")),
                                          "a symbolic link"),
 }
@@ -250,7 +246,7 @@ def test_terminal_escapes_in_names_are_shown_escaped(tmp_path):
     model = torch.nn.Sequential()
     model.add_module("\x1b[2J", torch.nn.Linear(4, 3).to(F64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with attach(model, optimizer, tmp_path / "run", every=1, name="\x1b]0;owned\x07run") as probe:
+    with attach(model, optimizer, tmp_path / "run", every=1, labels=Labels(name="\x1b]0;owned\x07run")) as probe:
         for _ in range(3):
             optimizer.zero_grad()
             loss = model(torch.randn(5, 4, dtype=F64)).pow(2).mean()

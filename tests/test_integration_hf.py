@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 import loft_probe  # noqa: E402
 from loft_probe import LoFT, load_run  # noqa: E402
 from loft_probe.integrations.hf import ProbeCallback  # noqa: E402
-from loft_probe.probe import ProbeWarning  # noqa: E402
+from loft_probe.probe import Gradients, ProbeWarning  # noqa: E402
 
 
 class TinyData(torch.utils.data.Dataset):
@@ -83,7 +83,7 @@ def test_captured_gradient_is_unchanged_by_gradient_checkpointing(tmp_path, reen
             model.enable_input_require_grads()
         model.train()
         probe = loft_probe.attach(model, LoFT.from_model(model, lr=1e-3), tmp_path / f"run{checkpointing}",
-                                  every=1, capture_grad=True)
+                                  every=1, gradients=Gradients(capture=True))
         model(input_ids=ids).logits.pow(2).sum().backward()
         captured.append([layer.capture.take().clone() for layer in probe.layers])
         probe.close()

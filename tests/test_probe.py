@@ -14,28 +14,15 @@ import warnings
 import pandas as pd
 import pytest
 import torch
+from helpers import F64, lora_mlp, mlp
 from torch.testing import assert_close
 
 import loft_probe
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
 from loft_probe.optim.reference import ReferenceLoFT
-from loft_probe.probe import ProbeWarning, RunDirError, at, dense_then_every, every, log_spaced, rundir
-
-F64 = torch.float64
-
-
-def mlp(seed: int = 0, dtype=F64) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)).to(dtype)
-
-
-def lora_mlp(seed: int = 0, rank: int = 2) -> torch.nn.Module:
-    model = add_lora(mlp(seed), rank=rank, alpha=2 * rank, targets=["0", "2"])
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():  # a non-zero B: PEFT's B = 0 hides every A-side bug
-        for pair in lora_pairs(model):
-            pair.B.copy_(0.3 * torch.randn(pair.B.shape, generator=gen, dtype=F64))
-    return model
+from loft_probe.probe import Gradients, Labels, ProbeWarning, Snapshots, at, dense_then_every, every, log_spaced
+from loft_probe.run import METRICS, RunDirError
+from loft_probe.run import writer as run_writer
 
 
 def batches(n: int, seed: int = 0, batch: int = 16):
@@ -93,7 +80,7 @@ def test_shadow_is_adamw_and_full_finetuning_update_cosine_is_one(tmp_path):
 def test_captured_gradient_equals_dense_autograd(tmp_path):
     model = lora_mlp()
     opt = LoFT.from_model(model, lr=1e-2)
-    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True)
+    probe = attach(model, opt, tmp_path / "run", every=1, gradients=Gradients(capture=True))
     x, y = batches(1)[0]
     # Dense oracle: the same network with W = W0 + s·B·A as a leaf.
     pairs = lora_pairs(model)
@@ -133,7 +120,7 @@ def test_recorded_loft_moments_equal_the_reference(tmp_path):
         ref.step(pair.B.grad.clone(), pair.A.grad.clone())
         opt.step()
         layer = probe.layers[0]
-        moments = probe.layout.full_space(opt, probe._group(layer), layer)
+        moments = probe.recorder.layout.full_space(opt, probe.recorder.group(layer), layer)
         first, second = moments.first, moments.second
         M_B, V_B, M_A, V_A = ref.full_moments()
         moved_B = t % 2 == 1
@@ -158,7 +145,7 @@ def test_probing_does_not_change_training(tmp_path):
 def test_gradient_accumulation_records_once_per_step_on_the_summed_gradient(tmp_path):
     model = lora_mlp()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True)
+    probe = attach(model, opt, tmp_path / "run", every=1, gradients=Gradients(capture=True))
     data = batches(6)
     for step in range(3):
         opt.zero_grad()
@@ -180,7 +167,7 @@ def test_amp_grad_scaler_records_unscaled_gradients(tmp_path):
     twin = copy.deepcopy(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True, grad_scaler=scaler)
+    probe = attach(model, opt, tmp_path / "run", every=1, gradients=Gradients(capture=True), grad_scaler=scaler)
     x, y = batches(1)[0]
     opt.zero_grad()
     scaler.scale((model(x) - y).pow(2).mean()).backward()
@@ -190,7 +177,7 @@ def test_amp_grad_scaler_records_unscaled_gradients(tmp_path):
     recorded = load_run(tmp_path / "run").metrics.query("metric == 'grad_norm'").set_index("layer")["value"]
     # Oracle: the same model, an unscaled backward pass, captured by a probe without a scaler.
     oracle = attach(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad]), tmp_path / "twin",
-                    every=1, capture_grad=True)
+                    every=1, gradients=Gradients(capture=True))
     (twin(x) - y).pow(2).mean().backward()
     for layer in oracle.layers:
         assert recorded[layer.name] == pytest.approx(float(layer.capture.take().norm()), rel=1e-12)
@@ -200,8 +187,8 @@ def test_amp_grad_scaler_records_unscaled_gradients(tmp_path):
 def test_run_directory_round_trip_and_snapshots(tmp_path):
     model = lora_mlp()
     opt = LoFT.from_model(model, lr=1e-2)
-    probe = attach(model, opt, tmp_path / "run", every=2, snapshots=[4], shadow=True, seed=3,
-                   data_order="test:3", name="loft-r2")
+    probe = attach(model, opt, tmp_path / "run", every=2, snapshots=Snapshots([4]), shadow=True,
+                   labels=Labels(seed=3, data_order="test:3", name="loft-r2"))
     train(model, opt, batches(5), probe)
     probe.close()
     run = load_run(tmp_path / "run")
@@ -210,7 +197,7 @@ def test_run_directory_round_trip_and_snapshots(tmp_path):
     assert run.snapshot_steps == [4, 5]  # the schedule's own, plus the last step
     assert set(run.metrics.metric) >= {"loss", "update_norm", "shadow_update_cosine", "shadow_m_cosine",
                                        "shadow_v_cosine", "residual_tangent", "intruders", "delta_rel_size"}
-    assert set(run.metrics.metric) <= set(rundir.METRICS)
+    assert set(run.metrics.metric) <= set(METRICS)
     assert run.last_step == 5
     snap = run.snapshot(5)
     for pair in lora_pairs(model):
@@ -246,12 +233,12 @@ def test_resume_appends_and_refuses_another_run(tmp_path):
 def test_unwritable_run_directory_disables_the_probe_not_training(tmp_path, monkeypatch):
     model = lora_mlp()
     opt = LoFT.from_model(model, lr=1e-2)
-    probe = attach(model, opt, tmp_path / "run", every=1, capture_grad=True)
+    probe = attach(model, opt, tmp_path / "run", every=1, gradients=Gradients(capture=True))
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(rundir, "write_metrics_part", disk_full)
+    monkeypatch.setattr(run_writer, "write_metrics_part", disk_full)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, opt, batches(4), probe)
@@ -274,12 +261,12 @@ def test_optimizer_without_adam_state_is_probed_with_a_warning(tmp_path):
 
 KILLED_RUN = """
 import sys, time, torch
-from loft_probe import LoFT, add_lora, attach
+from loft_probe import LoFT, Snapshots, add_lora, attach
 torch.manual_seed(0)
 model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
                  rank=2, targets=["0", "2"])
 opt = LoFT.from_model(model, lr=1e-2)
-probe = attach(model, opt, sys.argv[1], every=1, snapshots=[3], shadow=True)
+probe = attach(model, opt, sys.argv[1], every=1, snapshots=Snapshots([3]), shadow=True)
 for step in range(100000):
     opt.zero_grad()
     model(torch.randn(8, 16)).pow(2).mean().backward()
@@ -319,12 +306,12 @@ def test_schedules():
 def test_bad_arguments(tmp_path):
     model = mlp()
     opt = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ValueError, match="needs capture_grad=True"):
-        attach(model, opt, tmp_path / "a", shadow=True, capture_grad=False)
+    with pytest.raises(ValueError, match="needs Gradients\\(capture=True\\)"):
+        attach(model, opt, tmp_path / "a", shadow=True, gradients=Gradients(capture=False))
     with pytest.raises(ValueError, match="no layer to probe"):
         attach(model, opt, tmp_path / "b", layers="nothing*")
-    with pytest.raises(ValueError, match="snapshot_k must be an integer >= 1, got 0"):
-        attach(model, opt, tmp_path / "c", snapshot_k=0)
+    with pytest.raises(ValueError, match="Snapshots.k must be an integer >= 1, got 0"):
+        attach(model, opt, tmp_path / "c", snapshots=Snapshots(k=0))
     with pytest.raises(ValueError, match="not optimized by the given optimizer"):
         attach(model, torch.optim.AdamW(model[0].parameters()), tmp_path / "d")
     (tmp_path / "e").mkdir()

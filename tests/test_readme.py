@@ -29,3 +29,15 @@ def test_library_example_runs(tmp_path, monkeypatch):
     run = namespace["run"]
     assert run.method == "loft" and run.last_step == 20
     assert {"loss", "shadow_update_cosine", "residual_tangent"} <= set(run.metrics.metric)
+
+
+def test_the_box_table_names_every_module():
+    """README's "What is in the box" names every public module and package of loft_probe, and nothing else."""
+    text = README.read_text()
+    table = text[text.index("## What is in the box"):]
+    table = table[:table.index("\n\n", table.index("|"))]
+    named = set(re.findall(r"`loft_probe\.(\w+)`", table))
+    package = README.parent / "loft_probe"
+    present = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
+    present |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert named == present

@@ -13,6 +13,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -20,14 +21,15 @@ from safetensors.torch import load_file
 
 from loft_probe import load_run
 from loft_probe.comparison import compare
-from loft_probe.diagnosis import diagnose
-from loft_probe.probe.rundir import RUN_LAYER, Run, write_metrics_part, write_snapshot
-from loft_probe.reporting import SUMMARY_COLUMNS, figures, report, summary_table
+from loft_probe.diagnosis import diagnose, headline
+from loft_probe.reporting import figures, report
 from loft_probe.reporting.build import FINDINGS_COLUMNS
 from loft_probe.reporting.frames import run_frame
 from loft_probe.reporting.page import CSP, html_table, md_table
+from loft_probe.run import RUN_LAYER, Run, write_metrics_part, write_snapshot
 from loft_probe.runner import RunConfig
 from loft_probe.runner import run as train
+from loft_probe.summary import RUN_TABLE_COLUMNS, run_table
 
 METHODS = ("full", "lora", "loft")
 FIGURES = ("loss", "angle_heatmap", "shadow_heatmap", "moments", "phi_grid", "residuals", "intruders")
@@ -43,11 +45,8 @@ PROBE = ("<script>window.addEventListener('load', () => { const images = [...doc
 
 
 @pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runs")
-    for method in METHODS:
-        train(RunConfig(task="digits", method=method, out=root / method, steps=30, every=5))
-    return root
+def run_dirs(digits_run_dirs) -> Path:
+    return digits_run_dirs  # the session's digits runs (conftest.py), in METHODS order
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +129,14 @@ def last_value(run, metric: str) -> float:
     return float(rows.loc[rows["step"].idxmax(), "value"])
 
 
+def late_value(run, metric: str) -> float:
+    """The oracle of the summary rule for a run-level metric: the median over its last third of steps."""
+    rows = run.metrics[(run.metrics["metric"] == metric) & (run.metrics["layer"] == RUN_LAYER)]
+    steps = sorted(set(rows["step"]))
+    late = steps[len(steps) - -(-len(steps) // 3):]  # the last ceil(n/3) steps
+    return float(np.median(rows.loc[rows["step"].isin(late), "value"]))
+
+
 def md_cells(line: str) -> list[str]:
     """Cells of a Markdown table row, split on unescaped pipes only."""
     return re.split(r"(?<!\\)\|", line.strip())[1:-1]
@@ -191,11 +198,14 @@ def test_same_runs_same_pages(runs, built, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- numbers
 def test_summary_reads_the_runs(runs):
-    table = summary_table(runs, compare(runs))
-    assert list(table.columns) == list(SUMMARY_COLUMNS)
+    table = run_table(runs, compare(runs))
+    assert list(table.columns) == list(RUN_TABLE_COLUMNS)
     assert list(table["run"]) == list(METHODS) and list(table["method"]) == list(METHODS)
     for row, run in zip(table.itertuples(index=False), runs, strict=True):
-        assert row.loss == last_value(run, "loss")
+        assert row.loss == pytest.approx(late_value(run, "loss"), rel=1e-12)
+        assert row.loss != last_value(run, "loss")  # the late median, not the last (noisy) step
+        numbers = headline(run)  # `loft-probe run`'s table: the same rule, the same numbers
+        assert (row.loss, row.shadow_update_cosine) == (numbers["loss"], numbers["update_cosine"])
         assert row.eval_accuracy == last_value(run, "eval_accuracy")
         assert row.eval_loss == last_value(run, "eval_loss")
         assert row.steps == 30
@@ -207,9 +217,9 @@ def test_summary_reads_the_runs(runs):
 
 
 def test_summary_without_comparison_leaves_its_columns_empty(runs):
-    table = summary_table(runs[1:2], None)
+    table = run_table(runs[1:2], None)
     assert table["angle_left_max_deg"].isna().all() and table["delta_cosine"].isna().all()
-    assert table["loss"].iloc[0] == last_value(runs[1], "loss")
+    assert table["loss"].iloc[0] == pytest.approx(late_value(runs[1], "loss"), rel=1e-12)
 
 
 def test_summary_rank_of_attached_runs_comes_from_their_layers():
@@ -223,7 +233,7 @@ def test_summary_rank_of_attached_runs_comes_from_their_layers():
 
     runs = [attached("same", [8, 8]), attached("mixed", [16, 4, 8]), attached("full", [None, None])]
     runs.append(Run(Path("runner"), {**runs[1].meta, "name": "runner", "rank": 2}, runs[1].metrics))
-    table = summary_table(runs, None)
+    table = run_table(runs, None)
     assert table["rank"].tolist()[:2] == [8, "4–16"] and table["rank"].tolist()[3] == 2  # meta's rank wins
     assert table["rank"].isna().tolist() == [False, False, True, False]
     assert [row.split(" | ")[2] for row in md_table(table).splitlines()[2:]] == ["8", "4–16", "—", "2"]
@@ -232,12 +242,13 @@ def test_summary_rank_of_attached_runs_comes_from_their_layers():
 
 def test_html_summary_shows_the_runs_numbers(runs, built):
     header, *rows = parse(built).tables[0]
-    assert header == list(SUMMARY_COLUMNS)
+    assert header == list(RUN_TABLE_COLUMNS)
     for cells, run in zip(rows, runs, strict=True):
         shown = dict(zip(header, cells, strict=True))
         assert shown["run"] == run.name
-        for metric in ("loss", "eval_loss", "eval_accuracy"):
-            assert float(shown[metric]) == pytest.approx(last_value(run, metric), rel=5e-4)  # 4 digits shown
+        assert float(shown["loss"]) == pytest.approx(late_value(run, "loss"), rel=5e-4)  # 4 digits shown
+        for metric in ("eval_loss", "eval_accuracy"):
+            assert float(shown[metric]) == pytest.approx(last_value(run, metric), rel=5e-4)
 
 
 # ---------------------------------------------------------------------------------------------- escaping
@@ -258,7 +269,7 @@ def test_hostile_strings_are_escaped_in_markdown(hostile):
     table = [line for line in md.splitlines() if line.startswith("|")]
     widths = {len(md_cells(line)) for line in table}
     # the summary, the findings and the runs table; no cell split by a "|"
-    assert widths == {len(SUMMARY_COLUMNS), len(FINDINGS_COLUMNS), 6}
+    assert widths == {len(RUN_TABLE_COLUMNS), len(FINDINGS_COLUMNS), 6}
     assert any(r"| \<script\>alert(1)\</script\>\|lora |" in line for line in table)
     assert r"\`x\`" in md  # the layer name's backticks, in the φ caption
 
@@ -317,7 +328,7 @@ def test_comparison_figures_say_what_is_missing(runs):
         with pytest.raises(figures.MissingData, match="no "):
             figures.angle_heatmaps(frame)
     with pytest.raises(figures.MissingData, match="no φ grid"):
-        figures.phi_heatmaps(pd.DataFrame(columns=["method", "i", "j", "value"]), "fc1", 30)
+        figures.phi_heatmaps(pd.DataFrame(columns=["run", "i", "j", "value"]), "fc1", 30)
 
 
 # ---------------------------------------------------------------------------------------------- browser

@@ -14,18 +14,18 @@ import warnings
 import pandas as pd
 import pytest
 import torch
-from helpers import train
+from helpers import lora_mlp, mlp, train
 from torch.testing import assert_close
 
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
-from loft_probe.probe import ProbeWarning, RunDirError, rundir
-from loft_probe.probe import writer as writer_module
-from loft_probe.probe.writer import RunWriter
+from loft_probe.probe import Labels, ProbeWarning, Snapshots
+from loft_probe.run import RunDirError, RunWriter, layout, reader
+from loft_probe.run import writer as writer_module
 from loft_probe.runner import RunConfig, run
 
 F64 = torch.float64
 STEPS = 12
-OPTIONS = {"every": 2, "snapshots": [4, 8], "shadow": True, "seed": 0, "data_order": "test:0"}
+OPTIONS = {"every": 2, "snapshots": Snapshots([4, 8]), "shadow": True, "labels": Labels(seed=0, data_order="test:0")}
 
 
 @pytest.fixture(autouse=True)
@@ -36,21 +36,12 @@ def probe_errors_fail_tests():
         yield
 
 
-def mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5)).to(F64)
-
-
 def setup(method: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A float64 model and optimizer for full fine-tuning, LoRA (AdamW on the factors) or LoFT."""
     if method == "full":
         model = mlp()
         return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model = add_lora(mlp(), rank=2, alpha=4, targets=["0", "2"])
-    gen = torch.Generator().manual_seed(100)
-    with torch.no_grad():  # a non-zero B: PEFT's B = 0 hides every A-side bug
-        for pair in lora_pairs(model):
-            pair.B.copy_(0.3 * torch.randn(pair.B.shape, generator=gen, dtype=F64))
+    model = lora_mlp()
     if method == "loft":
         return model, LoFT.from_model(model, lr=1e-2)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -189,7 +180,7 @@ def test_the_lock_refuses_another_process_and_dies_with_a_sigkilled_writer(tmp_p
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(run_dir), "0.01"])
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and len(rundir.list_parts(run_dir) if run_dir.is_dir() else []) < 2:
+        while time.time() < deadline and len(layout.list_parts(run_dir) if run_dir.is_dir() else []) < 2:
             time.sleep(0.05)
         with pytest.raises(RunDirError, match=f"another probe is writing to it \\('pid {proc.pid} "):
             RunWriter.open(run_dir)
@@ -219,7 +210,7 @@ def test_a_checkpoint_of_another_optimizer_or_learning_rate_is_refused(tmp_path)
     with pytest.raises(RunDirError, match="its schedule is 'every 2', this probe's 'every 3'"):
         attach(model, opt, tmp_path / "run", every=3)
     with pytest.raises(RunDirError, match="its name is 'run', this probe's 'other'"):
-        attach(model, opt, tmp_path / "run", every=2, name="other")
+        attach(model, opt, tmp_path / "run", every=2, labels=Labels(name="other"))
     assert load_run(tmp_path / "run").meta["method"] == "lora"  # not relabelled
 
 
@@ -239,18 +230,18 @@ def test_compaction_keeps_parts_few_and_rows_whole(tmp_path, monkeypatch):
     fanout = 4  # the default 16 needs 16² flushes to reach the second level: 4 shows every level sooner
     monkeypatch.setattr(writer_module, "COMPACT_FANOUT", fanout)
     writer = _opened(tmp_path / "run").writer
-    rundir.write_meta(tmp_path / "run", {"method": "other", "layers": [{"name": "l", "shape": [2, 2],
+    writer_module.write_meta(tmp_path / "run", {"method": "other", "layers": [{"name": "l", "shape": [2, 2],
                                                                           "kind": "full"}]})
     flushes = 100  # 2 rows each: levels 0 (< 4 rows) to 3 (64-255 rows)
     for step in range(1, flushes + 1):
         writer.append([(step, "", "loss", float(step)), (step, "l", "update_norm", 1.0 / step)])
-        assert len(rundir.list_parts(tmp_path / "run")) <= (fanout - 1) * 4 + 1  # < fanout per level, 4 levels
+        assert len(layout.list_parts(tmp_path / "run")) <= (fanout - 1) * 4 + 1  # < fanout per level, 4 levels
     run = load_run(tmp_path / "run")
     assert sorted(run.rows("loss").step) == list(range(1, flushes + 1))
     assert_close(torch.tensor(run.rows("loss").sort_values("step").value.to_numpy()),
                  torch.arange(1, flushes + 1, dtype=F64), rtol=0, atol=0)
     writer.finish({"method": "other", "layers": [{"name": "l", "shape": [2, 2], "kind": "full"}], "closed": True})
-    assert len(rundir.list_parts(tmp_path / "run")) == 1
+    assert len(layout.list_parts(tmp_path / "run")) == 1
     closed = load_run(tmp_path / "run").metrics
     assert closed.sort_values(["step", "layer"]).reset_index(drop=True).equals(
         run.metrics.sort_values(["step", "layer"]).reset_index(drop=True))
@@ -265,7 +256,7 @@ def test_no_merge_outgrows_the_cap(tmp_path, monkeypatch):
     for step in range(1, 21):
         writer.append([(step, "", "loss", float(step)), (step, "l", "update_norm", 1.0)])
     writer.finish(meta)
-    sizes = [rundir.read_part(part).num_rows for part in rundir.list_parts(tmp_path / "run")]
+    sizes = [reader.read_part(part).num_rows for part in layout.list_parts(tmp_path / "run")]
     assert max(sizes) <= 8 and sum(sizes) == 40
 
 
@@ -274,23 +265,23 @@ def test_parts_a_compaction_replaced_are_skipped_when_a_kill_left_them(tmp_path)
     leaves both, and readers take the merged one (here it dropped step 3, as a resume truncation does)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    rundir.write_meta(run_dir, {"method": "other", "layers": [{"name": "l", "shape": [2, 2], "kind": "full"}]})
+    writer_module.write_meta(run_dir, {"method": "other", "layers": [{"name": "l", "shape": [2, 2], "kind": "full"}]})
     for step in (1, 2, 3):
-        rundir.write_metrics_part(run_dir, [(step, "", "loss", float(step))], step - 1, step - 1, "aaaaaaaa")
-    rundir.write_metrics_part(run_dir, [(1, "", "loss", 1.0), (2, "", "loss", 2.0)], 0, 3, "bbbbbbbb")
+        writer_module.write_metrics_part(run_dir, [(step, "", "loss", float(step))], step - 1, step - 1, "aaaaaaaa")
+    writer_module.write_metrics_part(run_dir, [(1, "", "loss", 1.0), (2, "", "loss", 2.0)], 0, 3, "bbbbbbbb")
     assert sorted(load_run(run_dir).metrics.step) == [1, 2]
     with _opened(run_dir) as writer:
         writer.append([(3, "", "loss", 30.0)])  # the writer removes the leftovers first
-    assert [p.path.name for p in rundir.list_parts(run_dir)][0].startswith("part-000000-000003-bbbbbbbb")
-    assert len(rundir.list_parts(run_dir)) == 2
+    assert [p.path.name for p in layout.list_parts(run_dir)][0].startswith("part-000000-000003-bbbbbbbb")
+    assert len(layout.list_parts(run_dir)) == 2
     assert load_run(run_dir).rows("loss").set_index("step")["value"].to_dict() == {1: 1.0, 2: 2.0, 3: 30.0}
 
 
 def test_old_part_names_still_read(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    rundir.write_meta(run_dir, {"method": "other", "layers": [{"name": "l", "shape": [2, 2], "kind": "full"}]})
-    frame = pd.DataFrame([(1, "", "loss", 1.0)], columns=list(rundir.COLUMNS))
+    writer_module.write_meta(run_dir, {"method": "other", "layers": [{"name": "l", "shape": [2, 2], "kind": "full"}]})
+    frame = pd.DataFrame([(1, "", "loss", 1.0)], columns=list(layout.COLUMNS))
     (run_dir / "metrics").mkdir()
     frame.to_parquet(run_dir / "metrics" / "part-000000.parquet", index=False)
     assert load_run(run_dir).rows("loss").value.tolist() == [1.0]
@@ -312,14 +303,15 @@ def _loft_groups(model, swap=False, scale=True):
 @pytest.mark.parametrize("build, message", [
     (lambda: (*setup("lora"), {"every": "12"}), "a schedule is an int, a list of steps or a Schedule, got '12'"),
     (lambda: (*setup("lora"), {"every": [2, 4.5]}), "integer steps >= 1, got \\[2, 4.5\\]"),
-    (lambda: (*setup("lora"), {"extra_meta": {"layers": []}}), "extra_meta may not set \\['layers'\\]"),
-    (lambda: (*setup("lora"), {"name": "x" * 300}), "name must be a string of at most 256 characters"),
-    (lambda: (*setup("lora"), {"seed": -0.5}), "seed must be an integer or None"),
+    (lambda: (*setup("lora"), {"labels": Labels(extra={"layers": []})}), "Labels.extra may not set \\['layers'\\]"),
+    (lambda: (*setup("lora"), {"labels": Labels(name="x" * 300)}), "name must be a string of at most 256 characters"),
+    (lambda: (*setup("lora"), {"labels": Labels(seed=-0.5)}), "Labels.seed must be an integer or None"),
+    (lambda: (*setup("lora"), {"snapshots": [4]}), "snapshots must be a loft_probe.probe.Snapshots, got list"),
     (lambda: (*_sgd(), {"shadow": True}), "shadow=True mirrors the run with AdamW .* SGD has none"),
 ])
 def test_bad_attach_arguments_are_refused_and_leave_nothing(tmp_path, build, message):
-    model, opt, options = build()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # an option object refuses a bad value when it is built
+        model, opt, options = build()
         attach(model, opt, tmp_path / "run", **options)
     assert not (tmp_path / "run").exists()
 

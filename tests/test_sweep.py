@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import loft_probe
 from loft_probe import cli
-from loft_probe.probe.rundir import read_meta
+from loft_probe.run import read_meta
 from loft_probe.runner import RunConfig
 from loft_probe.sweeps import Alpha, final_metric, is_finished, make_grid, parse_alpha
 from loft_probe.sweeps.pool import run_cells

@@ -48,7 +48,7 @@ from loft_probe.diagnosis.describe import describe_run, findings_to_json, format
 from loft_probe.diagnosis.finding import Finding
 from loft_probe.diagnosis.reading import LayerValues
 from loft_probe.diagnosis.signals import signals
-from loft_probe.probe.rundir import Run
+from loft_probe.run import Run
 
 __all__ = ["Finding", "describe_run", "diagnose", "findings_to_json", "format_findings", "headline", "signals"]
 

@@ -27,8 +27,8 @@ import pandas as pd
 from loft_probe.diagnosis.cases import CAUSE, CAUSES, SPLITS, Cause
 from loft_probe.diagnosis.reading import run_series
 from loft_probe.diagnosis.thresholds import GAP_SHORTFALL
-from loft_probe.probe.rundir import RunDirError, load_run
 from loft_probe.reporting.page import md_table
+from loft_probe.run import RunDirError, load_run
 
 HURT_SHORTFALL = 0.05  # a run that misses 5% of its healthy twin's held-out gain was measurably hurt
 # Info findings some cause expects (they claim something about the run); other infos are context, not claims.

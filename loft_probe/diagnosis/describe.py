@@ -8,8 +8,9 @@ import textwrap
 from dataclasses import asdict
 
 from loft_probe.diagnosis.finding import Finding, number
-from loft_probe.diagnosis.reading import LayerValues, late_value, run_series
-from loft_probe.probe.rundir import RUN_LAYER, Run
+from loft_probe.diagnosis.reading import LayerValues, run_series
+from loft_probe.run import RUN_LAYER, Run
+from loft_probe.run.series import late_value
 
 MAX_LAYERS_SHOWN = 24  # describe_run lists this many layers, then "... and N more": it should fit one screen
 

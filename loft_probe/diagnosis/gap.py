@@ -16,13 +16,13 @@ from loft_probe.diagnosis.reading import (
     drop_share,
     is_adapter,
     last_snapshot,
-    late_value,
     ranks,
     run_series,
 )
 from loft_probe.diagnosis.training import dead_layers
 from loft_probe.optim.loft import LoFT
-from loft_probe.probe.rundir import RUN_LAYER, Run
+from loft_probe.run import RUN_LAYER, Run
+from loft_probe.run.series import late_value
 
 
 def subspace(run: Run, values: LayerValues) -> list[Finding]:
@@ -190,8 +190,8 @@ def intruders(run: Run, reference: Run, frame: pd.DataFrame | None) -> list[Find
         return []
     step = int(rows["step"].max())
     at = rows[rows["step"] == step]
-    mine = at[at["method"] == run.name]
-    theirs = at[at["method"] == reference.name]
+    mine = at[at["run"] == run.name]
+    theirs = at[at["run"] == reference.name]
     total, ref_total = int(mine["value"].sum()), int(theirs["value"].sum())
     if total <= ref_total:
         return []
@@ -218,7 +218,7 @@ def not_recorded(run: Run, values: LayerValues) -> list[Finding]:
         if meta.get("shadow") is False or (meta.get("shadow") is None and not values.has("shadow_update_cosine")):
             missing["optimizer-state check"] = "shadow=True (loft-probe run --shadow)"
         if meta.get("capture_grad") is False or (meta.get("capture_grad") is None and not values.has("grad_norm")):
-            missing["subspace (tangent residual) check"] = "capture_grad=True (implied by shadow=True)"
+            missing["subspace (tangent residual) check"] = "gradients=Gradients(capture=True) (implied by shadow=True)"
     if not values.has("delta_r90") and not run.snapshot_steps:
         missing["rank checks"] = "a snapshot (every 4th recorded step, and the last one when the probe closes)"
     if not values.has("update_lr_ratio") and values.has("update_norm"):

@@ -18,7 +18,7 @@ import pandas as pd
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.finding import Finding, number
 from loft_probe.diagnosis.reading import drop_share, run_series
-from loft_probe.probe.rundir import Run
+from loft_probe.run import Run
 
 
 def evaluations(run: Run) -> pd.DataFrame:

@@ -1,9 +1,7 @@
 """What the diagnosis reads from a run: each layer's late value of a metric, the loss curve, the last snapshot.
 
-One rule for "late": the median over the last third of the steps a layer recorded the metric at — late enough
-that the optimizer's moments have warmed up, a median so that one noisy minibatch does not decide. The run
-table, the report summary and the diagnosis all use it (`late_value`, `late_per_layer`). Only finite values
-count: NaN/Inf are findings of their own (divergence), and undefined values are missing rows already.
+The late value of a metric follows the one rule of :mod:`loft_probe.run.series` (the median over the last
+third of the recorded steps), shared with the run table and the report and comparison summaries.
 """
 
 from __future__ import annotations
@@ -13,32 +11,14 @@ import math
 import numpy as np
 import pandas as pd
 
-from loft_probe.probe.rundir import RUN_LAYER, Run
-
-
-def late_slice(steps: np.ndarray) -> np.ndarray:
-    """A boolean mask over sorted ``steps`` selecting the last third (at least one step)."""
-    unique = np.unique(steps)
-    if not len(unique):
-        return np.zeros(len(steps), dtype=bool)
-    first = unique[len(unique) - math.ceil(len(unique) / 3)]
-    return steps >= first
+from loft_probe.run import RUN_LAYER, Run
+from loft_probe.run.series import late_value
 
 
 def drop_share(first: float, since: float, last: float) -> float:
     """The share of a curve's whole drop, ``first → last``, that came after the point where it stood at ``since``:
     (since − last)/(first − last); NaN when the curve did not drop."""
     return (since - last) / (first - last) if first > last else math.nan
-
-
-def late_value(rows: pd.DataFrame) -> float:
-    """The late value of one series of rows (step, value): the median of its finite values over the last third
-    of its steps; NaN when it has none."""
-    rows = rows[np.isfinite(rows["value"].to_numpy(dtype="float64"))]
-    if not len(rows):
-        return math.nan
-    steps = rows["step"].to_numpy()
-    return float(rows.loc[late_slice(steps), "value"].median())
 
 
 class LayerValues:

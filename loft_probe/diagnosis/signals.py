@@ -11,7 +11,7 @@ from loft_probe.diagnosis import held_out
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.reading import LayerValues, last_snapshot, ranks
 from loft_probe.diagnosis.training import dead_layers, frozen_factors, loss_curve
-from loft_probe.probe.rundir import Run
+from loft_probe.run import Run
 
 
 def signals(run: Run) -> dict[str, float]:

@@ -12,9 +12,10 @@ import numpy as np
 from loft_probe.diagnosis import held_out as held_out_curve
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.finding import Finding, layer_listing, name_list, number, worst_layers
-from loft_probe.diagnosis.reading import LayerValues, drop_share, late_slice, run_series
+from loft_probe.diagnosis.reading import LayerValues, drop_share, run_series
 from loft_probe.optim.functional import adam_ratio_bound
-from loft_probe.probe.rundir import RUN_LAYER, Run
+from loft_probe.run import RUN_LAYER, Run
+from loft_probe.run.series import late_slice
 
 
 def loss_curve(run: Run) -> dict[str, float]:

@@ -27,6 +27,7 @@ comes from the Trainer's logged ``grad_norm`` instead, at logging steps only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable
@@ -38,8 +39,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from loft_probe.optim import LoFT
-from loft_probe.probe import Probe, attach
-from loft_probe.probe.probe import ProbeWarning
+from loft_probe.probe import Labels, Probe, ProbeWarning, attach
 
 # The Trainer logs its evaluation's wall time and throughput next to the metrics: they describe the machine,
 # not the training, and would read as training metrics in a run's record.
@@ -47,7 +47,8 @@ TRAINER_TIMINGS = ("_runtime", "_samples_per_second", "_steps_per_second")
 
 
 class ProbeCallback(TrainerCallback):
-    """Attach :func:`loft_probe.attach` with ``options`` to a Trainer's run, writing to ``run_dir``."""
+    """Attach :func:`loft_probe.attach` with ``options`` (its keyword arguments) to a Trainer's run, writing to
+    ``run_dir``; the run's seed label defaults to the Trainer's."""
 
     def __init__(self, run_dir: str | Path, **options: Any) -> None:
         self.run_dir, self.options = Path(run_dir), options
@@ -61,7 +62,9 @@ class ProbeCallback(TrainerCallback):
         # unscale captured gradients, and hooks the wrapped optimizer, which the wrapper's step() calls
         self.options.setdefault("grad_scaler", getattr(optimizer, "scaler", None))
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        self.options.setdefault("seed", args.seed)
+        labels = self.options.get("labels") or Labels()
+        if labels.seed is None:  # the Trainer's seed, unless the caller labelled the run with another
+            self.options["labels"] = dataclasses.replace(labels, seed=args.seed)
         self.probe = attach(model, optimizer, self.run_dir, **self.options)
         captures = any(layer.capture is not None for layer in self.probe.layers)
         for message in clipping_warnings(args.max_grad_norm, optimizer, captures):

@@ -1,6 +1,6 @@
 """What a probe records about one layer at one step: pure functions from tensors to ``{metric: value}``.
 
-Names and meanings are those of :data:`loft_probe.probe.rundir.METRICS`; formulas come from
+Names and meanings are those of :data:`loft_probe.run.METRICS`; formulas come from
 :mod:`loft_probe.metrics` (spec: docs/metrics-spec.md). A metric that is undefined at its input (a cosine with
 a zero vector, the residual of G = 0, a ratio to lr = 0: NaN from `loft_probe.metrics`) is left out of the
 returned dict, so it is a missing row in the record, never a number; NaN in a record means the training
@@ -13,7 +13,7 @@ import math
 
 from torch import Tensor
 
-from loft_probe import metrics as M
+from loft_probe import metrics
 
 
 def _defined(values: dict[str, Tensor | float]) -> dict[str, float]:
@@ -25,12 +25,18 @@ def _defined(values: dict[str, Tensor | float]) -> dict[str, float]:
 def update_metrics(update: Tensor, weight_before: Tensor, grad: Tensor | None, lr: float) -> dict[str, float]:
     """The step's effective-weight update ΔW (m×n) against the weight it started from, the learning rate it
     was taken with, and the gradient."""
-    out = {"update_norm": update.norm(), "update_weight_ratio": M.relative_norm(update, weight_before),
-           "update_lr_ratio": M.update_lr_ratio(update, lr)}
+    out = {"update_norm": update.norm(), "update_weight_ratio": metrics.relative_norm(update, weight_before),
+           "update_lr_ratio": metrics.update_lr_ratio(update, lr)}
     if grad is not None:
         out["grad_norm"] = grad.norm()
-        out["cos_update_grad"] = M.cosine(update, grad)
+        out["cos_update_grad"] = metrics.cosine(update, grad)
     return _defined(out)
+
+
+def cumulative_metrics(delta_norm: Tensor | float) -> dict[str, float]:
+    """The cumulative change ‖W_t − W_0‖ since attach (its norm computed by the recorder: from the factors for
+    a LoRA pair, from W_0 for a dense weight)."""
+    return _defined({"weight_change_norm": delta_norm})
 
 
 def factor_metrics(initial: tuple[Tensor, Tensor], now: tuple[Tensor, Tensor],
@@ -50,44 +56,45 @@ def factor_metrics(initial: tuple[Tensor, Tensor], now: tuple[Tensor, Tensor],
 
 def residual_metrics(grad: Tensor, B: Tensor, A: Tensor) -> dict[str, float]:
     """How much of G (m×n) the adapter with factors B (m×r), A (r×n) can express."""
-    left, right, tangent = M.projection_residuals(grad, B, A)
+    left, right, tangent = metrics.projection_residuals(grad, B, A)
     return _defined({"residual_left": left, "residual_right": right, "residual_tangent": tangent})
 
 
 def shadow_metrics(update: Tensor, shadow_update: Tensor) -> dict[str, float]:
     """The actual update against the shadow AdamW's update from the same point (both m×n)."""
-    return _defined({"shadow_update_cosine": M.cosine(update, shadow_update),
-                     "shadow_update_rel_norm": M.relative_norm(update, shadow_update)})
+    return _defined({"shadow_update_cosine": metrics.cosine(update, shadow_update),
+                     "shadow_update_rel_norm": metrics.relative_norm(update, shadow_update)})
 
 
 def moment_metrics(first: Tensor, second: Tensor | None, shadow_first: Tensor, shadow_second: Tensor,
                    projected_shadow_first: Tensor | None, eps: float) -> dict[str, float]:
     """An optimizer's full-space moments (m×n) against the shadow's: errors, cosines, and against the shadow's
     first moment projected onto the adapter (which isolates transport and alternation from the subspace)."""
-    out = {"shadow_m_rel_error": M.relative_error(first, shadow_first),
-           "shadow_m_cosine": M.cosine(first, shadow_first)}
+    out = {"shadow_m_rel_error": metrics.relative_error(first, shadow_first),
+           "shadow_m_cosine": metrics.cosine(first, shadow_first)}
     if second is not None:
-        out["shadow_v_rel_error"] = M.relative_error(second, shadow_second)
-        out["shadow_v_cosine"] = M.cosine(second, shadow_second)
-        out["shadow_precond_cosine"] = M.preconditioned_cosine(first, second, shadow_first, shadow_second, eps=eps)
+        out["shadow_v_rel_error"] = metrics.relative_error(second, shadow_second)
+        out["shadow_v_cosine"] = metrics.cosine(second, shadow_second)
+        out["shadow_precond_cosine"] = metrics.preconditioned_cosine(first, second, shadow_first, shadow_second,
+                                                                     eps=eps)
     if projected_shadow_first is not None:
-        out["shadow_m_proj_rel_error"] = M.relative_error(first, projected_shadow_first)
-        out["shadow_m_proj_cosine"] = M.cosine(first, projected_shadow_first)
+        out["shadow_m_proj_rel_error"] = metrics.relative_error(first, projected_shadow_first)
+        out["shadow_m_proj_cosine"] = metrics.cosine(first, projected_shadow_first)
     return _defined(out)
 
 
 def moment_grad_metrics(first: Tensor, grad: Tensor) -> dict[str, float]:
     """The optimizer's first moment against this step's gradient: (m, n) each, or flat vectors (factor space)."""
-    return _defined({"cos_moment_grad": M.cosine(first, grad, dim=tuple(range(-first.dim(), 0)))})
+    return _defined({"cos_moment_grad": metrics.cosine(first, grad, dim=tuple(range(-first.dim(), 0)))})
 
 
-def spectrum_metrics(delta: M.SVD, base_norm: float) -> dict[str, float]:
+def spectrum_metrics(delta: metrics.SVD, base_norm: float) -> dict[str, float]:
     """The cumulative ΔW from its (top-k) singular values; its size relative to a zero W_0 is undefined."""
     S = delta.S
     return _defined({"delta_rel_size": S.norm() / base_norm if base_norm > 0 else math.nan,
-                     "delta_stable_rank": M.stable_rank(S), "delta_r90": M.r90(S)})
+                     "delta_stable_rank": metrics.stable_rank(S), "delta_r90": metrics.r90(S)})
 
 
 def intruder_metrics(scores: Tensor) -> dict[str, float]:
     """Intruder dimensions at ε = 0.5 (Shuttleworth et al.'s default) from the tuned weight's scores."""
-    return _defined({"intruders": M.intruder_counts(scores, 0.5)})
+    return _defined({"intruders": metrics.intruder_counts(scores, 0.5)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -11,29 +11,20 @@ from dataclasses import dataclass
 class Schedule:
     """Record at step t (t = 1, 2, ... counts optimizer steps) when ``self(t)`` is true.
 
-    Build with :func:`every`, :func:`log_spaced`, :func:`at` or :func:`dense_then_every`.
+    A predicate on the step and its description (written into meta.json). ``period`` is k for "every k steps"
+    (the default snapshots take every 4th of its steps), None for any other schedule. Build with
+    :func:`every`, :func:`log_spaced`, :func:`at` or :func:`dense_then_every`.
     """
 
-    kind: str
-    k: int = 1
-    dense: int = 0
-    steps: frozenset[int] = frozenset()
-    per_decade: int = 0
+    predicate: Callable[[int], bool]
+    description: str
+    period: int | None = None
 
     def __call__(self, step: int) -> bool:
-        if self.kind == "every":
-            return step <= self.dense or step % self.k == 0
-        if self.kind == "at":
-            return step in self.steps
-        # log-spaced: steps where round(per_decade·log10 t) changes, so roughly per_decade per decade
-        return step == 1 or _log_bin(step, self.per_decade) != _log_bin(step - 1, self.per_decade)
+        return self.predicate(step)
 
     def describe(self) -> str:
-        if self.kind == "every":
-            return f"every {self.k}" + (f" after the first {self.dense}" if self.dense else "")
-        if self.kind == "at":
-            return "at " + ",".join(map(str, sorted(self.steps)))
-        return f"log-spaced, {self.per_decade} per decade"
+        return self.description
 
 
 def _log_bin(step: int, per_decade: int) -> int:
@@ -43,20 +34,22 @@ def _log_bin(step: int, per_decade: int) -> int:
 def every(k: int) -> Schedule:
     """Steps k, 2k, 3k, ..."""
     _positive("every", k)
-    return Schedule("every", k=k)
+    return Schedule(lambda step: step % k == 0, f"every {k}", period=k)
 
 
 def dense_then_every(n: int, k: int) -> Schedule:
     """Every step up to n, then every k-th."""
     _positive("dense steps", n)
     _positive("every", k)
-    return Schedule("every", k=k, dense=n)
+    return Schedule(lambda step: step <= n or step % k == 0, f"every {k} after the first {n}")
 
 
 def log_spaced(per_decade: int = 10) -> Schedule:
     """About ``per_decade`` steps per factor of ten: dense early, sparse late (1, 2, ..., 10, 12, 15, ...)."""
     _positive("per_decade", per_decade)
-    return Schedule("log", per_decade=per_decade)
+    # the steps where round(per_decade·log10 t) changes, so roughly per_decade per decade
+    return Schedule(lambda step: step == 1 or _log_bin(step, per_decade) != _log_bin(step - 1, per_decade),
+                    f"log-spaced, {per_decade} per decade")
 
 
 def at(steps: Iterable[int]) -> Schedule:
@@ -67,7 +60,8 @@ def at(steps: Iterable[int]) -> Schedule:
     bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
     if not steps or bad:
         raise ValueError(f"at(steps) needs a non-empty list of integer steps >= 1, got {steps[:10]!r}")
-    return Schedule("at", steps=frozenset(steps))
+    chosen = frozenset(steps)
+    return Schedule(chosen.__contains__, "at " + ",".join(map(str, sorted(chosen))))
 
 
 def as_schedule(value: int | Iterable[int] | Schedule) -> Schedule:

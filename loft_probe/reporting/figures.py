@@ -1,6 +1,6 @@
 """The report's figures: each a function from tidy frames to a matplotlib Figure.
 
-Inputs are the frames of `loft_probe.reporting.frames` (method = run name, kind = meta method). A figure
+Inputs are the frames of `loft_probe.reporting.frames` (run = the run's name, method = its meta method). A figure
 draws what its frame holds: medians and bands over layers are seaborn's estimators, nothing is measured
 here. When a frame lacks what a figure shows, the function raises `MissingData` with a one-line reason,
 which the page prints in the figure's place.
@@ -26,7 +26,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from loft_probe.probe.rundir import RUN_LAYER  # noqa: E402
+from loft_probe.run import RUN_LAYER  # noqa: E402
 
 DPI = 100
 MOMENTS = ("shadow_m_cosine", "shadow_m_proj_cosine", "shadow_v_cosine")
@@ -66,8 +66,8 @@ def _figure(width: float, height: float) -> Figure:
 
 def _labelled(rows: pd.DataFrame, colours: dict[str, tuple] | None) -> tuple[pd.DataFrame, dict[str, tuple]]:
     """Rows with matplotlib-safe run and layer labels, and the palette (default: one for these runs) keyed by them."""
-    colours = colours or palette(list(dict.fromkeys(rows["method"])))
-    rows = rows.assign(**{column: rows[column].map(label) for column in ("method", "layer") if column in rows})
+    colours = colours or palette(list(dict.fromkeys(rows["run"])))
+    rows = rows.assign(**{column: rows[column].map(label) for column in ("run", "layer") if column in rows})
     return rows, {label(name): colour for name, colour in colours.items()}
 
 
@@ -79,14 +79,14 @@ def _lines(rows: pd.DataFrame, metrics: list[str], colours: dict | None, *, log_
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
         data = rows[rows["metric"] == metric]
-        sns.lineplot(data=data, x="step", y="value", hue="method", palette=colours, ax=ax, legend=False,
+        sns.lineplot(data=data, x="step", y="value", hue="run", palette=colours, ax=ax, legend=False,
                      estimator="median" if band else None, errorbar=BAND if band else None,
                      marker="o" if data["step"].nunique() <= 12 else None)
         if log_positive and metric.endswith("loss") and (data["value"] > 0).all():
             ax.set_yscale("log")
         ax.set(title=metric, ylabel=metric, xlabel="step")
     # One legend for the figure: a run may be missing from some panels (only LoFT has projected moments).
-    present = list(dict.fromkeys(rows["method"]))
+    present = list(dict.fromkeys(rows["run"]))
     fig.legend([Line2D([], [], color=colours[name]) for name in present], present, title="run",
                loc="outside right upper")
     return fig
@@ -154,11 +154,11 @@ def angle_heatmaps(frame: pd.DataFrame | None) -> Figure:
     """Per compared run: layers × snapshot steps of the largest left principal angle to the reference, in degrees."""
     if frame is None:
         raise MissingData("no comparison with a reference run")
-    rows = frame[(frame["metric"] == "angle_left_max") & (frame["method"] != frame["reference"])]
+    rows = frame[(frame["metric"] == "angle_left_max") & (frame["run"] != frame["reference"])]
     if rows.empty:
         raise MissingData("no snapshot shared with the reference holds a nonzero change")
     rows = rows.assign(value=rows["value"].map(math.degrees))  # radians in the frame, degrees on the page
-    tables = {name: _pivot(group, "layer", "step") for name, group in rows.groupby("method", sort=False)}
+    tables = {name: _pivot(group, "layer", "step") for name, group in rows.groupby("run", sort=False)}
     return _heatmaps(tables, vmin=0.0, vmax=90.0, cmap="rocket_r", fmt=".0f", xlabel="step", ylabel="layer",
                      colorbar="largest angle (°)", title=f"against {rows['reference'].iloc[0]}")
 
@@ -168,7 +168,7 @@ def shadow_heatmaps(metrics: pd.DataFrame) -> Figure:
     rows = metrics[metrics["metric"] == "shadow_update_cosine"]
     if rows.empty:
         raise MissingData("no run recorded shadow_update_cosine (runs without a shadow do not)")
-    tables = {name: _pivot(group, "layer", "step") for name, group in rows.groupby("method", sort=False)}
+    tables = {name: _pivot(group, "layer", "step") for name, group in rows.groupby("run", sort=False)}
     return _heatmaps(tables, vmin=-1.0, vmax=1.0, cmap="vlag_r", fmt=".2f", xlabel="step", ylabel="layer",
                      colorbar="cos(ΔW, shadow update)")
 
@@ -178,7 +178,7 @@ def phi_heatmaps(phi: pd.DataFrame, layer: str, step: int) -> Figure:
     if phi.empty:
         raise MissingData(f"no φ grid for layer {layer!r} at step {step}")
     tables = {name: group.pivot(index="i", columns="j", values="value")
-              for name, group in phi.groupby("method", sort=False)}
+              for name, group in phi.groupby("run", sort=False)}
     return _heatmaps(tables, vmin=0.0, vmax=1.0, cmap="mako", fmt=".1f", colorbar="φ(i, j)", cell=0.22,
                      xlabel="j: reference's top-j", ylabel="i: run's top-i", title=f"layer {layer}, step {step}")
 
@@ -188,13 +188,13 @@ def intruder_bars(metrics: pd.DataFrame, colours: dict | None = None) -> Figure:
     rows = metrics[metrics["metric"] == "intruders"]
     if rows.empty:
         raise MissingData("no run recorded intruders (they are counted at snapshots)")
-    last = rows.groupby("method", sort=False)["step"].transform("max")
+    last = rows.groupby("run", sort=False)["step"].transform("max")
     rows = rows[rows["step"] == last]
     order = list(dict.fromkeys(rows["layer"]))
-    fig = _figure(8.0, max(2.6, 1.2 + 0.14 * len(order) * rows["method"].nunique()))
+    fig = _figure(8.0, max(2.6, 1.2 + 0.14 * len(order) * rows["run"].nunique()))
     ax = fig.subplots()
     rows, colours = _labelled(rows, colours)
-    sns.barplot(data=rows, y="layer", x="value", hue="method", palette=colours, ax=ax, orient="h",
+    sns.barplot(data=rows, y="layer", x="value", hue="run", palette=colours, ax=ax, orient="h",
                 order=[label(layer) for layer in order])
     ax.set_yticks(range(len(order)), labels=[tick(layer) for layer in order])
     ax.set(ylabel="layer", xlabel="intruder dimensions", title="at each run's last snapshot")

@@ -1,11 +1,11 @@
 """The study's results: one row per cell of one or more sweep directories, read from the runs; nothing trained.
 
-Per cell: its parameters, the final training and held-out metrics, the alignment metrics (shadow update
-cosine, moment alignment, angle to full fine-tuning's subspace) and the gap to full fine-tuning. The
-reference of a cell is the full fine-tuning run of the same task and seed at full fine-tuning's chosen
-learning rate; every method's learning rate is chosen on the first seed (the one a ``--select-lr`` sweep
-used, else the smallest) by held-out loss (`loft_probe.sweeps.selection`), and the `selected` column marks
-the cells at their method's choice.
+Per cell: its parameters, the late training loss and the final held-out metrics (`loft_probe.run.series`),
+the alignment metrics (shadow update cosine, moment alignment, angle to full fine-tuning's subspace) and the
+gap to full fine-tuning. The reference of a cell is the full fine-tuning run of the same task and seed at full
+fine-tuning's chosen learning rate; every method's learning rate is chosen on the first seed (the one a
+``--select-lr`` sweep used, else the smallest) by held-out loss (`loft_probe.sweeps.selection`), and the
+`selected` column marks the cells at their method's choice.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from loft_probe.probe.rundir import Run, load_run
-from loft_probe.reporting.frames import SHADOW_TAIL, comparison, summary_table
+from loft_probe.reporting.frames import comparison
+from loft_probe.run import Run, load_run
+from loft_probe.run.series import run_summary
+from loft_probe.summary import run_table
 from loft_probe.sweeps.execute import FAILED, RUNS, is_finished
 from loft_probe.sweeps.selection import choose_lrs, selection_table
 
@@ -33,15 +35,14 @@ RESULT_COLUMNS = {
     "lr": "learning rate",
     "seed": "seed of the model, the LoRA initialisation and the data order",
     "selected": "the lr is its method's choice (first seed, held-out loss)",
-    "train_loss": "last recorded training loss",
+    "train_loss": "late value (median over the last third of the recorded steps) of the training loss",
     "eval_loss": "held-out loss at the last step",
     "eval_accuracy": "held-out accuracy at the last step",
     "gap_eval_loss": "eval_loss minus full fine-tuning's (same seed, its chosen lr)",
     "gap_eval_accuracy": "eval_accuracy minus full fine-tuning's",
-    "shadow_update_cosine": f"median over layers and the last {SHADOW_TAIL} recorded steps of cos(ΔW, shadow "
-                            "AdamW update)",
-    "shadow_m_cosine": f"median over layers and the last {SHADOW_TAIL} recorded steps of cos(full-space first "
-                       "moment, shadow's); LoFT and full fine-tuning only (LoRA has no full-space moment)",
+    "shadow_update_cosine": "median over layers of each layer's late value of cos(ΔW, shadow AdamW update)",
+    "shadow_m_cosine": "median over layers of each layer's late value of cos(full-space first moment, shadow's); "
+                       "LoFT and full fine-tuning only (LoRA has no full-space moment)",
     "angle_deg": "median over layers of the largest principal angle to full fine-tuning's top-r left subspace "
                  "of ΔW at the last shared snapshot, degrees",
 }
@@ -98,7 +99,7 @@ def _task_results(task: str, runs: list[Run], first_seed: int | None) -> tuple[p
     """The task's rows and its lr choice, made on ``first_seed`` (default the smallest seed)."""
     if first_seed is None:
         first_seed = min(run.meta["sweep_cell"]["seed"] for run in runs)
-    scores = [(run.method, _lr(run), _final(run, "eval_loss")) for run in runs
+    scores = [(run.method, _lr(run), run_summary(run, "eval_loss")) for run in runs
               if run.meta["sweep_cell"]["seed"] == first_seed]
     chosen = choose_lrs(scores)
     choice = pd.DataFrame(selection_table(scores, chosen)).assign(task=task, seed=first_seed)
@@ -113,38 +114,25 @@ def _task_results(task: str, runs: list[Run], first_seed: int | None) -> tuple[p
 def _seed_rows(task: str, cells: list[Run], ref: Run | None, chosen: dict) -> list[dict]:
     """Rows of one seed's cells, compared with the seed's full fine-tuning reference when there is one."""
     frame = comparison([ref, *[c for c in cells if c is not ref]], reference=ref.name)[0] if ref else None
-    summary = summary_table(cells, frame).set_index("run")
-    ref_metrics = {name: _final(ref, name) if ref else math.nan for name in ("eval_loss", "eval_accuracy")}
+    summary = run_table(cells, frame).set_index("run")
+    ref_metrics = {name: run_summary(ref, name) if ref else math.nan for name in ("eval_loss", "eval_accuracy")}
     rows = []
     for run in cells:
         cell = run.meta["sweep_cell"]
         rank = cell["rank"]
-        eval_loss, eval_accuracy = _final(run, "eval_loss"), _final(run, "eval_accuracy")
+        eval_loss, eval_accuracy = run_summary(run, "eval_loss"), run_summary(run, "eval_accuracy")
         rows.append({
             "task": task, "cell": run.name, "method": run.method, "rank": rank, "alpha": cell["alpha"],
             "scale": cell["alpha_value"] / rank if rank else math.nan, "lr": _lr(run), "seed": cell["seed"],
-            "selected": chosen.get(run.method) == _lr(run), "train_loss": _final(run, "loss"),
+            "selected": chosen.get(run.method) == _lr(run), "train_loss": run_summary(run, "loss"),
             "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
             "gap_eval_loss": eval_loss - ref_metrics["eval_loss"],
             "gap_eval_accuracy": eval_accuracy - ref_metrics["eval_accuracy"],
             "shadow_update_cosine": summary.at[run.name, "shadow_update_cosine"],
-            "shadow_m_cosine": _tail_median(run, "shadow_m_cosine"),
+            "shadow_m_cosine": run_summary(run, "shadow_m_cosine"),
             "angle_deg": summary.at[run.name, "angle_left_max_deg"] if run is not ref else 0.0,
         })
     return rows
-
-
-def _final(run: Run, metric: str) -> float:
-    """A run-level metric at its last recorded step; NaN when the run has none."""
-    rows = run.rows(metric, [""])
-    return float(rows.loc[rows["step"].idxmax(), "value"]) if len(rows) else math.nan
-
-
-def _tail_median(run: Run, metric: str) -> float:
-    """Median over layers and the last SHADOW_TAIL recorded steps (the summary table's rule for the shadow)."""
-    rows = run.rows(metric)
-    tail = sorted(set(rows["step"]))[-SHADOW_TAIL:]
-    return float(rows.loc[rows["step"].isin(tail), "value"].median()) if len(rows) else math.nan
 
 
 def reference_curves(paths: Sequence[str | Path], results: pd.DataFrame) -> pd.DataFrame:

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loft_probe.probe.rundir import RUN_LAYER, Run, RunDirError, atomic_write, load_run, read_meta
+from loft_probe.run import Run, RunDirError, load_run, read_meta
+from loft_probe.run.files import atomic_write
+from loft_probe.run.series import run_summary
 from loft_probe.runner import RunConfig, check_config
 from loft_probe.sweeps.grid import Cell, make_grid
 from loft_probe.sweeps.pool import Outcome, run_cells
@@ -147,11 +149,11 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def final_metric(run_dir: Path, metric: str = SELECTION_METRIC) -> float | None:
-    """The run-level ``metric`` at the run's last recorded step (NaN when it lacks it); None when unfinished."""
+    """The run's summary of ``metric`` (`loft_probe.run.series`: the held-out loss at its last evaluation; NaN
+    when it lacks it); None when the run is unfinished."""
     if not is_finished(run_dir):
         return None
-    rows = load_run(run_dir).rows(metric, [RUN_LAYER])
-    return float(rows.loc[rows["step"].idxmax(), "value"]) if len(rows) else math.nan
+    return run_summary(load_run(run_dir), metric)
 
 
 def write_json(path: Path, data: Any) -> None:

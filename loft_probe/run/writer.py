@@ -1,4 +1,4 @@
-"""``RunWriter``: the one writer of a run directory (format in :mod:`loft_probe.probe.rundir`).
+"""``RunWriter``: the one writer of a run directory (format in :mod:`loft_probe.run`).
 
 It opens a directory (or refuses it), holds an exclusive lock for its whole life, writes the initial
 weights, metric parts, snapshots and meta.json, compacts parts as they accumulate, and on a resume drops what
@@ -21,6 +21,7 @@ the interrupted run recorded after the step it resumes from.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -29,14 +30,54 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
-from loft_probe.probe import rundir
+from loft_probe.run import layout, reader
+from loft_probe.run.files import RunDirError, atomic_write
+from loft_probe.run.layout import COLUMNS, DTYPES, FORMAT, SCHEMA, VERSION, Part
 
 LOCK = ".lock"
 COMPACT_FANOUT = 16
 MAX_MERGED_ROWS = 1 << 26  # ~67M rows (~0.5 GB of Parquet): a merge stops there, far below the reader's size cap
+
+
+def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    atomic_write(run_dir / "meta.json", lambda p: p.write_text(text))
+
+
+def write_metrics_part(run_dir: Path, rows: list[tuple[int, str, str, float]] | pd.DataFrame,
+                       first: int | None = None, last: int | None = None, token: str | None = None) -> Path:
+    """Writes one Parquet part holding part numbers [first, last] (default: one number after the last present)
+    under the writer's ``token`` (default: a fresh one); returns its path."""
+    folder = run_dir / "metrics"
+    folder.mkdir(exist_ok=True)
+    first = layout.next_part_index(run_dir) if first is None else first
+    last = first if last is None else last
+    path = folder / f"part-{first:06d}-{last:06d}-{token or layout.new_token()}.parquet"
+    if isinstance(rows, pd.DataFrame):
+        table = pa.Table.from_pandas(rows.astype(DTYPES), schema=SCHEMA, preserve_index=False)
+    else:  # straight to Arrow: a pandas round trip costs ten times the write itself
+        columns = list(zip(*rows, strict=True)) if rows else [[] for _ in COLUMNS]
+        table = pa.table([pa.array(column, type=field.type) for column, field in zip(columns, SCHEMA, strict=True)],
+                         schema=SCHEMA)
+    atomic_write(path, lambda p: pq.write_table(table, p))
+    return path
+
+
+def write_snapshot(run_dir: Path, step: int, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    folder = run_dir / "snapshots"
+    folder.mkdir(exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    atomic_write(folder / f"step-{step:09d}.safetensors",
+                 lambda p: save_file(tensors, str(p), metadata={"step": str(step)}))
 
 
 class RunWriter:
@@ -46,9 +87,9 @@ class RunWriter:
         self.run_dir = run_dir
         self.created = created  # this writer made the folder: a failed start removes it again
         self.new_run = not (run_dir / "meta.json").exists()  # not a resume: a failed start removes its files
-        self.token = rundir.new_token()  # this writer's part names: never those of another writer
+        self.token = layout.new_token()  # this writer's part names: never those of another writer
         self._lock_fd: int | None = lock_fd
-        self._tail: list[tuple[rundir.Part, int]] = []  # live parts in order, with their row counts
+        self._tail: list[tuple[Part, int]] = []  # live parts in order, with their row counts
         self._next = 0  # the next part number
         self._resume_step: int | None = None  # drop records after this step before the next write
         self._settled = False  # the directory's parts are known (listed at the first write)
@@ -57,13 +98,13 @@ class RunWriter:
     @classmethod
     def open(cls, run_dir: str | os.PathLike) -> RunWriter:
         """Locks ``run_dir`` (created if missing) for writing; refuses a folder that holds other files, and a
-        run directory another writer holds, each with a one-line :class:`~loft_probe.probe.rundir.RunDirError`."""
+        run directory another writer holds, each with a one-line :class:`~loft_probe.run.files.RunDirError`."""
         run_dir = Path(run_dir)
         if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-            raise rundir.RunDirError(f"{run_dir}: not a folder; choose another run_dir")
+            raise RunDirError(f"{run_dir}: not a folder; choose another run_dir")
         if run_dir.is_dir() and not (run_dir / "meta.json").exists() and any(
                 entry.name != LOCK for entry in run_dir.iterdir()):
-            raise rundir.RunDirError(f"{run_dir}: exists and is not a run directory; choose another")
+            raise RunDirError(f"{run_dir}: exists and is not a run directory; choose another")
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -75,7 +116,7 @@ class RunWriter:
 
     def existing_meta(self) -> dict[str, Any] | None:
         """The meta.json of the run already in the directory (None for a new run)."""
-        return rundir.read_meta(self.run_dir) if (self.run_dir / "meta.json").exists() else None
+        return reader.read_meta(self.run_dir) if (self.run_dir / "meta.json").exists() else None
 
     def resume_from(self, step: int) -> None:
         """The run continues after ``step``: records of later steps are dropped before the next write."""
@@ -83,13 +124,13 @@ class RunWriter:
 
     # ------------------------------------------------------------------ writing
     def write_meta(self, meta: dict[str, Any]) -> None:
-        rundir.write_meta(self.run_dir, meta)
+        write_meta(self.run_dir, meta)
 
     def write_initial(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        rundir.atomic_write(self.run_dir / "initial.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(self.run_dir / "initial.safetensors", lambda p: save_file(tensors, str(p)))
 
     def initial_weight(self, name: str) -> torch.Tensor:
         """One layer's W0 from initial.safetensors (memory-mapped: only that tensor is read)."""
@@ -101,7 +142,7 @@ class RunWriter:
         except FileNotFoundError:
             regular = False
         if not regular:
-            raise rundir.RunDirError(f"{path}: missing or not a regular file; a full fine-tuning run keeps its "
+            raise RunDirError(f"{path}: missing or not a regular file; a full fine-tuning run keeps its "
                                      "initial weights there")
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(name)
@@ -109,19 +150,19 @@ class RunWriter:
     def append(self, rows: list[tuple[int, str, str, float]]) -> None:
         """One flush: a part of ``rows``, then whatever compaction is due."""
         self._settle()
-        path = rundir.write_metrics_part(self.run_dir, rows, self._next, self._next, self.token)
-        self._tail.append((rundir.Part(path, self._next, self._next), len(rows)))
+        path = write_metrics_part(self.run_dir, rows, self._next, self._next, self.token)
+        self._tail.append((Part(path, self._next, self._next), len(rows)))
         self._next += 1
         while self._compact_due():
             pass
 
     def write_snapshot(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
         self._settle()
-        rundir.write_snapshot(self.run_dir, step, tensors)
+        write_snapshot(self.run_dir, step, tensors)
 
     def snapshot_steps(self) -> list[int]:
         self._settle()
-        return rundir.read_snapshot_steps(self.run_dir)
+        return layout.read_snapshot_steps(self.run_dir)
 
     def finish(self, meta: dict[str, Any]) -> None:
         """Compacts every part into one, writes the closing meta.json and releases the lock."""
@@ -160,11 +201,11 @@ class RunWriter:
         """Before the first write: find the parts, remove a killed writer's leftovers; before the first write
         after :meth:`resume_from`: drop the later records."""
         if self._lock_fd is None:
-            raise rundir.RunDirError(f"{self.run_dir}: this writer has released the directory")
+            raise RunDirError(f"{self.run_dir}: this writer has released the directory")
         if not self._settled:
             self._settled = True
-            parts = rundir.list_parts(self.run_dir)
-            live, replaced = rundir.live_parts(parts)
+            parts = layout.list_parts(self.run_dir)
+            live, replaced = layout.live_parts(parts)
             for part in replaced:  # compacted into a live part before a kill: their rows are there
                 part.path.unlink(missing_ok=True)
             self._next = max((part.last for part in parts), default=-1) + 1
@@ -175,11 +216,11 @@ class RunWriter:
             self._drop_after(step)
 
     def _drop_after(self, step: int) -> None:
-        for later in [s for s in rundir.read_snapshot_steps(self.run_dir) if s > step]:
-            rundir.snapshot_path(self.run_dir, later).unlink()
+        for later in [s for s in layout.read_snapshot_steps(self.run_dir) if s > step]:
+            layout.snapshot_path(self.run_dir, later).unlink()
         size = 0  # parts are in step order: the later records sit in the last parts, read from the end
         while size < len(self._tail):
-            table = rundir.read_part(self._tail[-1 - size][0])
+            table = reader.read_part(self._tail[-1 - size][0])
             if not table.num_rows or pc.max(table["step"]).as_py() <= step:
                 break
             size += 1
@@ -202,15 +243,15 @@ class RunWriter:
         """Replaces the last ``size`` parts by one part [first of them, a fresh number]: renamed into place
         first, then the old parts removed."""
         group = self._tail[len(self._tail) - size:]
-        rows = rundir.merge_rows([rundir.read_part(part) for part, _ in group])
+        rows = reader.merge_rows([reader.read_part(part) for part, _ in group])
         if keep is not None:
             rows = keep(rows)
         first, last = group[0][0].first, self._next
-        path = rundir.write_metrics_part(self.run_dir, rows, first, last, self.token)
+        path = write_metrics_part(self.run_dir, rows, first, last, self.token)
         self._next += 1
         for part, _ in group:
             part.path.unlink(missing_ok=True)
-        self._tail[len(self._tail) - size:] = [(rundir.Part(path, first, last), len(rows))]
+        self._tail[len(self._tail) - size:] = [(Part(path, first, last), len(rows))]
 
 
 def _lock(run_dir: Path) -> int:
@@ -222,7 +263,7 @@ def _lock(run_dir: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
-        raise rundir.RunDirError(f"{run_dir}: another probe is writing to it ({holder!r}); only one writer per "
+        raise RunDirError(f"{run_dir}: another probe is writing to it ({holder!r}); only one writer per "
                                  "run directory: wait for it to close, or choose another run_dir") from None
     except OSError:
         os.close(fd)
@@ -233,9 +274,7 @@ def _lock(run_dir: Path) -> int:
     return fd
 
 
-def _row_count(part: rundir.Part) -> int:
-    import pyarrow.parquet as pq
-
+def _row_count(part: Part) -> int:
     try:
         return pq.read_metadata(part.path).num_rows
     except Exception:  # a damaged part: count it as small; reading it says what is wrong

@@ -1,7 +1,7 @@
 """meta.json's schema: every field's type, depth, length and uniqueness, checked before anything reads it.
 
 A run directory is untrusted input (it may come from anyone): :func:`check_meta` turns every violation into
-one :class:`~loft_probe.probe.rundir.RunDirError`-style message naming the field, so that no reader meets a
+one :class:`~loft_probe.run.files.RunDirError`-style message naming the field, so that no reader meets a
 list where it expects a dict, a null scale, a 200,000-character name or two layers with one name.
 Unknown fields (``extra_meta``) are allowed, within the same depth and length bounds.
 """

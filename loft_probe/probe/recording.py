@@ -1,0 +1,164 @@
+"""What a probe records at a recorded step and at a snapshot step, layer by layer.
+
+Each recorded quantity is named, with its meaning, in :data:`loft_probe.run.METRICS`; its formula and the line
+that names it are in :mod:`loft_probe.probe.measure`. This module only gathers the tensors those functions
+take (the update, the gradient, the optimizer's and the shadow's moments) and returns their values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loft_probe import metrics
+from loft_probe.probe import measure
+from loft_probe.probe.layers import ProbedLayer
+from loft_probe.probe.layouts import AdamLayout
+from loft_probe.run.layout import snapshot_key
+
+INTRUDER_K = 10  # top singular vectors of the tuned weight checked for intruders (Shuttleworth et al.)
+INTRUDER_MODES = ("last", "all", "none")  # intruder counts at the last step, at every snapshot, never
+
+
+class Recorder:
+    """Measures layers for a probe: ``step_values`` at recorded steps, ``snapshot`` and ``intruder_values``.
+
+    ``initial_weight(layer)`` reads a dense layer's W_0 (m×n) back from the run directory, ``warn_once(key,
+    message)`` tells the user once about what cannot be measured.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, layout: AdamLayout, groups: dict[int, dict[str, Any]],
+                 snapshot_k: int, intruders: str, initial_weight: Callable[[ProbedLayer], Tensor],
+                 warn_once: Callable[[str, str], None]) -> None:
+        self.optimizer, self.layout, self.groups = optimizer, layout, groups
+        self.snapshot_k, self.intruders = snapshot_k, intruders
+        self.initial_weight, self.warn_once = initial_weight, warn_once
+
+    def group(self, layer: ProbedLayer) -> dict[str, Any]:
+        """The optimizer param group holding the layer's lr and betas."""
+        return self.groups[id(layer.key_param)]
+
+    def step_values(self, layer: ProbedLayer) -> dict[str, float]:
+        """Every per-step metric of one layer after a recorded step (``layer.before``: its state before it)."""
+        if layer.before is None:
+            return {}
+        group = self.group(layer)
+        after = layer.state_now()
+        if not finite(after):  # the optimizer diverged: say so, no spectra
+            return {"update_norm": float("nan")}
+        W_before = layer.weight(layer.before)
+        update = layer.update(layer.before, after)  # (m, n)
+        values = measure.update_metrics(update, W_before, layer.grad, group["lr"])
+        values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))
+        if layer.pair is not None:
+            grads = (layer.pair.B.grad, layer.pair.A.grad)
+            values.update(measure.factor_metrics(layer.initial_factors, after, grads))
+            if layer.grad is not None:
+                values.update(measure.residual_metrics(layer.grad, *layer.before))
+        if not self.layout.known(self.optimizer, layer.key_param):
+            self.warn_once("layout", f"{type(self.optimizer).__name__} holds no exp_avg/exp_avg_sq for layer "
+                                     f"{layer.name} (another state layout, or a parameter it never stepped): its "
+                                     "moments are not recorded, its gradients and updates are")
+        moments = self.layout.full_space(self.optimizer, group, layer)
+        if moments is not None and layer.grad is not None:
+            values.update(measure.moment_grad_metrics(moments.first, layer.grad))
+        elif layer.pair is not None:
+            values.update(self.layout.factor_cosine(self.optimizer, layer))
+        if layer.shadow is not None and layer.shadow.step > 0:
+            beta1, beta2 = group["betas"]
+            shadow_update = layer.shadow.update(W_before, group["lr"], beta1, beta2, group["eps"],
+                                                group.get("weight_decay", 0.0))
+            values.update(measure.shadow_metrics(update, shadow_update))
+            if moments is not None:
+                shadow_m, shadow_v = layer.shadow.moments()
+                projected = moments.project(shadow_m) if moments.project is not None else None
+                values.update(measure.moment_metrics(moments.first, moments.second, shadow_m, shadow_v, projected,
+                                                     group["eps"]))
+        return values
+
+    def cumulative_delta_norm(self, layer: ProbedLayer, state: tuple[Tensor, ...]) -> Tensor:
+        """‖W_t − W_0‖ of a state: from the factors for a LoRA pair (no m×n product), from W_0 for a dense one."""
+        if layer.pair is not None:
+            delta = metrics.lowrank_update(*layer.initial_factors, *state, scale=layer.pair.scale)
+            return metrics.lowrank_norm(*delta)
+        return (state[0] - self.initial_weight(layer)).norm()
+
+    def snapshot(self, layers: list[ProbedLayer]) -> tuple[dict[str, Tensor], dict[str, dict[str, float]]]:
+        """(the snapshot file's tensors ``"<layer>::<what>.<part>"``, the spectrum metrics of each layer): the
+        top-k SVD of each layer's cumulative ΔW, its adapter factors, its shadow's first moment."""
+        tensors: dict[str, Tensor] = {}
+        values: dict[str, dict[str, float]] = {}
+        for layer in layers:
+            state = layer.state_now()
+            if not finite(state):
+                continue  # a diverged layer has no spectrum: its NaN update norms already say so
+            if layer.pair is not None:
+                B, A = state
+                delta_lr = metrics.lowrank_update(*layer.initial_factors, B, A, scale=layer.pair.scale)
+                delta = truncate(metrics.lowrank_svd(*delta_lr), self.snapshot_k)
+                tensors[snapshot_key(layer.name, "adapter", "B")] = B
+                tensors[snapshot_key(layer.name, "adapter", "A")] = A
+            else:
+                W = state[0]
+                delta = metrics.top_singular(W - self.initial_weight(layer), min(self.snapshot_k, *W.shape))
+            tensors.update(svd_tensors(layer.name, "delta", delta))
+            if layer.shadow is not None and layer.shadow.step > 0:
+                shadow_m = layer.shadow.moments()[0]
+                top = metrics.top_singular(shadow_m, min(self.snapshot_k, *shadow_m.shape))
+                tensors.update(svd_tensors(layer.name, "shadow_m", top))
+            values[layer.name] = measure.spectrum_metrics(delta, layer.base_norm)
+        return tensors, values
+
+    def intruder_values(self, layers: list[ProbedLayer]) -> dict[str, dict[str, float]]:
+        """Intruder counts of every layer's current weight: an SVD of W_0 per layer, so by default only once,
+        at the last step (``intruders="last"``)."""
+        values = {}
+        for layer in layers:
+            state = layer.state_now()
+            if not finite(state):
+                continue
+            if layer.pair is not None:
+                scores = self._lora_intruder_scores(layer, *state)
+            else:
+                W = state[0]
+                scores = metrics.intruder_scores(self.initial_weight(layer), W, k=min(INTRUDER_K, *W.shape))
+            if scores is not None:
+                values[layer.name] = measure.intruder_metrics(scores)
+        return values
+
+    def _lora_intruder_scores(self, layer: ProbedLayer, B: Tensor, A: Tensor) -> Tensor | None:
+        """Intruder scores of W_0 + s·B·A from W_0's SVD (kept with ``intruders="all"``: about twice W_0's
+        memory per layer) and the rank-r update: no m×n SVD of the tuned weight."""
+        base_svd = layer.base_svd or metrics.SVD(*torch.linalg.svd(layer.pair.base_weight().to(B.dtype),
+                                                                   full_matrices=False))
+        if self.intruders == "all":  # counted at every snapshot: keep it
+            layer.base_svd = base_svd
+        k = min(INTRUDER_K, base_svd.S.numel() - 1)  # the low-rank path needs k < min(m, n)
+        if k < 1:
+            return None
+        return metrics.intruder_scores_lowrank(base_svd, metrics.LowRank(layer.pair.scale * B, A), k=k)
+
+
+def svd_tensors(layer: str, what: str, svd: metrics.SVD) -> dict[str, Tensor]:
+    """A snapshot's U (m×k), S (k,), Vh (k×n) of one layer under their file names."""
+    return {snapshot_key(layer, what, part): tensor for part, tensor in zip(("U", "S", "Vh"), svd, strict=True)}
+
+
+def finite(state: tuple[Tensor, ...]) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in state)
+
+
+def truncate(svd: metrics.SVD, k: int) -> metrics.SVD:
+    return metrics.SVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k])
+
+
+def schedule_values(group: dict[str, Any]) -> dict[str, float]:
+    """The lr and betas a step was taken with (a scheduler changes them after ``optimizer.step``): the group of
+    the first probed layer, recorded as run-level rows; each layer's ``update_lr_ratio`` uses its own group."""
+    values = {"lr": float(group["lr"])}
+    if isinstance(group.get("betas"), (tuple, list)) and len(group["betas"]) == 2:
+        values["beta1"], values["beta2"] = map(float, group["betas"])
+    return values

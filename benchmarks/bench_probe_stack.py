@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from loft_probe import add_lora, attach
-from loft_probe.probe import Gradients
 from loft_probe.optim import LoFT
+from loft_probe.probe import Gradients
 
 CONFIGS = {"baseline": None, "light": dict(every=16), "floor": "floor", "full": dict(every=16, shadow=True),
-           "full bf16": dict(every=16, shadow=True, gradients=Gradients(shadow_dtype=torch.bfloat16)), "baseline again": None}
+           "full bf16": dict(every=16, shadow=True, gradients=Gradients(shadow_dtype=torch.bfloat16)),
+           "baseline again": None}
 
 
 class Block(nn.Module):

@@ -11,7 +11,6 @@ import torch
 from helpers import damage_a_file
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from torch.testing import assert_close
 
 from loft_probe import LoFT, Snapshots, add_lora, attach, load_run
 from loft_probe.optim.functional import PARTNER_CUTOFF

@@ -120,8 +120,8 @@ def test_recorded_loft_moments_equal_the_reference(tmp_path):
         ref.step(pair.B.grad.clone(), pair.A.grad.clone())
         opt.step()
         layer = probe.layers[0]
-        moments = probe.recorder.layout.full_space(opt, probe.recorder.group(layer), layer)
-        first, second = moments.first, moments.second
+        (side,) = probe.layout.pair_sides(opt, probe.recorder.group(layer), layer.pair, F64)
+        first, second = side.first, side.second
         M_B, V_B, M_A, V_A = ref.full_moments()
         moved_B = t % 2 == 1
         assert_close(first, M_B if moved_B else M_A, rtol=1e-10, atol=1e-13)
@@ -248,15 +248,32 @@ def test_unwritable_run_directory_disables_the_probe_not_training(tmp_path, monk
     assert not probe.layers[0].capture._handle.hooks_dict_ref()  # hooks removed
 
 
-def test_optimizer_without_adam_state_is_probed_with_a_warning(tmp_path):
+class SignSGD(torch.optim.Optimizer):
+    """An optimizer no layout knows: a sign step with a momentum the probe cannot name."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    buf = self.state[p].setdefault("velocity", torch.zeros_like(p))
+                    buf.mul_(0.9).add_(p.grad)
+                    p.sub_(group["lr"] * buf.sign())
+
+
+def test_unknown_optimizer_is_probed_for_gradients_and_updates_with_one_warning(tmp_path):
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    probe = attach(model, opt, tmp_path / "run", every=1)
-    with pytest.warns(ProbeWarning, match="holds no exp_avg"):
-        train(model, opt, batches(3), probe)
+    opt = SignSGD(model.parameters())
+    with pytest.warns(ProbeWarning, match="register_layout"):
+        probe = attach(model, opt, tmp_path / "run", every=1, shadow=True)
+    train(model, opt, batches(3), probe)
     probe.close()
-    run = load_run(tmp_path / "run")
-    assert run.meta["method"] == "other" and "update_norm" in set(run.metrics.metric)
+    metrics = set(load_run(tmp_path / "run").metrics.metric)
+    assert {"update_norm", "grad_norm", "shadow_update_cosine"} <= metrics  # its own class shadows it
+    assert not {"cos_moment_grad", "shadow_m_cosine"} & metrics
 
 
 KILLED_RUN = """

@@ -17,7 +17,7 @@ from loft_probe.metrics import SVD
 from loft_probe.optim import LoFT
 from loft_probe.optim.loft import compute_dtype, is_sharded
 from loft_probe.probe.capture import GradCapture
-from loft_probe.probe.shadow import ShadowAdamW
+from loft_probe.probe.shadow import Shadow
 from loft_probe.run import meta as schema
 
 
@@ -30,7 +30,7 @@ class ProbedLayer:
     pair: LoraPair | None
     param: nn.Parameter | None
     capture: GradCapture | None = None
-    shadow: ShadowAdamW | None = None
+    shadow: Shadow | None = None
     initial_factors: tuple[Tensor, Tensor] | None = None  # LoRA: (B, A) at attach time
     base_norm: float = 0.0  # ‖W_0‖
     grad: Tensor | None = None  # this step's G (m×n)
@@ -113,22 +113,16 @@ def method_of(optimizer: torch.optim.Optimizer, layers: list[ProbedLayer], model
         return "other"  # DoRA and other adapters the probe reads as dense weights: not full fine-tuning
     if isinstance(optimizer, LoFT):
         return "loft" if lora else "full"
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return "lora" if lora else "full"
-    return "other"
+    return "lora" if lora else "full"
 
 
-def check_groups(optimizer: torch.optim.Optimizer, layers: list[ProbedLayer], groups: dict[int, dict],
-                 shadow: bool) -> None:
+def check_groups(optimizer: torch.optim.Optimizer, layers: list[ProbedLayer], groups: dict[int, dict]) -> None:
     """Optimizer groups the probe can label and mirror: a LoFT pair group for each LoRA layer of a LoFT run
-    (``[B, A]`` in that order, with the pair's scale), and Adam's betas and eps where a shadow mirrors them."""
+    (``[B, A]`` in that order, with the pair's scale)."""
     for layer in layers:
         if id(layer.key_param) not in groups:
             raise ValueError(f"layer {layer.name!r} is not optimized by the given optimizer")
         group = groups[id(layer.key_param)]
-        if shadow and not ("betas" in group and "eps" in group):
-            raise ValueError(f"shadow=True mirrors the run with AdamW and needs the optimizer's betas and eps; "
-                             f"{type(optimizer).__name__} has none (layer {layer.name!r}): use shadow=False")
         if not isinstance(optimizer, LoFT) or layer.pair is None:
             continue
         if group.get("lora_scale") is None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from loft_probe import metrics
+from loft_probe.probe.layouts import Moments, Side
+
+ALL = (-3, -2, -1)  # the sides of a pair and both matrix dimensions: the sides as one vector
 
 
 def _defined(values: dict[str, Tensor | float]) -> dict[str, float]:
@@ -66,20 +70,37 @@ def shadow_metrics(update: Tensor, shadow_update: Tensor) -> dict[str, float]:
                      "shadow_update_rel_norm": metrics.relative_norm(update, shadow_update)})
 
 
-def moment_metrics(first: Tensor, second: Tensor | None, shadow_first: Tensor, shadow_second: Tensor,
-                   projected_shadow_first: Tensor | None, eps: float) -> dict[str, float]:
-    """An optimizer's full-space moments (m×n) against the shadow's: errors, cosines, and against the shadow's
-    first moment projected onto the adapter (which isolates transport and alternation from the subspace)."""
-    out = {"shadow_m_rel_error": metrics.relative_error(first, shadow_first),
-           "shadow_m_cosine": metrics.cosine(first, shadow_first)}
-    if second is not None:
-        out["shadow_v_rel_error"] = metrics.relative_error(second, shadow_second)
-        out["shadow_v_cosine"] = metrics.cosine(second, shadow_second)
-        out["shadow_precond_cosine"] = metrics.preconditioned_cosine(first, second, shadow_first, shadow_second,
-                                                                     eps=eps)
-    if projected_shadow_first is not None:
-        out["shadow_m_proj_rel_error"] = metrics.relative_error(first, projected_shadow_first)
-        out["shadow_m_proj_cosine"] = metrics.cosine(first, projected_shadow_first)
+def moment_metrics(own: Moments, shadow: Moments, eps: float) -> dict[str, float]:
+    """An optimizer's full-space moments (m×n: a dense weight's, LoFT's reconstruction) against the shadow's:
+    errors and cosines of each moment both have, and of the preconditioned directions ``M/(sqrt(V) + ε)``."""
+    out = {}
+    if own.first is not None and shadow.first is not None:
+        out["shadow_m_rel_error"] = metrics.relative_error(own.first, shadow.first)
+        out["shadow_m_cosine"] = metrics.cosine(own.first, shadow.first)
+    if own.second is not None and shadow.second is not None:
+        out["shadow_v_rel_error"] = metrics.relative_error(own.second, shadow.second)
+        out["shadow_v_cosine"] = metrics.cosine(own.second, shadow.second)
+        if own.first is not None and shadow.first is not None:
+            out["shadow_precond_cosine"] = metrics.preconditioned_cosine(own.first, own.second, shadow.first,
+                                                                         shadow.second, eps=eps)
+    return _defined(out)
+
+
+def side_metrics(sides: list[Side], shadow: Moments, eps: float) -> dict[str, float]:
+    """A pair's per-factor first moments and preconditioned directions (m×n each, in the subspace that factor
+    expresses) against the shadow's projected onto the same subspaces; both sides of a LoRA pair together
+    (as one vector), and each side's cosine on its own."""
+    own = torch.stack([side.first for side in sides])  # (sides, m, n)
+    target = torch.stack([side.project(shadow.first.to(own.dtype)) for side in sides])
+    out = {"shadow_m_proj_rel_error": metrics.relative_error(own, target, dim=ALL),
+           "shadow_m_proj_cosine": metrics.cosine(own, target, dim=ALL)}
+    for side, own_side, target_side in zip(sides, own, target, strict=True):
+        out[f"shadow_m_proj_cosine_{side.name}"] = metrics.cosine(own_side, target_side)
+    if shadow.second is not None and all(side.direction is not None for side in sides):
+        shadow_direction = shadow.first / (shadow.second.sqrt() + eps)
+        directions = torch.stack([side.direction for side in sides])
+        projected = torch.stack([side.project(shadow_direction.to(own.dtype)) for side in sides])
+        out["shadow_precond_proj_cosine"] = metrics.cosine(directions, projected, dim=ALL)
     return _defined(out)
 
 

@@ -47,8 +47,8 @@ class Gradients:
 
     capture: capture LoRA layers' full-weight gradient G = ∂L/∂W (costs activation memory); default: when a
         shadow is kept (which needs it).
-    shadow_dtype: the shadow AdamW's storage dtype; ``torch.bfloat16`` halves its memory. Default: the layer's
-        compute dtype.
+    shadow_dtype: the shadow's storage dtype; ``torch.bfloat16`` halves its memory (an AdamW shadow computes
+        in float32 and stores bfloat16; another class steps in that dtype). Default: the layer's compute dtype.
     """
 
     capture: bool | None = None

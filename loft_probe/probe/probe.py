@@ -2,7 +2,8 @@
 fine-tuning — through hooks only, without a call in the user's loop.
 
 At every optimizer step the probe (pre-step hook) takes each probed layer's full-weight gradient G — ``W.grad``
-for a dense weight, the captured ``∂L/∂yᵀ·x`` for a LoRA layer — and feeds the shadow AdamW with it. At
+for a dense weight, the captured ``∂L/∂yᵀ·x`` for a LoRA layer — and feeds the shadow (the run's optimizer at
+full rank, :mod:`~loft_probe.probe.shadow`) with it. At
 recorded steps it also keeps the weights from before the step, and after the step (post-step hook) writes
 what :mod:`loft_probe.probe.recording` measures; at snapshot steps the top-k singular triplets of the
 cumulative ΔW. Under DDP every rank captures and all-reduces G; rank 0 alone measures and writes, through
@@ -32,11 +33,11 @@ from loft_probe.lora import dropout_warning
 from loft_probe.probe import runmeta
 from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.layers import ProbedLayer, check_groups, method_of, select_layers
-from loft_probe.probe.layouts import layout_of
+from loft_probe.probe.layouts import NoLayout, layout_of
 from loft_probe.probe.options import Gradients, Labels, Snapshots
 from loft_probe.probe.recording import Recorder, schedule_values
 from loft_probe.probe.schedule import Schedule, as_schedule, every
-from loft_probe.probe.shadow import ShadowAdamW
+from loft_probe.probe.shadow import make_shadow
 from loft_probe.run import RUN_LAYER, RunDirError, RunWriter
 
 
@@ -61,7 +62,7 @@ class Probe:
         self.snapshots = snapshots.schedule if snapshots.schedule is not None else _default_snapshots(self.schedule)
         capture_grad = shadow if gradients.capture is None else gradients.capture
         if shadow and not capture_grad:
-            raise ValueError("shadow=True needs Gradients(capture=True): the shadow AdamW is fed the true gradient")
+            raise ValueError("shadow=True needs Gradients(capture=True): the shadow is fed the true gradient")
         model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel wrap the model
         self.model, self.optimizer, self.grad_scaler = model, optimizer, grad_scaler
         self.run_dir = Path(run_dir)
@@ -73,10 +74,14 @@ class Probe:
             warnings.warn(f"loft_probe: {dropout}", ProbeWarning, stacklevel=3)
         self.method = method_of(optimizer, self.layers, model)
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        check_groups(optimizer, self.layers, groups, shadow)
-        self._warned: set[str] = set()
-        self.recorder = Recorder(optimizer, layout_of(optimizer), groups, snapshots.k, snapshots.intruders,
-                                 self._initial_weight, self._warn_once)
+        check_groups(optimizer, self.layers, groups)
+        self.layout = layout_of(optimizer)
+        if isinstance(self.layout, NoLayout):
+            warnings.warn(f"loft_probe: no state layout for {type(optimizer).__name__}: its gradients and updates "
+                          "are recorded, its moments are not; describe its state with "
+                          "loft_probe.probe.register_layout", ProbeWarning, stacklevel=3)
+        self.recorder = Recorder(optimizer, self.layout, groups, snapshots.k, snapshots.intruders,
+                                 self._initial_weight)
         self.shadow_requested = shadow
         self._rows: list[tuple[int, str, str, float]] = []
         # Rank 0 alone writes (under DDP the other ranks only join the all-reduce): it alone takes the lock.
@@ -109,7 +114,8 @@ class Probe:
                 if capture_grad:
                     layer.capture = GradCapture(layer.pair.module, layer.shape, dtype)
             if shadow and self.rank == 0:
-                layer.shadow = ShadowAdamW(layer.shape, dtype, device, shadow_dtype)
+                layer.shadow = make_shadow(self.optimizer, self.layout, self.recorder.group(layer), layer.shape,
+                                           dtype, device, shadow_dtype)
 
     def _open_run_dir(self, labels: Labels, shadow: bool, capture_grad: bool) -> int:
         """Creates the run directory, or re-opens one of the same run to continue it; returns the start step."""
@@ -128,10 +134,15 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        """Keeps the weights from before a recorded step (rank 0); nothing else happens before the step."""
+        """Keeps the weights from before the step (rank 0) where they are needed: at a recorded step, and at every
+        step for a shadow whose optimizer reads the weight; nothing else happens before the step."""
+        if not (self._writing and self.rank == 0):
+            return
         t = self.step + 1
-        if self._writing and self.rank == 0 and (self.schedule(t) or self.snapshots(t)):
-            self._guarded(lambda: [setattr(layer, "before", layer.state_now()) for layer in self.layers])
+        recorded = self.schedule(t) or self.snapshots(t)
+        keep = [layer for layer in self.layers
+                if recorded or (layer.shadow is not None and layer.shadow.needs_weight)]
+        self._guarded(lambda: [setattr(layer, "before", layer.state_now()) for layer in keep])
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         """After the optimizer moved: gather G (every rank: the DDP all-reduce), feed the shadow, measure."""
@@ -162,8 +173,8 @@ class Probe:
                 self._log_row(t, layer.name, "nonfinite_grad", 1.0)
                 layer.grad = None
             if layer.shadow is not None and layer.grad is not None:
-                beta1, beta2 = self.recorder.group(layer)["betas"]
-                layer.shadow.feed(layer.grad, beta1, beta2)
+                weight = layer.weight(layer.before) if layer.before is not None else None
+                layer.shadow.feed(layer.grad, self.recorder.group(layer), weight)
         if self.schedule(t):
             self._log_values(t, RUN_LAYER, schedule_values(self.recorder.group(self.layers[0])))
             for layer in self.layers:
@@ -262,8 +273,7 @@ class Probe:
             if layer.initial_factors is not None:
                 entry["initial_B"], entry["initial_A"] = layer.initial_factors
             if layer.shadow is not None:
-                entry.update(shadow_step=layer.shadow.step, shadow_exp_avg=layer.shadow.exp_avg,
-                             shadow_exp_avg_sq=layer.shadow.exp_avg_sq)
+                entry.update({f"shadow_{key}": value for key, value in layer.shadow.state_dict().items()})
             layers[layer.name] = entry
         return {"step": self.step, "fingerprint": self.meta.get("fingerprint"), "pending_rows": list(self._rows),
                 "layers": layers}
@@ -291,9 +301,8 @@ class Probe:
                 layer.initial_factors = (entry["initial_B"].to(device, dtype, copy=True),
                                          entry["initial_A"].to(device, dtype, copy=True))
             if layer.shadow is not None and "shadow_step" in entry:
-                layer.shadow.step = int(entry["shadow_step"])
-                layer.shadow.exp_avg.copy_(entry["shadow_exp_avg"])
-                layer.shadow.exp_avg_sq.copy_(entry["shadow_exp_avg_sq"])
+                layer.shadow.load_state_dict({key.removeprefix("shadow_"): value for key, value in entry.items()
+                                              if key.startswith("shadow_")})
         self._set_capture(self.step + 1)
 
     # ------------------------------------------------------------------ output
@@ -314,11 +323,6 @@ class Probe:
         if self.rank == 0 and self._writing and self._rows:
             rows, self._rows = self._rows, []
             self._writer.append(rows)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"loft_probe: {message}", ProbeWarning, stacklevel=3)
 
     def _disable(self, why: str) -> None:
         self._writing = False
@@ -396,7 +400,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Pa
         model, optimizer: the model (DDP-wrapped or not) and the optimizer that trains it.
         run_dir: the run directory to write (created; re-opened to resume the same run).
         every: record schedule: an int k (every k steps), a list of steps, or a :class:`Schedule`.
-        shadow: keep a shadow AdamW per probed layer (2·m·n numbers each) fed the true gradient every step.
+        shadow: keep a shadow per probed layer, the run's optimizer at full rank (AdamW for LoFT; 2·m·n numbers
+            each for AdamW), fed the true gradient every step.
         layers: fnmatch pattern(s) on layer names; default every LoRA layer, or every 2-D weight without LoRA.
         grad_scaler: the ``torch.amp.GradScaler`` of an AMP run, so that captured G is recorded unscaled.
         snapshots: :class:`Snapshots` (when ΔW is photographed, top-k, intruder counts).

@@ -16,7 +16,7 @@ from torch import Tensor
 from loft_probe import metrics
 from loft_probe.probe import measure
 from loft_probe.probe.layers import ProbedLayer
-from loft_probe.probe.layouts import AdamLayout
+from loft_probe.probe.layouts import Layout, Moments, Side
 from loft_probe.run.layout import snapshot_key
 
 INTRUDER_K = 10  # top singular vectors of the tuned weight checked for intruders (Shuttleworth et al.)
@@ -26,16 +26,14 @@ INTRUDER_MODES = ("last", "all", "none")  # intruder counts at the last step, at
 class Recorder:
     """Measures layers for a probe: ``step_values`` at recorded steps, ``snapshot`` and ``intruder_values``.
 
-    ``initial_weight(layer)`` reads a dense layer's W_0 (m×n) back from the run directory, ``warn_once(key,
-    message)`` tells the user once about what cannot be measured.
+    ``initial_weight(layer)`` reads a dense layer's W_0 (m×n) back from the run directory.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, layout: AdamLayout, groups: dict[int, dict[str, Any]],
-                 snapshot_k: int, intruders: str, initial_weight: Callable[[ProbedLayer], Tensor],
-                 warn_once: Callable[[str, str], None]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, layout: Layout, groups: dict[int, dict[str, Any]],
+                 snapshot_k: int, intruders: str, initial_weight: Callable[[ProbedLayer], Tensor]) -> None:
         self.optimizer, self.layout, self.groups = optimizer, layout, groups
         self.snapshot_k, self.intruders = snapshot_k, intruders
-        self.initial_weight, self.warn_once = initial_weight, warn_once
+        self.initial_weight = initial_weight
 
     def group(self, layer: ProbedLayer) -> dict[str, Any]:
         """The optimizer param group holding the layer's lr and betas."""
@@ -53,31 +51,47 @@ class Recorder:
         update = layer.update(layer.before, after)  # (m, n)
         values = measure.update_metrics(update, W_before, layer.grad, group["lr"])
         values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))
+        sides = None
         if layer.pair is not None:
             grads = (layer.pair.B.grad, layer.pair.A.grad)
             values.update(measure.factor_metrics(layer.initial_factors, after, grads))
             if layer.grad is not None:
                 values.update(measure.residual_metrics(layer.grad, *layer.before))
-        if not self.layout.known(self.optimizer, layer.key_param):
-            self.warn_once("layout", f"{type(self.optimizer).__name__} holds no exp_avg/exp_avg_sq for layer "
-                                     f"{layer.name} (another state layout, or a parameter it never stepped): its "
-                                     "moments are not recorded, its gradients and updates are")
-        moments = self.layout.full_space(self.optimizer, group, layer)
-        if moments is not None and layer.grad is not None:
-            values.update(measure.moment_grad_metrics(moments.first, layer.grad))
+            sides = self.layout.pair_sides(self.optimizer, group, layer.pair, layer.compute_dtype())
+        full = self._full_space_moments(layer, group, sides)
+        if full is not None and full.first is not None and layer.grad is not None:
+            values.update(measure.moment_grad_metrics(full.first, layer.grad))
         elif layer.pair is not None:
-            values.update(self.layout.factor_cosine(self.optimizer, layer))
-        if layer.shadow is not None and layer.shadow.step > 0:
-            beta1, beta2 = group["betas"]
-            shadow_update = layer.shadow.update(W_before, group["lr"], beta1, beta2, group["eps"],
-                                                group.get("weight_decay", 0.0))
-            values.update(measure.shadow_metrics(update, shadow_update))
-            if moments is not None:
-                shadow_m, shadow_v = layer.shadow.moments()
-                projected = moments.project(shadow_m) if moments.project is not None else None
-                values.update(measure.moment_metrics(moments.first, moments.second, shadow_m, shadow_v, projected,
-                                                     group["eps"]))
+            values.update(self._factor_cosine(layer, group))
+        shadow = layer.shadow
+        if shadow is not None and shadow.last_update is not None:
+            values.update(measure.shadow_metrics(update, shadow.last_update))
+            shadow_moments, eps = shadow.moments(), group.get("eps", 0.0)
+            if full is not None:
+                values.update(measure.moment_metrics(full, shadow_moments, eps))
+            if sides is not None and shadow_moments.first is not None:
+                values.update(measure.side_metrics(sides, shadow_moments, eps))
         return values
+
+    def _full_space_moments(self, layer: ProbedLayer, group: dict[str, Any], sides: list[Side] | None
+                            ) -> Moments | None:
+        """The optimizer's moments in the weight's space (m×n): a dense weight's own, LoFT's reconstruction; a
+        LoRA pair's factor moments have no single full-space image (their lifts are per side)."""
+        if layer.pair is None:
+            return self.layout.moments(self.optimizer, group, layer.param)
+        if sides is not None and len(sides) == 1 and sides[0].second is not None:
+            return Moments(sides[0].first, sides[0].second)
+        return None
+
+    def _factor_cosine(self, layer: ProbedLayer, group: dict[str, Any]) -> dict[str, float]:
+        """``cos_moment_grad`` over both factors of a LoRA pair, in factor space; {} when not defined."""
+        factors = (layer.pair.B, layer.pair.A)
+        moments = [self.layout.moments(self.optimizer, group, p) for p in factors]
+        if any(m is None or m.first is None for m in moments) or any(p.grad is None for p in factors):
+            return {}
+        first = torch.cat([m.first.float().flatten() for m in moments])
+        grads = torch.cat([p.grad.float().flatten() for p in factors])
+        return measure.moment_grad_metrics(first, grads)
 
     def cumulative_delta_norm(self, layer: ProbedLayer, state: tuple[Tensor, ...]) -> Tensor:
         """‖W_t − W_0‖ of a state: from the factors for a LoRA pair (no m×n product), from W_0 for a dense one."""
@@ -105,8 +119,8 @@ class Recorder:
                 W = state[0]
                 delta = metrics.top_singular(W - self.initial_weight(layer), min(self.snapshot_k, *W.shape))
             tensors.update(svd_tensors(layer.name, "delta", delta))
-            if layer.shadow is not None and layer.shadow.step > 0:
-                shadow_m = layer.shadow.moments()[0]
+            shadow_m = layer.shadow.moments().first if layer.shadow is not None and layer.shadow.step > 0 else None
+            if shadow_m is not None:
                 top = metrics.top_singular(shadow_m, min(self.snapshot_k, *shadow_m.shape))
                 tensors.update(svd_tensors(layer.name, "shadow_m", top))
             values[layer.name] = measure.spectrum_metrics(delta, layer.base_norm)

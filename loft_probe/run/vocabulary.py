@@ -36,14 +36,22 @@ METRICS = {
     "residual_left": "‖(I − P_B)·G‖ / ‖G‖: what no A-step can express",
     "residual_right": "‖G·(I − P_A)‖ / ‖G‖: what no B-step can express",
     "residual_tangent": "‖(I − P_B)·G·(I − P_A)‖ / ‖G‖: what no LoRA step can express",
-    "shadow_update_cosine": "cos(ΔW, shadow AdamW update): does the step go where full fine-tuning would?",
+    "shadow_update_cosine": "cos(ΔW, shadow update): does the step go where full fine-tuning with the run's "
+                            "optimizer (AdamW for LoFT) would?",
     "shadow_update_rel_norm": "‖ΔW‖ / ‖shadow update‖",
-    "shadow_m_rel_error": "‖M̂ − M_shadow‖ / ‖M_shadow‖, M̂ the optimizer's full-space first moment",
+    "shadow_m_rel_error": "‖M̂ − M_shadow‖ / ‖M_shadow‖, M̂ the optimizer's full-space first moment (a dense "
+                          "weight's, LoFT's reconstruction)",
     "shadow_m_cosine": "cos(M̂, M_shadow)",
     "shadow_v_rel_error": "‖V̂ − V_shadow‖ / ‖V_shadow‖ (LoFT's reconstructed second moment)",
     "shadow_v_cosine": "cos(V̂, V_shadow)",
-    "shadow_m_proj_rel_error": "‖M̂ − proj(M_shadow)‖ / ‖proj(M_shadow)‖, the shadow projected on the adapter",
-    "shadow_m_proj_cosine": "cos(M̂, proj(M_shadow))",
+    "shadow_m_proj_rel_error": "‖M̂ − proj(M_shadow)‖ / ‖proj(M_shadow)‖ per factor side, the shadow projected on "
+                               "what that factor expresses; M̂: LoFT's reconstruction of the factor that moved, "
+                               "LoRA's factor moments lifted (both sides as one vector)",
+    "shadow_m_proj_cosine": "cos(M̂, proj(M_shadow)), over the same sides",
+    "shadow_m_proj_cosine_b": "cos(M̂_B, M_shadow·P_A): the B side alone (M̂_B = (1/s)·m_B·(A·Aᵀ)⁺·A for LoRA)",
+    "shadow_m_proj_cosine_a": "cos(M̂_A, P_B·M_shadow): the A side alone (M̂_A = (1/s)·B·(Bᵀ·B)⁺·m_A for LoRA)",
+    "shadow_precond_proj_cosine": "cos of the preconditioned directions m/(sqrt(v)+ε), lifted per side, against "
+                                  "the shadow's projected the same way",
     "shadow_precond_cosine": "cos of the preconditioned directions M/(sqrt(V)+ε), optimizer vs shadow",
     # per layer, snapshot steps
     "delta_rel_size": "‖ΔW_t‖ / ‖W_0‖ of the cumulative change",

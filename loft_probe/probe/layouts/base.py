@@ -1,0 +1,101 @@
+"""What every state layout answers, and the registry that picks one per optimizer class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loft_probe.lora import LoraPair
+from loft_probe.probe.layouts.pairs import Side, lift_factor_state
+
+
+@dataclass(frozen=True)
+class Moments:
+    """An optimizer's state for one tensor, in that tensor's own shape (m×n for a weight, m×r / r×n for a
+    LoRA factor). Either may be None: the optimizer keeps no such moment.
+
+    first: the gradient's running first moment (Adam's ``exp_avg``, SGD's momentum buffer): linear in the
+        gradients, so a LoRA factor's can be lifted to the weight's space.
+    second: what the optimizer takes the square root of and divides by (Adam's ``exp_avg_sq``, Adagrad's sum).
+    """
+
+    first: Tensor | None
+    second: Tensor | None
+
+
+class Layout:
+    """How one optimizer class keeps its per-parameter state; subclasses name the state keys and say what their
+    optimizer's step does with them. Register one for another optimizer with :func:`register_layout`."""
+
+    first_key: str | None = None
+    second_key: str | None = None
+
+    def moments(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor) -> Moments | None:
+        """The parameter's moments, param-shaped; None before the optimizer holds any state for it."""
+        state = optimizer.state.get(param) or {}
+        first = state.get(self.first_key) if self.first_key else None
+        second = state.get(self.second_key) if self.second_key else None
+        if first is None and second is None:
+            return None
+        return Moments(first, second)
+
+    def pair_sides(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], pair: LoraPair,
+                   dtype: torch.dtype) -> list[Side] | None:
+        """A LoRA pair's state in the weight's space, one :class:`Side` per factor the optimizer holds a first
+        moment for (a frozen factor has none): the factor's own moments lifted through its partner; None
+        when neither has one."""
+        moments = [self.moments(optimizer, group, p) for p in (pair.B, pair.A)]
+        first = [m.first.to(dtype) if m is not None and m.first is not None else None for m in moments]
+        second = [m.second.to(dtype) if m is not None and m.second is not None and "eps" in group else None
+                  for m in moments]
+        if first == [None, None]:
+            return None
+        return lift_factor_state(pair.B.detach().to(dtype), pair.A.detach().to(dtype), pair.scale, first, second,
+                                 group.get("eps", 0.0))
+
+    def reads_weight(self, group: dict[str, Any]) -> bool:
+        """Whether a step's update (not only its weight decay) depends on the weight itself. When it does not,
+        a shadow can step a zero weight and read the update off without a large weight cancelling out of it."""
+        return group.get("weight_decay", 0.0) != 0.0
+
+    def decoupled_decay(self, group: dict[str, Any]) -> float:
+        """λ of a decoupled weight decay ``W ← W − lr·λ·W`` (AdamW's), which a shadow adds to its zero-weight
+        step; 0 when decay, if any, enters through the gradient (and :meth:`reads_weight` says so)."""
+        return 0.0
+
+    def shadow_class(self, optimizer: torch.optim.Optimizer) -> type[torch.optim.Optimizer]:
+        """The optimizer that, stepping the full weight with the true gradient, is what full fine-tuning with
+        this run's optimizer would do: the same class, unless the optimizer is a low-rank method (LoFT: AdamW)."""
+        return type(optimizer)
+
+
+class NoLayout(Layout):
+    """An optimizer without a registered layout: gradients and updates are probed, moments are not."""
+
+    def moments(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor) -> Moments | None:
+        return None
+
+    def reads_weight(self, group: dict[str, Any]) -> bool:
+        return True  # unknown arithmetic: a shadow steps from the weight itself
+
+
+_REGISTRY: dict[type, Layout] = {}
+
+
+def register_layout(optimizer_type: type, layout: Layout) -> None:
+    """Tells the probe how ``optimizer_type`` (and its subclasses without a layout of their own) keeps its state."""
+    if not (isinstance(optimizer_type, type) and issubclass(optimizer_type, torch.optim.Optimizer)):
+        raise ValueError(f"register_layout needs a torch.optim.Optimizer subclass, got {optimizer_type!r}")
+    if not isinstance(layout, Layout):
+        raise ValueError(f"register_layout needs a loft_probe.probe.Layout, got {type(layout).__name__}")
+    _REGISTRY[optimizer_type] = layout
+
+
+def layout_of(optimizer: torch.optim.Optimizer | type) -> Layout:
+    """The layout registered for the optimizer's class or its nearest registered base class; :class:`NoLayout`
+    for an unknown optimizer."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    return next((_REGISTRY[base] for base in cls.__mro__ if base in _REGISTRY), NoLayout())

@@ -60,7 +60,7 @@ def values(metrics, name):
 # ------------------------------------------------------------------ layouts against their optimizers' arithmetic
 def expected_moments(name: str, kwargs: dict, grads: list[torch.Tensor]):
     """The first and second moments each optimizer's documented update keeps, computed here by hand."""
-    first = second = None
+    first = second = v = u = square = None
     beta1, beta2 = kwargs.get("betas", (0.9, 0.999))
     for t, g in enumerate(grads, 1):
         if name.startswith("SGD") and kwargs.get("momentum"):

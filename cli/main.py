@@ -101,7 +101,7 @@ def run_command(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps; default the task's.")] = None,
     every: Annotated[int, typer.Option(help="Record every k steps (snapshots every 4k and at the end).")] = 10,
     evals: Annotated[int, typer.Option(help="Held-out evaluations spread over the run.")] = 5,
-    shadow: Annotated[bool, typer.Option(help="Keep a shadow full fine-tuning AdamW on the probed layers.")] = True,
+    shadow: Annotated[bool, typer.Option(help="Keep a shadow full fine-tuning on the probed layers.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the model, the LoRA initialisation and the data order.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Run directory to create; default runs/TASK-METHOD.")] = None,
     name: Annotated[str | None, typer.Option(help="Run name in reports; default the method.")] = None,

@@ -106,7 +106,7 @@ def sweep_command(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps of every cell; default the task's.")] = None,
     every: Annotated[int, typer.Option(help="Record every k steps.")] = 10,
     evals: Annotated[int, typer.Option(help="Held-out evaluations spread over each run.")] = 5,
-    shadow: Annotated[bool, typer.Option(help="Shadow full fine-tuning AdamW (alignment metrics).")] = False,
+    shadow: Annotated[bool, typer.Option(help="Shadow full fine-tuning (alignment metrics).")] = False,
     jobs: Annotated[int | None, typer.Option(help="Worker processes, one BLAS thread each; default the cores.")]
     = None,
     select_lr: Annotated[bool, typer.Option(help="Run the first seed at every lr, choose each method's lr by "

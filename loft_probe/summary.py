@@ -36,6 +36,9 @@ RUN_TABLE_COLUMNS = {
                           f"{COMPARE_METRICS['angle_left_max'].replace(' (rad)', '')}, in degrees",
     "delta_cosine": f"median over layers, at that snapshot, of {COMPARE_METRICS['delta_cosine']}",
     "shadow_update_cosine": f"median over layers of each layer's {_LATE} of {METRICS['shadow_update_cosine']}",
+    "shadow_m_proj_cosine": f"the same of {METRICS['shadow_m_proj_cosine'].replace(', over the same sides', '')}"
+                            ": the optimizer's first moment against full fine-tuning's, within the adapter "
+                            "(LoRA and LoFT)",
     "intruders": f"median over layers, at the run's last snapshot, of the {METRICS['intruders']}",
 }
 
@@ -64,6 +67,7 @@ def run_table(runs: Sequence[Run], frame: pd.DataFrame | None) -> pd.DataFrame:
             "angle_left_max_deg": math.degrees(_compared(frame, run, "angle_left_max")),
             "delta_cosine": _compared(frame, run, "delta_cosine"),
             "shadow_update_cosine": run_summary(run, "shadow_update_cosine"),
+            "shadow_m_proj_cosine": run_summary(run, "shadow_m_proj_cosine"),
             "intruders": run_summary(run, "intruders"),
         })
     return pd.DataFrame(rows, columns=list(RUN_TABLE_COLUMNS))

@@ -237,3 +237,40 @@ def test_the_lifted_direction_is_the_shadows_where_the_preconditioner_commutes()
     rotation, _ = torch.linalg.qr(randn(5, 2, seed=8))
     assert cosine_for(selection) == pytest.approx(1.0, abs=1e-12)
     assert cosine_for(rotation.T) < 0.99
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD momentum dampening", "RMSprop centered momentum", "Adagrad", "LoFT"])
+def test_gpt2_conv1d_adapters_with_every_layout(tmp_path, name):
+    """PEFT on GPT-2's Conv1D (fan_in_fan_out: the base weight is stored n×m): every layout reads its pairs, and
+    with A frozen the B side's lift is the shadow's projected moment exactly, as for nn.Linear."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=8)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.GPT2Model(config).double(),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+                                                fan_in_fan_out=True))
+    pairs = lora_pairs(model)
+    with torch.no_grad():
+        for pair in pairs:
+            pair.B.copy_(0.1 * randn(*pair.B.shape, seed=1))
+    if name == "LoFT":
+        optimizer = LoFT.from_model(model, lr=1e-3)
+    else:
+        cls, kwargs = OPTIMIZERS[name]
+        optimizer = cls([pair.B for pair in pairs], **{**kwargs, "lr": 1e-3})  # A frozen: B-only training
+    tokens = torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(2))
+    with attach(model, optimizer, tmp_path / "run", every=1, shadow=True) as probe:
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(input_ids=tokens).last_hidden_state.pow(2).mean().backward()
+            optimizer.step()
+            probe.log(loss=1.0)
+    metrics = load_run(tmp_path / "run").metrics
+    assert len(set(metrics.layer) - {""}) == len(pairs) == 2
+    cosines = values(metrics, "shadow_m_proj_cosine_b")
+    if name == "Adagrad":  # no first moment to lift
+        assert cosines.empty and not values(metrics, "shadow_update_cosine").empty
+    elif name == "LoFT":
+        assert (values(metrics, "shadow_m_proj_cosine") > 0.9).all()
+    else:
+        assert len(cosines) == 8 and ((cosines - 1).abs() < 1e-10).all()

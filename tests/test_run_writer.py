@@ -288,11 +288,6 @@ def test_old_part_names_still_read(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def _sgd() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = mlp()
-    return model, torch.optim.SGD(model.parameters(), lr=0.1)
-
-
 def _loft_groups(model, swap=False, scale=True):
     pairs = lora_pairs(model)
     groups = [{"params": [p.A, p.B] if swap else [p.B, p.A], **({"lora_scale": p.scale} if scale else {})}
@@ -307,7 +302,6 @@ def _loft_groups(model, swap=False, scale=True):
     (lambda: (*setup("lora"), {"labels": Labels(name="x" * 300)}), "name must be a string of at most 256 characters"),
     (lambda: (*setup("lora"), {"labels": Labels(seed=-0.5)}), "Labels.seed must be an integer or None"),
     (lambda: (*setup("lora"), {"snapshots": [4]}), "snapshots must be a loft_probe.probe.Snapshots, got list"),
-    (lambda: (*_sgd(), {"shadow": True}), "shadow=True mirrors the run with AdamW .* SGD has none"),
 ])
 def test_bad_attach_arguments_are_refused_and_leave_nothing(tmp_path, build, message):
     with pytest.raises(ValueError, match=message):  # an option object refuses a bad value when it is built

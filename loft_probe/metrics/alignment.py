@@ -82,7 +82,7 @@ def preconditioned_cosine(
 
     Args:
         m1, v1: first and (non-negative) second moments of one optimizer, same shape (..., m, n).
-        m2, v2: the other optimizer's moments (e.g. a shadow AdamW fed the true gradient).
+        m2, v2: the other optimizer's moments (e.g. a shadow fed the true gradient).
         eps: Adam's epsilon, >= 0 (use the run's value).
 
     Returns (...) in [-1, 1]; NaN (undefined) when either direction is zero. Bias corrections are scalars per

@@ -65,7 +65,7 @@ def residual_metrics(grad: Tensor, B: Tensor, A: Tensor) -> dict[str, float]:
 
 
 def shadow_metrics(update: Tensor, shadow_update: Tensor) -> dict[str, float]:
-    """The actual update against the shadow AdamW's update from the same point (both m×n)."""
+    """The actual update against the shadow's update from the same point (both m×n)."""
     return _defined({"shadow_update_cosine": metrics.cosine(update, shadow_update),
                      "shadow_update_rel_norm": metrics.relative_norm(update, shadow_update)})
 

@@ -131,7 +131,7 @@ def _sections(runs: Sequence[Run], metrics: pd.DataFrame, frame: pd.DataFrame | 
          lambda: figures.angle_heatmaps(frame)),
         ("shadow_heatmap", "Shadow update cosine, per layer", _meanings("shadow_update_cosine"),
          lambda: figures.shadow_heatmaps(metrics)),
-        ("moments", "Moment alignment with the shadow AdamW",
+        ("moments", "Moment alignment with the shadow (full fine-tuning)",
          _meanings(*figures.MOMENTS) + " Lines: median over layers; band: the middle half of the layers.",
          lambda: figures.moment_alignment(metrics, colours)),
         ("phi_grid", "φ grid", phi + " " + _meanings("phi_left"), phi_draw),

@@ -29,7 +29,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from loft_probe.run import RUN_LAYER  # noqa: E402
 
 DPI = 100
-MOMENTS = ("shadow_m_cosine", "shadow_m_proj_cosine", "shadow_v_cosine")
+# within the adapter's subspaces first: the panels LoRA and LoFT share (full fine-tuning is 1 on the others)
+MOMENTS = ("shadow_m_proj_cosine", "shadow_precond_proj_cosine", "shadow_m_cosine", "shadow_v_cosine")
 RESIDUALS = ("residual_left", "residual_right", "residual_tangent")
 CURVES = ("loss", "eval_loss", "eval_accuracy")
 ANNOTATE_COLUMNS, ANNOTATE_ROWS = 10, 24  # heat maps at most this size print their values; larger ones crowd
@@ -102,12 +103,12 @@ def loss_curves(metrics: pd.DataFrame, colours: dict | None = None) -> Figure:
 
 
 def moment_alignment(metrics: pd.DataFrame, colours: dict | None = None) -> Figure:
-    """The optimizer's moments against the shadow AdamW's, median over layers with the middle half as a band."""
+    """The optimizer's moments against the shadow's, median over layers with the middle half as a band."""
     rows = metrics[metrics["metric"].isin(MOMENTS)]
     shown = [metric for metric in MOMENTS if metric in set(rows["metric"])]
     if not shown:
-        raise MissingData(f"no run recorded {', '.join(MOMENTS)} (it needs a shadow and an optimizer with "
-                          "full-space moments, such as LoFT)")
+        raise MissingData(f"no run recorded {', '.join(MOMENTS)} (it needs a shadow and an optimizer whose "
+                          "state has a first moment, such as AdamW or LoFT)")
     return _lines(rows, shown, colours, band=True)
 
 
@@ -164,7 +165,7 @@ def angle_heatmaps(frame: pd.DataFrame | None) -> Figure:
 
 
 def shadow_heatmaps(metrics: pd.DataFrame) -> Figure:
-    """Per run with a shadow: layers × recorded steps of cos(ΔW, shadow AdamW update)."""
+    """Per run with a shadow: layers × recorded steps of cos(ΔW, shadow update)."""
     rows = metrics[metrics["metric"] == "shadow_update_cosine"]
     if rows.empty:
         raise MissingData("no run recorded shadow_update_cosine (runs without a shadow do not)")

@@ -40,7 +40,7 @@ RESULT_COLUMNS = {
     "eval_accuracy": "held-out accuracy at the last step",
     "gap_eval_loss": "eval_loss minus full fine-tuning's (same seed, its chosen lr)",
     "gap_eval_accuracy": "eval_accuracy minus full fine-tuning's",
-    "shadow_update_cosine": "median over layers of each layer's late value of cos(ΔW, shadow AdamW update)",
+    "shadow_update_cosine": "median over layers of each layer's late value of cos(ΔW, shadow update)",
     "shadow_m_cosine": "median over layers of each layer's late value of cos(full-space first moment, shadow's); "
                        "LoFT and full fine-tuning only (LoRA has no full-space moment)",
     "angle_deg": "median over layers of the largest principal angle to full fine-tuning's top-r left subspace "

@@ -16,9 +16,10 @@ import typer
 from rich.console import Console
 
 from loft_probe.demo import DEMO_EVERY, DEMO_STEPS, demo_configs, run_demo
-from loft_probe.diagnosis import describe_run, diagnose, findings_to_json, format_findings, headline
+from loft_probe.diagnosis import describe_run, diagnose, findings_to_json, format_findings
 from loft_probe.run import Run, load_run
 from loft_probe.runner import METHODS, RunConfig, run
+from loft_probe.summary import run_headline
 from loft_probe.tasks import TASKS
 
 from . import render, sweeps
@@ -244,7 +245,7 @@ def _write_report(runs: list[Run], out: Path, reference: str | None = None) -> P
 
 
 def _headlines(runs) -> pd.DataFrame:
-    return pd.DataFrame([headline(r) for r in runs])
+    return pd.DataFrame([run_headline(r) for r in runs])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Terminal rendering for the commands: a progress bar per training run and rich tables of DataFrames.
 
-Presentation only: the numbers come from the library (`loft_probe.summary`, `diagnose.headline`).
+Presentation only: the numbers come from the library (`loft_probe.summary`).
 """
 
 from __future__ import annotations

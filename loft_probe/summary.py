@@ -1,10 +1,10 @@
 """Summary tables of runs; each name says what one row is.
 
 - :func:`run_table`: one row per run (:data:`RUN_TABLE_COLUMNS`): the report's summary, the study's results.
+- :func:`run_headline`: a run's few numbers, for ``loft-probe run``'s and ``summary``'s one-line tables.
 - :func:`comparison_table`: one row per (run, reference, metric) of a :func:`~loft_probe.compare` frame
   (:data:`COMPARISON_TABLE_COLUMNS`): ``loft-probe compare``'s tables.
 
-(The run table of ``loft-probe run`` prints :func:`loft_probe.diagnosis.headline`, by the same rule.)
 Every number follows the one summary rule of :mod:`loft_probe.run.series`: a per-step metric's late value, an
 end-state metric's value at the last step, the median over layers.
 """
@@ -71,6 +71,18 @@ def run_table(runs: Sequence[Run], frame: pd.DataFrame | None) -> pd.DataFrame:
             "intruders": run_summary(run, "intruders"),
         })
     return pd.DataFrame(rows, columns=list(RUN_TABLE_COLUMNS))
+
+
+def run_headline(run: Run) -> dict[str, float | str]:
+    """A run's name, method, last step and the run table's loss, eval_loss, eval_accuracy and shadow update
+    cosine (as ``update_cosine``), by the same rule; a number the run lacks is left out."""
+    out: dict[str, float | str] = {"name": run.name, "method": run.method, "last_step": float(run.last_step)}
+    for key, metric in (("loss", "loss"), ("eval_loss", "eval_loss"), ("eval_accuracy", "eval_accuracy"),
+                        ("update_cosine", "shadow_update_cosine")):
+        value = run_summary(run, metric)
+        if math.isfinite(value):
+            out[key] = value
+    return out
 
 
 def adapter_rank(meta: dict) -> int | str | None:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from loft_probe.comparison import IncompatibleRunsError
-from loft_probe.diagnosis import Finding, describe_run, diagnose, findings_to_json, format_findings, headline
+from loft_probe.diagnosis import Finding, describe_run, diagnose, findings_to_json, format_findings
 from loft_probe.diagnosis import describe as D
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.run import load_run, snapshot_key, write_meta, write_metrics_part, write_snapshot
 from loft_probe.runner import RunConfig, run
+from loft_probe.summary import run_headline
 
 STEPS = (5, 10, 15, 20, 25, 30)  # recorded steps: the last third is 25 and 30
 SHAPE = (16, 8)
@@ -432,7 +433,7 @@ def test_sparse_run_does_not_crash(tmp_path):
     assert "not_recorded" in codes(findings)
     json.loads(findings_to_json(findings))
     assert "not_recorded" in format_findings(findings)
-    assert "method loft" in describe_run(run_) and headline(run_)["name"] == "x"
+    assert "method loft" in describe_run(run_) and run_headline(run_)["name"] == "x"
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -509,7 +510,7 @@ def test_real_run_without_shadow(tmp_path):
 
 
 def test_headline_of_real_run(digits_runs):
-    numbers = headline(digits_runs["loft"])
+    numbers = run_headline(digits_runs["loft"])
     assert numbers["name"] == "loft" and numbers["last_step"] == 30
     assert 0 <= numbers["eval_accuracy"] <= 1 and -1 <= numbers["update_cosine"] <= 1 and numbers["loss"] > 0
 

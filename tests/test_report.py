@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from loft_probe import load_run
 from loft_probe.comparison import compare
-from loft_probe.diagnosis import diagnose, headline
+from loft_probe.diagnosis import diagnose
 from loft_probe.reporting import figures, report
 from loft_probe.reporting.build import FINDINGS_COLUMNS
 from loft_probe.reporting.frames import run_frame
@@ -29,7 +29,7 @@ from loft_probe.reporting.page import CSP, html_table, md_table
 from loft_probe.run import RUN_LAYER, Run, write_metrics_part, write_snapshot
 from loft_probe.runner import RunConfig
 from loft_probe.runner import run as train
-from loft_probe.summary import RUN_TABLE_COLUMNS, run_table
+from loft_probe.summary import RUN_TABLE_COLUMNS, run_headline, run_table
 
 METHODS = ("full", "lora", "loft")
 FIGURES = ("loss", "angle_heatmap", "shadow_heatmap", "moments", "phi_grid", "residuals", "intruders")
@@ -204,7 +204,7 @@ def test_summary_reads_the_runs(runs):
     for row, run in zip(table.itertuples(index=False), runs, strict=True):
         assert row.loss == pytest.approx(late_value(run, "loss"), rel=1e-12)
         assert row.loss != last_value(run, "loss")  # the late median, not the last (noisy) step
-        numbers = headline(run)  # `loft-probe run`'s table: the same rule, the same numbers
+        numbers = run_headline(run)  # `loft-probe run`'s table: the same rule, the same numbers
         assert (row.loss, row.shadow_update_cosine) == (numbers["loss"], numbers["update_cosine"])
         assert row.eval_accuracy == last_value(run, "eval_accuracy")
         assert row.eval_loss == last_value(run, "eval_loss")

@@ -44,13 +44,13 @@ from dataclasses import replace
 
 from loft_probe.comparison import compare
 from loft_probe.diagnosis import gap, held_out, training
-from loft_probe.diagnosis.describe import describe_run, findings_to_json, format_findings, headline
+from loft_probe.diagnosis.describe import describe_run, findings_to_json, format_findings
 from loft_probe.diagnosis.finding import Finding
 from loft_probe.diagnosis.reading import LayerValues
 from loft_probe.diagnosis.signals import signals
 from loft_probe.run import Run
 
-__all__ = ["Finding", "describe_run", "diagnose", "findings_to_json", "format_findings", "headline", "signals"]
+__all__ = ["Finding", "describe_run", "diagnose", "findings_to_json", "format_findings", "signals"]
 
 # The codes that say training itself went wrong: when one fires, the alignment findings describe a broken run.
 TRAINING_FAULTS = ("diverged", "step_too_large", "lr_too_high", "undertrained", "dead_gradients", "frozen_factor")

@@ -1,4 +1,4 @@
-"""Plain text about a run: what it is (``loft-probe inspect``), its headline numbers, and findings as text or JSON."""
+"""Plain text about a run: what it is (``loft-probe inspect``), and findings as text or JSON."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import textwrap
 from dataclasses import asdict
 
 from loft_probe.diagnosis.finding import Finding, number
-from loft_probe.diagnosis.reading import LayerValues, run_series
+from loft_probe.diagnosis.reading import run_series
 from loft_probe.run import RUN_LAYER, Run
-from loft_probe.run.series import late_value
 
 MAX_LAYERS_SHOWN = 24  # describe_run lists this many layers, then "... and N more": it should fit one screen
 
@@ -75,27 +74,6 @@ def _wrap_items(head: str, items: list[str], width: int) -> list[str]:
         else:
             line += ("" if line.endswith(head) else " ") + piece
     return [*lines, line]
-
-
-def headline(run: Run) -> dict[str, float | str]:
-    """The few numbers a one-line summary of a run shows (missing ones left out).
-
-    loss: the late training loss (`reading.late_value`: median over the last third of its steps); eval_loss,
-    eval_accuracy: at the last evaluation; update_cosine: the median over layers of each layer's late
-    cos(ΔW, shadow step).
-    """
-    out: dict[str, float | str] = {"name": run.name, "method": run.method, "last_step": float(run.last_step)}
-    loss = late_value(run.rows("loss", [RUN_LAYER]))
-    if math.isfinite(loss):
-        out["loss"] = loss
-    for metric in ("eval_loss", "eval_accuracy"):
-        series = run_series(run, metric)
-        if len(series):
-            out[metric] = float(series.iloc[-1])
-    cosines = LayerValues(run).late("shadow_update_cosine")
-    if len(cosines):
-        out["update_cosine"] = float(cosines.median())
-    return out
 
 
 def _on(flag: object) -> str:

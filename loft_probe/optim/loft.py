@@ -11,6 +11,9 @@ State per pair (format 2), all tensors in ``optimizer.state`` (so ``state_dict``
 T = r(r+1)/2 for ``second_moment="full"`` (packed symmetric), r for ``"simple"`` (elementwise). The frames are
 orthonormal bases of the partners' numerically supported subspaces (raw partners for the factor-space
 ablation): see functional's docstring. Format 1 (raw factor coordinates, ``prev_partner``) is refused.
+
+Over 350 lines: the constructor's checks, the step, clipping, skipping and the state-dict rules all read one
+pair-state layout; the math itself lives in :mod:`~loft_probe.optim.functional` and :mod:`~loft_probe.optim.foreach`.
 """
 
 from __future__ import annotations

@@ -274,3 +274,18 @@ def test_gpt2_conv1d_adapters_with_every_layout(tmp_path, name):
         assert (values(metrics, "shadow_m_proj_cosine") > 0.9).all()
     else:
         assert len(cosines) == 8 and ((cosines - 1).abs() < 1e-10).all()
+
+
+def test_loft_factor_state_is_never_read_as_adam_moments(tmp_path):
+    """LoFT's factor state is in frame coordinates: without a captured G (no full-space cosine to record) the
+    probe records no cos_moment_grad for its pairs rather than one over those coordinates."""
+    model = lora_mlp()
+    optimizer = LoFT.from_model(model, lr=1e-2)
+    with attach(model, optimizer, tmp_path / "light", every=1) as probe:
+        for x, y in batches(3):
+            optimizer.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            optimizer.step()
+            probe.log(loss=1.0)
+    recorded = set(load_run(tmp_path / "light").metrics.metric)
+    assert "update_norm" in recorded and "cos_moment_grad" not in recorded

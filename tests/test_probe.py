@@ -21,6 +21,7 @@ import loft_probe
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
 from loft_probe.optim.reference import ReferenceLoFT
 from loft_probe.probe import Gradients, Labels, ProbeWarning, Snapshots, at, dense_then_every, every, log_spaced
+from loft_probe.probe.recording import all_finite
 from loft_probe.run import METRICS, RunDirError
 from loft_probe.run import writer as run_writer
 
@@ -474,3 +475,15 @@ def test_undefined_metrics_are_missing_rows_never_numbers(tmp_path):
     assert set(alive.loc[alive["metric"] == "factor_a_change_norm", "value"]) == {0.0}
     assert (alive.loc[alive["metric"] == "factor_b_change_norm", "value"] > 0).all()
     assert {"residual_tangent", "shadow_update_cosine"} <= set(alive["metric"])
+
+
+def test_the_finite_check_is_exact_where_the_fast_sum_overflows():
+    big = torch.full((4, 4), 3e38)  # finite entries, an infinite float32 sum
+    assert all_finite(big) and all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(4, 4, dtype=F64)
+        x[2, 3] = bad
+        assert not all_finite(x)
+    x = big.clone()
+    x[0, 0] = -float("inf")
+    assert not all_finite(x)

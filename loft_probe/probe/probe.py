@@ -35,7 +35,7 @@ from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.layers import ProbedLayer, check_groups, method_of, select_layers
 from loft_probe.probe.layouts import NoLayout, layout_of
 from loft_probe.probe.options import Gradients, Labels, Snapshots
-from loft_probe.probe.recording import Recorder, schedule_values
+from loft_probe.probe.recording import Recorder, all_finite, schedule_values
 from loft_probe.probe.schedule import Schedule, as_schedule, every
 from loft_probe.probe.shadow import make_shadow
 from loft_probe.run import RUN_LAYER, RunDirError, RunWriter
@@ -169,7 +169,7 @@ class Probe:
 
     def _measure(self, t: int) -> None:
         for layer in self.layers:
-            if layer.grad is not None and not bool(torch.isfinite(layer.grad).all()):
+            if layer.grad is not None and not all_finite(layer.grad):
                 self._log_row(t, layer.name, "nonfinite_grad", 1.0)
                 layer.grad = None
             if layer.shadow is not None and layer.grad is not None:

@@ -9,11 +9,17 @@ import torch
 
 from loft_probe.lora import LoraPair
 from loft_probe.optim import LoFT
+from loft_probe.probe.layouts.base import Moments
 from loft_probe.probe.layouts.pairs import Side
 from loft_probe.probe.layouts.torch_optim import AdamLayout
 
 
 class LoFTLayout(AdamLayout):
+    def moments(self, optimizer: LoFT, group: dict[str, Any], param: torch.Tensor) -> Moments | None:
+        """AdamW's moments for a parameter of an AdamW group; none for a factor of a pair group, whose state is
+        in frame coordinates (not an EMA of its gradients): read the pair through :meth:`pair_sides`."""
+        return None if group.get("lora_scale") is not None else super().moments(optimizer, group, param)
+
     def pair_sides(self, optimizer: LoFT, group: dict[str, Any], pair: LoraPair,
                    dtype: torch.dtype) -> list[Side] | None:
         """The factor that moved at the last step: its reconstructed M and V (m×n), and the direction
@@ -21,7 +27,8 @@ class LoFTLayout(AdamLayout):
         moments = optimizer.full_space_moments(group)
         if moments is None:
             return None
-        first, second = moments.first.to(dtype), moments.second.to(dtype)
+        # an A-step's moments come transposed; metrics over a mix of layouts run 8× slower than over one
+        first, second = moments.first.to(dtype).contiguous(), moments.second.to(dtype).contiguous()
         direction = moments.project(first / (second.sqrt() + group["eps"]))
         return [Side(moments.side.lower(), first, second, direction, moments.project)]
 

@@ -7,6 +7,7 @@
 - `spectra`: r90, stable rank, relative size, amplification, intruder dimensions.
 """
 
+from loft_probe.metrics._common import ratio
 from loft_probe.metrics.alignment import (
     cosine,
     lowrank_inner,
@@ -66,6 +67,7 @@ __all__ = [
     "projection_residuals_from_grads",
     "r90",
     "relative_error",
+    "ratio",
     "relative_norm",
     "relative_size",
     "stable_rank",

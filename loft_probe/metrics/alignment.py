@@ -55,11 +55,12 @@ def relative_error(X_hat: Tensor, X: Tensor, dim: Dims = (-2, -1)) -> Tensor:
     return relative_norm(X_hat - X, X, dim=dim)
 
 
-def update_lr_ratio(update: Tensor, lr: float) -> Tensor:
+def update_lr_ratio(update: Tensor | LowRank, lr: float) -> Tensor:
     """‖ΔW‖ / (lr·sqrt(#entries)): a step's size in units of the learning rate, per entry.
 
     Args:
-        update: (..., m, n) the step ΔW; lr: the learning rate it was taken with, >= 0.
+        update: (..., m, n) the step ΔW, or a LoRA pair's step as a :class:`LowRank` (its norm from r×r
+            products); lr: the learning rate it was taken with, >= 0.
 
     Returns (...); NaN (undefined) at lr = 0. An Adam-like step moves each entry by lr·|m̂|/(sqrt(v̂) + eps)
     with |m̂|/sqrt(v̂) ≤ K(t) (`loft_probe.optim.functional.adam_ratio_bound`, → 7.3 for betas (0.9, 0.999)),
@@ -69,10 +70,13 @@ def update_lr_ratio(update: Tensor, lr: float) -> Tensor:
     """
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
-    (update,) = as_float(update)
-    entries = update.shape[-2] * update.shape[-1]
-    scale = torch.tensor(lr * entries**0.5, dtype=update.dtype, device=update.device)
-    return ratio(torch.linalg.matrix_norm(update), scale)
+    if isinstance(update, LowRank):
+        B, A = as_float(*update)
+        norm, entries = lowrank_norm(B, A), B.shape[-2] * A.shape[-1]
+    else:
+        (update,) = as_float(update)
+        norm, entries = torch.linalg.matrix_norm(update), update.shape[-2] * update.shape[-1]
+    return ratio(norm, torch.tensor(lr * entries**0.5, dtype=norm.dtype, device=norm.device))
 
 
 def preconditioned_cosine(

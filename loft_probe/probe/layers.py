@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from loft_probe.lora import LoraPair, eager_name, lora_pairs, unsupported_lora_layers
-from loft_probe.metrics import SVD
+from loft_probe.metrics import SVD, LowRank, lowrank_norm, lowrank_update
 from loft_probe.optim import LoFT
 from loft_probe.optim.loft import compute_dtype, is_sharded
 from loft_probe.probe.capture import GradCapture
@@ -67,11 +67,25 @@ class ProbedLayer:
         B, A = state
         return self.pair.base_weight().to(B.dtype) + self.pair.scale * (B @ A)
 
-    def update(self, before: tuple[Tensor, ...], after: tuple[Tensor, ...]) -> Tensor:
-        """W_after − W_before (m×n), from the factors: W_0 never enters, so nothing cancels."""
+    def update(self, before: tuple[Tensor, ...], after: tuple[Tensor, ...], lowrank: bool = False
+               ) -> Tensor | LowRank:
+        """W_after − W_before (m×n), from the factors: W_0 never enters, so nothing cancels. ``lowrank``: a LoRA
+        pair's update as the rank ≤ 2r :class:`LowRank` it is, never formed."""
         if self.pair is None:
             return after[0] - before[0]
+        if lowrank:
+            return lowrank_update(*before, *after, scale=self.pair.scale)
         return self.pair.scale * (after[0] @ after[1] - before[0] @ before[1])
+
+    def weight_norm(self, state: tuple[Tensor, ...]) -> Tensor:
+        """‖W‖ of a saved state without forming a LoRA pair's W: ‖W_0 + s·B·A‖² = ‖W_0‖² + 2s·⟨W_0·Aᵀ, B⟩ +
+        s²·‖B·A‖², one m×n×r product."""
+        if self.pair is None:
+            return state[0].norm()
+        B, A = state
+        s, W0 = self.pair.scale, self.pair.base_weight().to(B.dtype)
+        cross = ((W0 @ A.mT) * B).sum()
+        return (self.base_norm**2 + 2 * s * cross + s**2 * lowrank_norm(B, A) ** 2).clamp_min(0).sqrt()
 
     def table_entry(self, fingerprint: str) -> dict:
         """This layer's entry in meta.json's layer table."""

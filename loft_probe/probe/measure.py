@@ -26,10 +26,13 @@ def _defined(values: dict[str, Tensor | float]) -> dict[str, float]:
     return {name: value for name, value in out.items() if not math.isnan(value)}
 
 
-def update_metrics(update: Tensor, weight_before: Tensor, grad: Tensor | None, lr: float) -> dict[str, float]:
-    """The step's effective-weight update ΔW (m×n) against the weight it started from, the learning rate it
-    was taken with, and the gradient."""
-    out = {"update_norm": update.norm(), "update_weight_ratio": metrics.relative_norm(update, weight_before),
+def update_metrics(update: Tensor | metrics.LowRank, weight_norm: Tensor | float, grad: Tensor | None,
+                   lr: float) -> dict[str, float]:
+    """The step's effective-weight update ΔW against the norm of the weight it started from, the learning rate
+    it was taken with, and the gradient G (m×n). ΔW is m×n, or a LoRA pair's rank ≤ 2r :class:`LowRank` when
+    no G is compared (sizes from r×r products: no m×n work at all)."""
+    norm = metrics.lowrank_norm(*update) if isinstance(update, metrics.LowRank) else update.norm()
+    out = {"update_norm": norm, "update_weight_ratio": metrics.ratio(norm, torch.as_tensor(weight_norm)),
            "update_lr_ratio": metrics.update_lr_ratio(update, lr)}
     if grad is not None:
         out["grad_norm"] = grad.norm()

@@ -110,7 +110,8 @@ class Probe:
             dtype, device = layer.compute_dtype(), layer.key_param.device
             if layer.pair is not None:
                 layer.initial_factors = layer.state_now()
-                layer.base_norm = float(layer.pair.base_weight().float().norm())
+                # in the compute dtype: a pair's ‖W‖ is rebuilt from it (ProbedLayer.weight_norm)
+                layer.base_norm = float(layer.pair.base_weight().to(dtype).norm())
                 if capture_grad:
                     layer.capture = GradCapture(layer.pair.module, layer.shape, dtype)
             if shadow and self.rank == 0:

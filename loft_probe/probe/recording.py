@@ -47,9 +47,10 @@ class Recorder:
         after = layer.state_now()
         if not finite(after):  # the optimizer diverged: say so, no spectra
             return {"update_norm": float("nan")}
-        W_before = layer.weight(layer.before)
-        update = layer.update(layer.before, after)  # (m, n)
-        values = measure.update_metrics(update, W_before, layer.grad, group["lr"])
+        # without G or a shadow to compare it with, a pair's update is never formed (rank ≤ 2r: r×r work)
+        lowrank = layer.pair is not None and layer.grad is None and layer.shadow is None
+        update = layer.update(layer.before, after, lowrank)  # (m, n), or LowRank
+        values = measure.update_metrics(update, layer.weight_norm(layer.before), layer.grad, group["lr"])
         values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))
         sides = None
         if layer.pair is not None:

@@ -26,11 +26,14 @@ def _defined(values: dict[str, Tensor | float]) -> dict[str, float]:
     return {name: value for name, value in out.items() if not math.isnan(value)}
 
 
-def update_metrics(update: Tensor, weight_before: Tensor, grad: Tensor | None, lr: float) -> dict[str, float]:
+def update_metrics(update: Tensor, weight_before: Tensor, grad: Tensor | None,
+                   lr: float | None) -> dict[str, float]:
     """The step's effective-weight update ΔW (m×n) against the weight it started from, the learning rate it
-    was taken with, and the gradient."""
-    out = {"update_norm": update.norm(), "update_weight_ratio": metrics.relative_norm(update, weight_before),
-           "update_lr_ratio": metrics.update_lr_ratio(update, lr)}
+    was taken with (None: the optimizer sets its own per weight, as Adafactor's relative step), and the
+    gradient."""
+    out = {"update_norm": update.norm(), "update_weight_ratio": metrics.relative_norm(update, weight_before)}
+    if lr is not None:
+        out["update_lr_ratio"] = metrics.update_lr_ratio(update, lr)
     if grad is not None:
         out["grad_norm"] = grad.norm()
         out["cos_update_grad"] = metrics.cosine(update, grad)
@@ -107,6 +110,11 @@ def side_metrics(sides: list[Side], shadow: Moments, eps: float) -> dict[str, fl
 def moment_grad_metrics(first: Tensor, grad: Tensor) -> dict[str, float]:
     """The optimizer's first moment against this step's gradient: (m, n) each, or flat vectors (factor space)."""
     return _defined({"cos_moment_grad": metrics.cosine(first, grad, dim=tuple(range(-first.dim(), 0)))})
+
+
+def layout_metrics(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """An optimizer's own metrics (:meth:`Layout.extra_values`: GaLore's refreshes), the undefined left out."""
+    return _defined(values)
 
 
 def spectrum_metrics(delta: metrics.SVD, base_norm: float) -> dict[str, float]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
-from helpers import F64, mlp, randn
+from helpers import F64, lora_mlp, mlp, randn
 from torch.testing import assert_close
 
 from loft_probe import attach, load_run
+from loft_probe.probe import ProbeWarning
 from loft_probe.probe.layouts import Layout, base, layout_of, register_layout
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-15}
@@ -35,7 +37,7 @@ def run(model, optimizer, run_dir, steps=6, shadow=True):
         for x, y in batches(steps):
             optimizer.zero_grad()
             (model(x) - y).pow(2).mean().backward()
-            grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
             optimizer.step()
             probe.log(loss=1.0)
     return load_run(run_dir).metrics, grads
@@ -279,6 +281,25 @@ def test_galore_without_projection_is_its_own_shadow(tmp_path):
     with attach(model, galore(model), tmp_path / "projected", shadow=True) as probe:
         for layer in probe.layers:
             assert type(layer.shadow.optimizer) is GaLoreAdamW and "rank" not in layer.shadow.group
+
+
+# ------------------------------------------------------------------ LoRA runs
+@pytest.mark.parametrize("name", ["lion", "adafactor", "schedulefree"])
+def test_a_lora_run_with_each_is_probed_whole(tmp_path, name):
+    """No probe warning (an error in measuring disables the probe with one); Lion's factor moments lift."""
+    model = lora_mlp()
+    if name == "lion":
+        optimizer = pytest.importorskip("lion_pytorch").Lion(model.parameters(), lr=1e-3, weight_decay=0.1)
+    elif name == "adafactor":
+        optimizer = pytest.importorskip("transformers.optimization").Adafactor(model.parameters())
+    else:
+        optimizer = pytest.importorskip("schedulefree").AdamWScheduleFree(model.parameters(), lr=1e-2)
+        optimizer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeWarning)
+        metrics, _ = run(model, optimizer, tmp_path / "run", steps=3)
+    assert len(values(metrics, "shadow_update_cosine")) == 3 * 2
+    assert (len(values(metrics, "shadow_m_proj_cosine_a")) > 0) == (name == "lion")
 
 
 # ------------------------------------------------------------------ registration

@@ -10,6 +10,11 @@ Third-party optimizers (the ``optimizers`` extra) have one module each, imported
 class (:func:`defer_layout`): transformers' Adafactor (:mod:`.adafactor`), schedule-free AdamW
 (:mod:`.schedule_free`), GaLore AdamW (:mod:`.galore`), Lion (:mod:`.lion`). Importing loft_probe imports none
 of those packages: a run that uses one has imported it already.
+
+Beyond moments, a layout may map the run's group to its shadow's (:meth:`Layout.shadow_hyperparameters`: a
+step counter kept in the group, GaLore's projection keys), say that its step overwrites ``p.grad``
+(:attr:`Layout.overwrites_grad`), and record metrics of its own for a dense weight from before and after a
+recorded step (:meth:`Layout.before_step`, :meth:`Layout.extra_values`: GaLore's refreshes).
 """
 
 from loft_probe.optim import LoFT

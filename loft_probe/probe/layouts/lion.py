@@ -33,6 +33,7 @@ class LionLayout(Layout):
 
     def shadow_hyperparameters(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> dict[str, Any]:
         hyper = super().shadow_hyperparameters(optimizer, group)
+        # lion-pytorch keeps the switch and the lr it was built with on the optimizer, not in the group
         if getattr(optimizer, "decoupled_wd", False):  # λ = weight_decay / (the lr Lion was built with)
             hyper["weight_decay"] = group["weight_decay"] / optimizer._init_lr
         return hyper

@@ -8,6 +8,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,8 @@ class ProbedLayer:
     base_norm: float = 0.0  # ‖W_0‖
     grad: Tensor | None = None  # this step's G (m×n)
     before: tuple[Tensor, ...] | None = None  # recorded steps: (B, A) or (W,) from before the step
+    grads_before: tuple[Tensor | None, ...] | None = None  # (B.grad, A.grad) or (W.grad,) when the step overwrites them
+    layout_before: Any = None  # recorded steps of a dense weight: what its layout kept from before the step
     base_svd: SVD | None = None  # LoRA: W_0's thin SVD, kept when intruders are counted at every snapshot
 
     @property
@@ -49,6 +52,11 @@ class ProbedLayer:
     def key_param(self) -> nn.Parameter:
         """The parameter whose optimizer group holds this layer's lr and betas."""
         return self.pair.B if self.pair is not None else self.param
+
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        """The trainable tensors: (B, A) or (W,)."""
+        return (self.pair.B, self.pair.A) if self.pair is not None else (self.param,)
 
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.key_param)

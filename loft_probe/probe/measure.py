@@ -27,13 +27,15 @@ def _defined(values: dict[str, Tensor | float]) -> dict[str, float]:
 
 
 def update_metrics(update: Tensor | metrics.LowRank, weight_norm: Tensor | float, grad: Tensor | None,
-                   lr: float) -> dict[str, float]:
+                   lr: float | None) -> dict[str, float]:
     """The step's effective-weight update ΔW against the norm of the weight it started from, the learning rate
-    it was taken with, and the gradient G (m×n). ΔW is m×n, or a LoRA pair's rank ≤ 2r :class:`LowRank` when
-    no G is compared (sizes from r×r products: no m×n work at all)."""
+    it was taken with (None: the optimizer sets its own per weight, as Adafactor's relative step), and the
+    gradient G (m×n). ΔW is m×n, or a LoRA pair's rank ≤ 2r :class:`LowRank` when no G is compared (sizes
+    from r×r products: no m×n work at all)."""
     norm = metrics.lowrank_norm(*update) if isinstance(update, metrics.LowRank) else update.norm()
-    out = {"update_norm": norm, "update_weight_ratio": metrics.ratio(norm, torch.as_tensor(weight_norm)),
-           "update_lr_ratio": metrics.update_lr_ratio(update, lr)}
+    out = {"update_norm": norm, "update_weight_ratio": metrics.ratio(norm, torch.as_tensor(weight_norm))}
+    if lr is not None:
+        out["update_lr_ratio"] = metrics.update_lr_ratio(update, lr)
     if grad is not None:
         out["grad_norm"] = grad.norm()
         out["cos_update_grad"] = metrics.cosine(update, grad)
@@ -110,6 +112,11 @@ def side_metrics(sides: list[Side], shadow: Moments, eps: float) -> dict[str, fl
 def moment_grad_metrics(first: Tensor, grad: Tensor) -> dict[str, float]:
     """The optimizer's first moment against this step's gradient: (m, n) each, or flat vectors (factor space)."""
     return _defined({"cos_moment_grad": metrics.cosine(first, grad, dim=tuple(range(-first.dim(), 0)))})
+
+
+def layout_metrics(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """An optimizer's own metrics (:meth:`Layout.extra_values`: GaLore's refreshes), the undefined left out."""
+    return _defined(values)
 
 
 def spectrum_metrics(delta: metrics.SVD, base_norm: float) -> dict[str, float]:

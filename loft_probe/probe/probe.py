@@ -136,7 +136,8 @@ class Probe:
     # ------------------------------------------------------------------ hooks
     def _pre_step(self, optimizer, args, kwargs) -> None:
         """Keeps the weights from before the step (rank 0) where they are needed: at a recorded step, and at every
-        step for a shadow whose optimizer reads the weight; nothing else happens before the step."""
+        step for a shadow whose optimizer reads the weight; the gradients where the step overwrites them, and
+        what a dense layer's layout keeps from before a recorded step."""
         if not (self._writing and self.rank == 0):
             return
         t = self.step + 1
@@ -144,6 +145,14 @@ class Probe:
         keep = [layer for layer in self.layers
                 if recorded or (layer.shadow is not None and layer.shadow.needs_weight)]
         self._guarded(lambda: [setattr(layer, "before", layer.state_now()) for layer in keep])
+        if self.layout.overwrites_grad:  # e.g. schedule-free AdamW: p.grad is no longer G after the step
+            keep = [layer for layer in self.layers if recorded or layer.shadow is not None]
+            self._guarded(lambda: [setattr(layer, "grads_before", tuple(
+                None if p.grad is None else p.grad.detach().clone() for p in layer.params)) for layer in keep])
+        if self.schedule(t):
+            self._guarded(lambda: [setattr(layer, "layout_before", self.layout.before_step(
+                self.optimizer, self.recorder.group(layer), layer.param)) for layer in self.layers
+                if layer.pair is None])
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         """After the optimizer moved: gather G (every rank: the DDP all-reduce), feed the shadow, measure."""
@@ -210,7 +219,7 @@ class Probe:
         if advance:
             self.step += 1
         for layer in self.layers:
-            layer.grad, layer.before = None, None
+            layer.grad, layer.before, layer.grads_before, layer.layout_before = None, None, None, None
             if layer.capture is not None:
                 layer.capture.reset()
         self._pending_skip = False
@@ -227,7 +236,7 @@ class Probe:
         """G (m×n) of this step: ``W.grad``, or the captured gradient (unscaled, averaged over ranks).
         Dense gradients are read only on rank 0 when something uses them."""
         if layer.pair is None:
-            grad = layer.param.grad
+            grad = layer.param.grad if layer.grads_before is None else layer.grads_before[0]
             if grad is None or self.rank != 0 or not (measured or layer.shadow is not None):
                 return None
             return grad.detach().to(layer.compute_dtype())

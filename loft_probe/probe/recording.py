@@ -50,11 +50,11 @@ class Recorder:
         # without G or a shadow to compare it with, a pair's update is never formed (rank ≤ 2r: r×r work)
         lowrank = layer.pair is not None and layer.grad is None and layer.shadow is None
         update = layer.update(layer.before, after, lowrank)  # (m, n), or LowRank
-        values = measure.update_metrics(update, layer.weight_norm(layer.before), layer.grad, group["lr"])
+        values = measure.update_metrics(update, layer.weight_norm(layer.before), layer.grad, group.get("lr"))
         values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))
         sides = None
         if layer.pair is not None:
-            grads = (layer.pair.B.grad, layer.pair.A.grad)
+            grads = layer.grads_before or (layer.pair.B.grad, layer.pair.A.grad)
             values.update(measure.factor_metrics(layer.initial_factors, after, grads))
             if layer.grad is not None:
                 values.update(measure.residual_metrics(layer.grad, *layer.before))
@@ -65,6 +65,9 @@ class Recorder:
             values.update(measure.moment_grad_metrics(full.first, layer.grad))
         elif layer.pair is not None:
             values.update(self._factor_cosine(layer, group))
+        if layer.pair is None:
+            values.update(measure.layout_metrics(self.layout.extra_values(self.optimizer, group, layer.param,
+                                                                          layer.grad, layer.layout_before)))
         shadow = layer.shadow
         if shadow is not None and shadow.last_update is not None:
             values.update(measure.shadow_metrics(update, shadow.last_update))
@@ -92,7 +95,7 @@ class Recorder:
         if any(m is None or m.first is None for m in moments) or any(p.grad is None for p in factors):
             return {}
         first = torch.cat([m.first.float().flatten() for m in moments])
-        grads = torch.cat([p.grad.float().flatten() for p in factors])
+        grads = torch.cat([g.float().flatten() for g in layer.grads_before or (p.grad for p in factors)])
         return measure.moment_grad_metrics(first, grads)
 
     def cumulative_delta_norm(self, layer: ProbedLayer, state: tuple[Tensor, ...]) -> Tensor:
@@ -181,7 +184,7 @@ def truncate(svd: metrics.SVD, k: int) -> metrics.SVD:
 def schedule_values(group: dict[str, Any]) -> dict[str, float]:
     """The lr and betas a step was taken with (a scheduler changes them after ``optimizer.step``): the group of
     the first probed layer, recorded as run-level rows; each layer's ``update_lr_ratio`` uses its own group."""
-    values = {"lr": float(group["lr"])}
+    values = {} if group.get("lr") is None else {"lr": float(group["lr"])}  # Adafactor's relative step: none
     if isinstance(group.get("betas"), (tuple, list)) and len(group["betas"]) == 2:
         values["beta1"], values["beta2"] = map(float, group["betas"])
     return values

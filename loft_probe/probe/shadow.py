@@ -12,6 +12,7 @@ full rank (:meth:`Layout.shadow_class`: AdamW for LoFT and AdamW runs, the user'
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -81,11 +82,14 @@ class ShadowOptimizer:
     weight before every step (the probe then keeps W from before each step, one m×n copy).
     """
 
-    def __init__(self, cls: type[torch.optim.Optimizer], layout: Layout, group: dict[str, Any],
+    def __init__(self, optimizer: torch.optim.Optimizer, layout: Layout, group: dict[str, Any],
                  shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
         self.layout = layout
         self.param = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)  # (m, n)
-        hyper = _hyperparameters(group)
+        # the run's group as this class takes it (Layout.shadow_hyperparameters), before every step
+        self.hyperparameters = functools.partial(layout.shadow_hyperparameters, optimizer)
+        hyper = self.hyperparameters(group)
+        cls = layout.shadow_class(optimizer)
         accepted = inspect.signature(cls.__init__).parameters
         self.optimizer = cls([{"params": [self.param], **hyper}], **{k: v for k, v in hyper.items() if k in accepted})
         self.step = 0
@@ -103,7 +107,7 @@ class ShadowOptimizer:
         """One step with G (m×n) and the run's hyperparameters of this step; ``weight``: W before the step (m×n),
         required when :attr:`needs_weight`, and then or otherwise the step's update is kept as
         :attr:`last_update`."""
-        self.group.update(_hyperparameters(group))
+        self.group.update(self.hyperparameters(group))
         reads = self.needs_weight
         if reads and weight is None:
             raise ValueError("this shadow's optimizer reads the weight: feed it W before every step")
@@ -112,7 +116,8 @@ class ShadowOptimizer:
                 self.param.copy_(weight)
             else:
                 self.param.zero_()
-        self.param.grad = grad.to(self.param.dtype)
+        # a step that overwrites p.grad must not overwrite the caller's G
+        self.param.grad = grad.to(self.param.dtype, copy=self.layout.overwrites_grad)
         self.optimizer.step()
         self.param.grad = None
         self.step += 1
@@ -144,8 +149,4 @@ def make_shadow(optimizer: torch.optim.Optimizer, layout: Layout, group: dict[st
     cls = layout.shadow_class(optimizer)
     if cls is torch.optim.AdamW and not group.get("amsgrad") and not group.get("maximize"):
         return ShadowAdamW(shape, dtype, device, storage_dtype)
-    return ShadowOptimizer(cls, layout, group, shape, storage_dtype or dtype, device)
-
-
-def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in group.items() if key != "params"}
+    return ShadowOptimizer(optimizer, layout, group, shape, storage_dtype or dtype, device)

@@ -53,6 +53,12 @@ METRICS = {
     "shadow_precond_proj_cosine": "cos of the preconditioned directions m/(sqrt(v)+ε), lifted per side, against "
                                   "the shadow's projected the same way",
     "shadow_precond_cosine": "cos of the preconditioned directions M/(sqrt(V)+ε), optimizer vs shadow",
+    "galore_refresh_age": "GaLore: steps since the projector P was last refreshed (0: at this step, from this "
+                          "step's G)",
+    "galore_cos_before_refresh": "GaLore, at a refresh step: cos(P_old·m, G), the first moment from before the "
+                                 "step read through the outgoing projector, against this step's gradient",
+    "galore_cos_after_refresh": "GaLore, at a refresh step: cos(P_new·m, G) after it (the step's "
+                                "cos_moment_grad): the old r coordinates are read through the new P, not moved",
     # per layer, snapshot steps
     "delta_rel_size": "‖ΔW_t‖ / ‖W_0‖ of the cumulative change",
     "delta_stable_rank": "‖ΔW_t‖² / ‖ΔW_t‖₂²",

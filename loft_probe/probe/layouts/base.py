@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ class Layout:
 
     first_key: str | None = None
     second_key: str | None = None
+    # The step overwrites p.grad (schedule-free AdamW normalises it in place): the probe then keeps the
+    # gradients from before the step, and a shadow steps a copy of G.
+    overwrites_grad: bool = False
 
     def moments(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor) -> Moments | None:
         """The parameter's moments, param-shaped; None before the optimizer holds any state for it."""
@@ -71,6 +75,23 @@ class Layout:
         this run's optimizer would do: the same class, unless the optimizer is a low-rank method (LoFT: AdamW)."""
         return type(optimizer)
 
+    def shadow_hyperparameters(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> dict[str, Any]:
+        """The run's group as the shadow's private optimizer of :meth:`shadow_class` takes it, at construction
+        and before each step: every entry but the parameters. A layout drops what is the run's own state rather
+        than a hyperparameter (a step counter kept in the group) or what makes its class low-rank."""
+        return {key: value for key, value in group.items() if key != "params"}
+
+    def before_step(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor) -> Any:
+        """What :meth:`extra_values` needs from before a recorded step of a dense weight (default: nothing)."""
+        return None
+
+    def extra_values(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor,
+                     grad: Tensor | None, before: Any) -> dict[str, Tensor | float]:
+        """Metrics of this optimizer alone for a dense weight after a recorded step (names in
+        :data:`loft_probe.run.METRICS`; NaN: undefined, left out): ``grad`` is the step's G (m×n, None when not
+        captured), ``before`` what :meth:`before_step` returned at this step (None: not called). Default: none."""
+        return {}
+
 
 class NoLayout(Layout):
     """An optimizer without a registered layout: gradients and updates are probed, moments are not."""
@@ -83,6 +104,15 @@ class NoLayout(Layout):
 
 
 _REGISTRY: dict[type, Layout] = {}
+_DEFERRED: dict[str, str] = {}  # "module.QualName" of an optimizer class → the module holding its layout
+
+
+def defer_layout(class_path: str, module: str) -> None:
+    """Names the module whose ``LAYOUTS`` ({optimizer class: layout}) describe a class called ``class_path``
+    ("package.module.QualName"): it is imported the first time :func:`layout_of` meets that class, so a
+    third-party optimizer's package is imported only by a run that already uses it, and loft_probe needs none.
+    A layout given to :func:`register_layout` first is kept."""
+    _DEFERRED[class_path] = module
 
 
 def register_layout(optimizer_type: type, layout: Layout) -> None:
@@ -98,4 +128,11 @@ def layout_of(optimizer: torch.optim.Optimizer | type) -> Layout:
     """The layout registered for the optimizer's class or its nearest registered base class; :class:`NoLayout`
     for an unknown optimizer."""
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-    return next((_REGISTRY[base] for base in cls.__mro__ if base in _REGISTRY), NoLayout())
+    for base in cls.__mro__:
+        module = _DEFERRED.pop(f"{base.__module__}.{base.__qualname__}", None)
+        if module is not None:
+            for deferred_type, layout in importlib.import_module(module).LAYOUTS.items():
+                _REGISTRY.setdefault(deferred_type, layout)
+        if base in _REGISTRY:
+            return _REGISTRY[base]
+    return NoLayout()

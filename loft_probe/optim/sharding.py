@@ -143,10 +143,10 @@ def sharded_zeros(shape: tuple[int, int], dim: int, part: slice, mesh: DeviceMes
 
 def mesh_of(tensors: list[Tensor]) -> DeviceMesh | None:
     """The mesh of the DTensors among ``tensors`` (None if there are none); ``ValueError`` for several."""
-    meshes = {id(t.device_mesh): t.device_mesh for t in tensors if isinstance(t, DTensor)}
+    meshes = {t.device_mesh: None for t in tensors if isinstance(t, DTensor)}  # equal meshes: one (a fully_shard each)
     if len(meshes) > 1:
         raise ValueError(f"LoFT steps DTensor parameters on one device mesh, got {len(meshes)} meshes")
-    return next(iter(meshes.values()), None)
+    return next(iter(meshes), None)
 
 
 def agree(ok: bool, mesh: DeviceMesh | None) -> bool:

@@ -1,0 +1,165 @@
+"""LoFT on FSDP2 (``fully_shard``; gloo, 2 CPU processes, file:// rendezvous) against one process stepping the
+unsharded model on the concatenated batch.
+
+The model has both layouts of A LoFT steps: layer "0" (W 7×6) has n = 6, so ``lora_shard_placement`` shards its
+A on columns; layer "2" (W 9×7) has n = 7, where FSDP2 refuses ``Shard(1)`` and A stays on its rows. Every
+dimension but n = 6 is odd (m = 7, 9, r = 3, the head's 3 rows), so no shard is even. The head "4" and the
+biases get AdamW on DTensors. One spawn per test; every check of a test runs inside it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+from loft_probe import LoFT, add_lora, lora_pairs
+
+STEPS, BATCH, WORLD = 10, 8, 2
+OPTIONS = {"lr": 1e-2, "eps": 1e-6, "weight_decay": 0.01, "max_grad_norm": 0.05}
+# (name, dtype, PEFT's B = 0 or a non-zero B): the cases of the equality test
+CASES = [("f64-peft", torch.float64, False), ("f64-nonzero", torch.float64, True), ("f32-nonzero", torch.float32, True)]
+TOLERANCE = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
+
+
+def make_model(dtype: torch.dtype, nonzero_B: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 9), torch.nn.Tanh(),
+                                torch.nn.Linear(9, 3)).to(dtype)
+    add_lora(model, rank=3, alpha=6, targets=["0", "2"])
+    model[4].requires_grad_(True)  # a trainable head: AdamW on DTensors, rows uneven too
+    model[2].base_layer.bias.requires_grad_(True)
+    if nonzero_B:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for pair in lora_pairs(model):
+                pair.B.copy_(0.3 * torch.randn(pair.B.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def data(dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(BATCH, 6, generator=gen).to(dtype), torch.randn(BATCH, 3, generator=gen).to(dtype))
+            for _ in range(STEPS)]
+
+
+def step(model, optimizer, x, y) -> None:
+    optimizer.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    optimizer.step()
+
+
+def sharded(dtype: torch.dtype, nonzero_B: bool) -> tuple[torch.nn.Module, LoFT]:
+    from torch.distributed.fsdp import fully_shard
+
+    from loft_probe.optim.sharding import lora_shard_placement
+
+    model = make_model(dtype, nonzero_B)
+    placement = lora_shard_placement(model)
+    for layer in ("0", "2"):
+        fully_shard(model.get_submodule(layer), shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)
+    return model, LoFT.from_model(model, **OPTIONS)
+
+
+def whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def layout(t) -> tuple:
+    """(global shape, local shape, placements) of a DTensor state."""
+    return tuple(t.shape), tuple(t.to_local().shape), tuple(str(p) for p in t.placements)
+
+
+def equality_worker(rank: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    results = {}
+    for name, dtype, nonzero_B in CASES:
+        model, optimizer = sharded(dtype, nonzero_B)
+        for x, y in data(dtype):
+            step(model, optimizer, x[half], y[half])
+        names = {p: n for n, p in model.named_parameters()}
+        results[name] = {
+            "params": {n: whole(p).detach() for n, p in model.named_parameters()},
+            "state": {names[p]: {k: whole(v) for k, v in s.items()} for p, s in optimizer.state.items()},
+            "layout": {names[p]: {k: layout(v) for k, v in s.items() if hasattr(v, "placements")}
+                       for p, s in optimizer.state.items()},
+            "a_placements": [str(pair.A.placements) for pair in lora_pairs(model)],
+        }
+    torch.save(results, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def one_process(dtype: torch.dtype, nonzero_B: bool, **options) -> tuple[torch.nn.Module, LoFT]:
+    model = make_model(dtype, nonzero_B)
+    optimizer = LoFT.from_model(model, **{**OPTIONS, **options})
+    for x, y in data(dtype):
+        step(model, optimizer, x, y)
+    return model, optimizer
+
+
+def chunk_rows(size: int, rank: int) -> int:
+    return torch.arange(size).chunk(WORLD)[rank].numel()
+
+
+@pytest.mark.slow
+def test_loft_on_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path):
+    mp.spawn(equality_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(WORLD)]
+    for name, dtype, nonzero_B in CASES:
+        got = ranks[0][name]
+        assert got["a_placements"] == ["(Shard(dim=1),)", "(Shard(dim=0),)"]  # both layouts of A are stepped
+        model, optimizer = one_process(dtype, nonzero_B)
+        for key, value in model.named_parameters():
+            assert torch.equal(got["params"][key], ranks[1][name]["params"][key]), (name, key)
+            assert_close(got["params"][key], value.detach(), **TOLERANCE[dtype], msg=f"{name}: {key}")
+        names = {p: n for n, p in model.named_parameters()}
+        for p, state in optimizer.state.items():  # the state too: the frames are SVDs of the same numbers
+            for key, value in state.items():
+                assert_close(got["state"][names[p]][key], value, **TOLERANCE[dtype], msg=f"{name}: {names[p]}.{key}")
+        # every sharded state holds this rank's rows of W (B-side, E_A) or columns of W (A-side, E_B) only
+        for rank in range(WORLD):
+            for pair in lora_pairs(model):
+                B_name, A_name = names[pair.B], names[pair.A]
+                (m, r), n = pair.B.shape, pair.A.shape[1]
+                states = ranks[rank][name]["layout"]
+                assert states[B_name]["exp_avg"][1] == (chunk_rows(m, rank), r)
+                assert states[B_name]["frame"][1][0] == chunk_rows(n, rank)
+                assert states[A_name]["exp_avg"][1] == (r, chunk_rows(n, rank))
+                assert states[A_name]["exp_avg_sq"][1][0] == chunk_rows(n, rank)
+                assert states[A_name]["frame"][1][0] == chunk_rows(m, rank)
+    # the clip was active: without it one process ends elsewhere
+    unclipped, _ = one_process(torch.float64, True, max_grad_norm=None)
+    clipped, _ = one_process(torch.float64, True)
+    assert (unclipped[0].lora_A.weight - clipped[0].lora_A.weight).abs().max() > 1e-4
+
+
+def nonfinite_worker(rank: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model, optimizer = sharded(torch.float64, True)
+    x, y = data(torch.float64)[0]
+    step(model, optimizer, x, y)  # one good step: the states exist
+    before = {n: whole(p).detach().clone() for n, p in model.named_parameters()}
+    states = {(id(p), k): whole(v).clone() for p, s in optimizer.state.items() for k, v in s.items()}
+    optimizer.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    if rank == 1:  # a NaN in one rank's shard only: rank 0's gradients are all finite
+        model[2].lora_B.weight.grad.to_local()[0, 0] = float("nan")
+    optimizer.step()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(whole(p), before[n])]
+    changed = [k for p, s in optimizer.state.items() for k, v in s.items() if not torch.equal(whole(v), states[(id(p), k)])]
+    skipped = [group["skipped_steps"] for group in optimizer.param_groups]
+    torch.save({"moved": moved, "changed": changed, "skipped": skipped}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    mp.spawn(nonfinite_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        assert result["moved"] == [] and result["changed"] == [], (rank, result)
+        assert set(result["skipped"]) == {1}, (rank, result)

@@ -150,7 +150,8 @@ def nonfinite_worker(rank: int, init_file: str, out_file: str) -> None:
         model[2].lora_B.weight.grad.to_local()[0, 0] = float("nan")
     optimizer.step()
     moved = [n for n, p in model.named_parameters() if not torch.equal(whole(p), before[n])]
-    changed = [k for p, s in optimizer.state.items() for k, v in s.items() if not torch.equal(whole(v), states[(id(p), k)])]
+    changed = [k for p, s in optimizer.state.items() for k, v in s.items()
+               if not torch.equal(whole(v), states[(id(p), k)])]
     skipped = [group["skipped_steps"] for group in optimizer.param_groups]
     torch.save({"moved": moved, "changed": changed, "skipped": skipped}, f"{out_file}.{rank}")
     dist.destroy_process_group()

@@ -113,6 +113,8 @@ class Bucket(NamedTuple):
     frames: tuple[F.PartnerFrame, F.PartnerFrame]  # of A (for the B-side) and of Bᵀ (for the A-side)
     stacked: bool
     shards: SH.PairShards | None = None  # an FSDP2-sharded pair: factors are this rank's rows of B, columns of A
+    grads: tuple[Tensor, Tensor] | None = None  # a sharded pair's gradients on those rows and columns, copies
+    # fetched once (A's may cross ranks) and scaled by the clip along with the parameters' own
 
 
 def bucket(groups: list[dict[str, Any]], stacked: bool, shards: SH.PairShards | None = None) -> Bucket:
@@ -126,7 +128,9 @@ def bucket(groups: list[dict[str, Any]], stacked: bool, shards: SH.PairShards | 
         B = SH.local(groups[0]["params"][0]).to(dtype)  # (m_local, r)
         A = SH.column_block(groups[0]["params"][1], whole_A, shards, dtype)  # (r, n_local)
         frames = (F.PartnerFrame(whole_A, cutoff), F.PartnerFrame(whole_B.mT, cutoff))
-        return Bucket(groups, (B, A), frames, stacked, shards)
+        grad_B, grad_A = (_grad(p) for p in groups[0]["params"])
+        grads = (SH.local(grad_B).to(dtype, copy=True), SH.gradient_columns(grad_A, shards).to(dtype, copy=True))
+        return Bucket(groups, (B, A), frames, stacked, shards, grads)
     else:
         B, A = (p.detach().to(dtype) for p in groups[0]["params"])
     return Bucket(groups, (B, A), (F.PartnerFrame(A, cutoff), F.PartnerFrame(B.mT, cutoff)), stacked)
@@ -134,18 +138,18 @@ def bucket(groups: list[dict[str, Any]], stacked: bool, shards: SH.PairShards | 
 
 def bucket_gradients(bucket: Bucket) -> tuple[Tensor, Tensor]:
     """``(g_B, g_A)`` of a bucket in the compute dtype, stacked for a stack. A missing gradient reads as zero
-    (a factor that did not take part in the loss). Read after clipping: a stack's are copies."""
+    (a factor that did not take part in the loss). Read after clipping: a stack's are copies (a sharded pair's
+    are fetched with the bucket, and the clip scales them)."""
     dtype = bucket.factors[0].dtype
-
-    def grad(p: Tensor) -> Tensor:
-        return p.grad if p.grad is not None else torch.zeros_like(p)
-
-    if bucket.shards is not None:
-        B, A = bucket.groups[0]["params"]
-        return SH.local(grad(B)).to(dtype), SH.gradient_columns(grad(A), bucket.shards).to(dtype)
+    if bucket.grads is not None:
+        return bucket.grads
     if not bucket.stacked:
-        return tuple(grad(p).to(dtype) for p in bucket.groups[0]["params"])
-    return tuple(torch.stack([grad(g["params"][i]) for g in bucket.groups]).to(dtype) for i in (0, 1))
+        return tuple(_grad(p).to(dtype) for p in bucket.groups[0]["params"])
+    return tuple(torch.stack([_grad(g["params"][i]) for g in bucket.groups]).to(dtype) for i in (0, 1))
+
+
+def _grad(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:

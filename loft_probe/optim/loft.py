@@ -300,7 +300,8 @@ class LoFT(torch.optim.Optimizer):
             dist.all_reduce(shard, group=mesh.get_group())
         total = (whole + shard).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in map(SH.local, grads):
+        copies = [g for bucket in buckets if bucket.grads is not None for g in bucket.grads]
+        for g in [*map(SH.local, grads), *copies]:
             g.mul_(coef.to(g.device, g.dtype))
         return total.float()  # the dtype torch.nn.utils.clip_grad_norm_ gives float32 gradients
 

@@ -7,15 +7,15 @@ pair's), sharded as a non-root FSDP2 module (all-gathered in forward and again i
 reduce-scattered), once per layout of A: ``Shard(1)`` (``lora_shard_placement``) and ``Shard(0)`` (FSDP2's
 default). Every collective is counted at the dispatcher (c10d and functional collectives alike) by its logical
 size: an all-gather's gathered tensor, a reduce-scatter's input, an all-reduce's tensor. Per step and rank also:
-the share of the m×n reconstruction this rank computes (its rows of W on a B-step, its columns on an A-step) and
-the growth of its peak resident memory over the steps, next to one process stepping the same pair.
+the share of the m×n reconstruction this rank computes (its rows of W on a B-step, its columns on an A-step), the
+bytes of LoFT state it holds and its step time, next to one process stepping the same pair. (Peak resident memory
+is not shown: on the CPU its growth over the steps, ~25 MiB, is allocator and BLAS workspace, not LoFT's.)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 
@@ -57,8 +57,11 @@ def make_model(m: int, n: int, r: int) -> torch.nn.Module:
     return model
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def state_bytes(optimizer: LoFT) -> int:
+    """Bytes of optimizer state this process holds (a DTensor's local shard only)."""
+    from loft_probe.optim.sharding import local
+
+    return sum(local(v).numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
 
 
 def worker(rank: int, world: int, init_file: str, size: tuple[int, int, int], steps: int, on_columns: bool,
@@ -79,14 +82,11 @@ def worker(rank: int, world: int, init_file: str, size: tuple[int, int, int], st
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(BATCH, n, generator=gen)
     rows = []
-    baseline = None
     for t in range(steps):
         optimizer.zero_grad()
         fsdp = CollectiveBytes(world)
         with fsdp:
             model(x).pow(2).mean().backward()
-        if baseline is None:
-            baseline = peak_rss()
         moving = optimizer.moving_sides(optimizer.param_groups[0])
         loft = CollectiveBytes(world)
         start = time.perf_counter()
@@ -96,26 +96,24 @@ def worker(rank: int, world: int, init_file: str, size: tuple[int, int, int], st
         share = (optimizer.param_groups[0]["params"][0].to_local().shape[0] / m if moving == (0,)
                  else torch.arange(n).chunk(world)[rank].numel() / n)
         rows.append((t, "BA"[moving[0]], fsdp.bytes, fsdp.calls, loft.bytes, loft.calls, share, seconds))
-    growth = peak_rss() - baseline
-    out[(on_columns, rank)] = (rows, growth)
+    out[(on_columns, rank)] = (rows, state_bytes(optimizer))
     dist.destroy_process_group()
 
 
-def one_process(size: tuple[int, int, int], steps: int) -> tuple[float, int]:
+def one_process(size: tuple[int, int, int], steps: int, world: int) -> tuple[float, int]:
     torch.set_num_threads(1)
     m, n, r = size
     model = make_model(m, n, r)
     optimizer = LoFT.from_model(model, lr=1e-3, max_grad_norm=1.0)
-    x = torch.randn(BATCH * 2, n)
-    baseline, times = None, []
+    x = torch.randn(BATCH * world, n)
+    times = []
     for _ in range(steps):
         optimizer.zero_grad()
         model(x).pow(2).mean().backward()
-        baseline = baseline or peak_rss()
         start = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return min(times[1:] or times), peak_rss() - baseline
+    return min(times[1:] or times), state_bytes(optimizer)
 
 
 def main() -> None:
@@ -142,10 +140,11 @@ def main() -> None:
         for t, side, fsdp_bytes, fsdp_calls, loft_bytes, loft_calls, share, seconds in rows:
             print(f"{'Shard(1)' if on_columns else 'Shard(0)':>12} {t:4d} {side:>4}  {fsdp_bytes:>18} ({fsdp_calls})"
                   f"  {loft_bytes:>16} ({loft_calls})  {loft_bytes / bound:10.3f}  {share:16.3f}  {seconds:12.3f}")
-        growth = [results[(on_columns, rank)][1] for rank in range(args.world)]
-        print(f"{'':>12} peak RSS growth over the steps per rank (MiB): {[round(g / 2**20, 1) for g in growth]}")
-    seconds, growth = one_process(size, args.steps)
-    print(f"one process, batch {2 * BATCH}: step {seconds:.3f} s, peak RSS growth {growth / 2**20:.1f} MiB")
+        held = [results[(on_columns, rank)][1] for rank in range(args.world)]
+        print(f"{'':>12} LoFT state bytes per rank: {held}")
+    seconds, held = one_process(size, args.steps, args.world)
+    print(f"one process, batch {args.world * BATCH}: step {seconds:.3f} s (fastest after the first), "
+          f"LoFT state bytes {held}")
 
 
 if __name__ == "__main__":

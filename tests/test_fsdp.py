@@ -164,3 +164,61 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path)
         result = torch.load(tmp_path / f"out.{rank}", weights_only=True)
         assert result["moved"] == [] and result["changed"] == [], (rank, result)
         assert set(result["skipped"]) == {1}, (rank, result)
+
+
+def train_steps(model, optimizer, batches, half: slice) -> None:
+    for x, y in batches:
+        step(model, optimizer, x[half], y[half])
+
+
+def checkpoint_worker(rank: int, init_file: str, ckpt_dir: str, out_file: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    batches = data(torch.float64)
+    model, optimizer = sharded(torch.float64, True)
+    train_steps(model, optimizer, batches[:5], half)  # odd: the restored run continues with an A-step
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
+    train_steps(model, optimizer, batches[5:], half)
+
+    restored, restored_optimizer = sharded(torch.float64, True)  # fresh: the initial weights, no state
+    model_sd, optim_sd = get_state_dict(restored, restored_optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
+    set_state_dict(restored, restored_optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    train_steps(restored, restored_optimizer, batches[5:], half)
+
+    names = {p: n for n, p in model.named_parameters()}
+    twins = dict(zip(model.parameters(), restored.parameters(), strict=True))
+    differ = [n for p, n in names.items() if not torch.equal(p.to_local(), twins[p].to_local())]
+    differ += [f"{names[p]}.{k}" for p, s in optimizer.state.items() for k, v in s.items()
+               if not torch.equal(whole(v), whole(restored_optimizer.state[twins[p]][k]))]
+    params = {n: whole(p).detach() for n, p in model.named_parameters()}
+    torch.save({"differ": differ, "params": params}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_round_trip_same_world_size_and_onto_one_process(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    ckpt = tmp_path / "ckpt"
+    mp.spawn(checkpoint_worker, args=(str(tmp_path / "init"), str(ckpt), str(tmp_path / "out")), nprocs=WORLD,
+             join=True)
+    for rank in range(WORLD):  # same world size: the continuation is bit-identical, parameters and state
+        assert torch.load(tmp_path / f"out.{rank}", weights_only=True)["differ"] == []
+    sharded_run = torch.load(tmp_path / "out.0", weights_only=True)["params"]
+
+    # 2 → 1: the sharded checkpoint restored into one process stepping the unsharded model on the whole batch
+    model = make_model(torch.float64, True)
+    optimizer = LoFT.from_model(model, **OPTIONS)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    assert int(optimizer.state[lora_pairs(model)[0].B]["step"]) == 5
+    train_steps(model, optimizer, data(torch.float64)[5:], slice(None))
+    for key, value in model.named_parameters():
+        assert_close(sharded_run[key], value.detach(), rtol=1e-6, atol=1e-6, msg=key)

@@ -447,7 +447,9 @@ class LoFT(torch.optim.Optimizer):
                              "loft_probe < 0.2); format 2 keeps them in orthonormal frames: restart the "
                              "optimizer state, or resume with loft_probe 0.1")
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
+        # saved keys as torch maps them: by position in the groups (indices, or FQNs from torch.distributed.checkpoint)
+        params = dict(zip((key for group in state_dict["param_groups"] for key in group["params"]),
+                          (p for group in self.param_groups for p in group["params"]), strict=True))
         for index, saved in state_dict["state"].items():
             for key, value in saved.items():
                 if torch.is_tensor(value):

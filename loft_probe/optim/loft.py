@@ -85,7 +85,13 @@ class LoFT(torch.optim.Optimizer):
             AdamW groups use torch's foreach AdamW. ``None`` (default): on accelerators (stacks wherever two
             or more pairs agree), off on the CPU, where one pair's working set stays in cache and an operator
             call costs microseconds, not a kernel launch (README, "LoFT: correctness and speed"). ``False``:
-            pair by pair. The result is the same up to roundoff, the state format too.
+            pair by pair. The result is the same up to roundoff, the state format too. FSDP2-sharded pairs
+            always step one by one.
+
+    FSDP2 (``fully_shard``, 1-D mesh): each rank steps its rows of B and its columns of A, holds their state
+    as DTensors, and exchanges O((m+n)·r) numbers per pair and step (:mod:`loft_probe.optim.sharding`); the
+    non-finite skip and the clip norm are agreed across ranks. Shard A on columns with
+    :func:`~loft_probe.optim.sharding.lora_shard_placement`.
 
     With ``alternating, scale_gradients, transport, projected_update`` all off and ``"simple"`` second
     moments, LoFT is AdamW on the factors (plain LoRA).
@@ -500,7 +506,8 @@ def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, we
 
 
 def is_sharded(tensor: Tensor) -> bool:
-    """True for FSDP-sharded parameters: DTensors (FSDP2, tensor parallel) and FSDP1's flat parameters."""
+    """True for FSDP-sharded parameters: DTensors (FSDP2, tensor parallel) and FSDP1's flat parameters (what the
+    probe refuses; LoFT steps FSDP2's, see :mod:`loft_probe.optim.sharding`)."""
     return type(tensor).__name__ in ("DTensor", "FlatParameter") or hasattr(tensor, "_is_flat_param")
 
 

@@ -91,10 +91,19 @@ def pair_shards(B: Tensor, A: Tensor, name: str) -> PairShards | None:
         raise ValueError(f"{name}: {supported}; got B on {B.placements} and A on {A.placements}")
     mesh = B.device_mesh
     shards = PairShards(mesh, chunk(B.shape[0], mesh), chunk(A.shape[1], mesh), A.placements == (Shard(1),))
-    expected_b = (shards.rows.stop - shards.rows.start, B.shape[1])
-    if tuple(local(B).shape) != expected_b:  # DTensor's chunking is torch.chunk's: this guards against a change
-        raise ValueError(f"{name}: B's local shard has shape {tuple(local(B).shape)}, expected {expected_b}")
+    r_rows = chunk(A.shape[0], mesh)
+    expected = {"B": (_length(shards.rows), B.shape[1]),
+                "A": (A.shape[0], _length(shards.cols)) if shards.a_on_columns else (_length(r_rows), A.shape[1])}
+    for factor, t in (("B", B), ("A", A)):
+        # DTensor's chunking is torch.chunk's, as :func:`chunk` assumes: this guards against a change
+        if tuple(local(t).shape) != expected[factor]:
+            raise ValueError(f"{name}: {factor}'s local shard has shape {tuple(local(t).shape)}, "
+                             f"expected {expected[factor]}")
     return shards
+
+
+def _length(part: slice) -> int:
+    return part.stop - part.start
 
 
 def chunk(size: int, mesh: DeviceMesh) -> slice:
@@ -135,7 +144,7 @@ def sharded_zeros(shape: tuple[int, int], dim: int, part: slice, mesh: DeviceMes
     """A zero DTensor of global ``shape`` sharded on ``dim`` (this rank's ``part`` of it), dtype/device of ``like``:
     the state of a rank's own rows or columns, a DTensor so that ``state_dict`` and DCP see its global shape."""
     local_shape = list(shape)
-    local_shape[dim] = part.stop - part.start
+    local_shape[dim] = _length(part)
     zeros = like.new_zeros(local_shape)
     stride = (shape[1], 1)
     return DTensor.from_local(zeros, mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)

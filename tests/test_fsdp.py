@@ -224,3 +224,54 @@ def test_distributed_checkpoint_round_trip_same_world_size_and_onto_one_process(
     train_steps(model, optimizer, data(torch.float64)[5:], slice(None))
     for key, value in model.named_parameters():
         assert_close(sharded_run[key], value.detach(), rtol=1e-6, atol=1e-6, msg=key)
+
+
+def mixed_precision_worker(rank: int, init_file: str, out_file: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from loft_probe.optim.sharding import lora_shard_placement
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    model = make_model(torch.float32, True)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    placement = lora_shard_placement(model)
+    for layer in ("0", "2"):
+        fully_shard(model.get_submodule(layer), shard_placement_fn=placement, mp_policy=policy)
+    fully_shard(model, shard_placement_fn=placement, mp_policy=policy)
+    optimizer = LoFT.from_model(model, **OPTIONS)
+    for x, y in data(torch.float32):
+        step(model, optimizer, x[half], y[half].bfloat16())
+    dtypes = sorted({str(v.dtype) for s in optimizer.state.values() for v in s.values()})
+    torch.save({"params": {n: whole(p).detach() for n, p in model.named_parameters()}, "dtypes": dtypes},
+               f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_mixed_precision_bf16_compute_fp32_reduce_equals_one_process_doing_the_same(tmp_path):
+    """FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 reduce) against one process that computes each rank's
+    half-batch gradient on a bf16 copy of the model and averages them in float32: the same numbers FSDP2 reduces.
+    LoFT's state stays float32, as for a float32 model in one process."""
+    import copy
+
+    mp.spawn(mixed_precision_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "out.0", weights_only=True)
+    assert got["dtypes"] == ["torch.float32"]
+    model = make_model(torch.float32, True)
+    optimizer = LoFT.from_model(model, **OPTIONS)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for x, y in data(torch.float32):
+        grads = [torch.zeros_like(p) for p in trained]
+        for rank in range(WORLD):
+            half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+            low = copy.deepcopy(model).to(torch.bfloat16)
+            (low(x[half].bfloat16()) - y[half].bfloat16()).pow(2).mean().backward()
+            low_trained = [p for p in low.parameters() if p.requires_grad]
+            for g, p in zip(grads, low_trained, strict=True):
+                g.add_(p.grad.float())
+        for p, g in zip(trained, grads, strict=True):
+            p.grad = g / WORLD
+        optimizer.step()
+    for key, value in model.named_parameters():
+        assert_close(got["params"][key], value.detach(), rtol=1e-6, atol=1e-6, msg=key)

@@ -53,7 +53,8 @@ def fsdp_worker(rank: int, init_file: str, errors_file: str) -> None:
     fully_shard(model)  # FSDP2's default: LoFT steps it (tests/test_fsdp.py), the probe refuses
     fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard")))  # HSDP: refused
     messages = []
-    for build in (lambda: LoFT.from_model(model), lambda: LoFT.from_model(hsdp),
+    optimizer = LoFT.from_model(model)
+    for build in (lambda: LoFT.from_model(hsdp), lambda: optimizer.full_space_moments(optimizer.param_groups[0]),
                   lambda: attach(model, torch.optim.AdamW(model.parameters()), f"{errors_file}.run{rank}")):
         try:
             build()
@@ -95,6 +96,7 @@ def test_what_fsdp2_layouts_are_refused(tmp_path):
     mp.spawn(fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path / "errors")), nprocs=2, join=True)
     for rank in range(2):
         messages = torch.load(tmp_path / f"errors.{rank}", weights_only=True)
-        assert len(messages) == 2
+        assert len(messages) == 3
         assert "LoFT steps FSDP2 pairs on a 1-D mesh" in messages[0] and "several dims" in messages[0]
-        assert "probe does not support FSDP-sharded" in messages[1]
+        assert "full_space_moments needs a whole pair" in messages[1]
+        assert "probe does not support FSDP-sharded" in messages[2]

@@ -19,10 +19,13 @@ from loft_probe import LoFT, add_lora, lora_pairs
 
 STEPS, BATCH, WORLD = 10, 8, 2
 OPTIONS = {"lr": 1e-2, "eps": 1e-6, "weight_decay": 0.01, "max_grad_norm": 0.05}
-# (name, dtype, PEFT's B = 0 or a non-zero B, foreach): the cases of the equality test. foreach=True: torch's
-# multi-tensor AdamW on the shards; sharded pairs still step one by one
-CASES = [("f64-peft", torch.float64, False, False), ("f64-nonzero", torch.float64, True, False),
-         ("f32-nonzero", torch.float32, True, True)]
+# (name, dtype, PEFT's B = 0 or a non-zero B, options): the cases of the equality test. foreach=True: torch's
+# multi-tensor AdamW on the shards (sharded pairs still step one by one). Both factors moving at every step, and
+# the factor-space ablation (transport against raw partners), exercise the other paths of the sharded step.
+CASES = [("f64-peft", torch.float64, False, {}), ("f64-nonzero", torch.float64, True, {}),
+         ("f32-nonzero", torch.float32, True, {"foreach": True}),
+         ("f64-both-move", torch.float64, True, {"alternating": False}),
+         ("f64-factor-space", torch.float64, True, {"second_moment": "simple", "projected_update": False})]
 TOLERANCE = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
 
 
@@ -53,7 +56,7 @@ def step(model, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def sharded(dtype: torch.dtype, nonzero_B: bool, foreach: bool = False) -> tuple[torch.nn.Module, LoFT]:
+def sharded(dtype: torch.dtype, nonzero_B: bool, **options) -> tuple[torch.nn.Module, LoFT]:
     from torch.distributed.fsdp import fully_shard
 
     from loft_probe.optim.sharding import lora_shard_placement
@@ -63,7 +66,7 @@ def sharded(dtype: torch.dtype, nonzero_B: bool, foreach: bool = False) -> tuple
     for layer in ("0", "2"):
         fully_shard(model.get_submodule(layer), shard_placement_fn=placement)
     fully_shard(model, shard_placement_fn=placement)
-    return model, LoFT.from_model(model, foreach=foreach, **OPTIONS)
+    return model, LoFT.from_model(model, **{**OPTIONS, **options})
 
 
 def whole(t):
@@ -79,8 +82,8 @@ def equality_worker(rank: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     results = {}
-    for name, dtype, nonzero_B, foreach in CASES:
-        model, optimizer = sharded(dtype, nonzero_B, foreach)
+    for name, dtype, nonzero_B, options in CASES:
+        model, optimizer = sharded(dtype, nonzero_B, **options)
         for x, y in data(dtype):
             step(model, optimizer, x[half], y[half])
         names = {p: n for n, p in model.named_parameters()}
@@ -111,10 +114,10 @@ def chunk_rows(size: int, rank: int) -> int:
 def test_loft_on_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path):
     mp.spawn(equality_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(WORLD)]
-    for name, dtype, nonzero_B, _ in CASES:
+    for name, dtype, nonzero_B, options in CASES:
         got = ranks[0][name]
         assert got["a_placements"] == ["(Shard(dim=1),)", "(Shard(dim=0),)"]  # both layouts of A are stepped
-        model, optimizer = one_process(dtype, nonzero_B)
+        model, optimizer = one_process(dtype, nonzero_B, **options)
         for key, value in model.named_parameters():
             assert torch.equal(got["params"][key], ranks[1][name]["params"][key]), (name, key)
             assert_close(got["params"][key], value.detach(), **TOLERANCE[dtype], msg=f"{name}: {key}")

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -299,12 +298,9 @@ class LoFT(torch.optim.Optimizer):
             return torch.tensor(0.0)
         device = SH.local(grads[0]).device
         # float64 sums: a float64 model's norm is exact to its roundoff however the pairs are bucketed
-        whole, shard = (torch.cat([s.reshape(-1).to(device, torch.float64) for s in part] + [
-            torch.zeros(1, dtype=torch.float64, device=device)]).sum() for part in squares)
-        mesh = SH.mesh_of(grads)
-        if mesh is not None:
-            dist.all_reduce(shard, group=mesh.get_group())
-        total = (whole + shard).sqrt()
+        whole, shard = (torch.cat([s.reshape(-1).to(device, torch.float64) for s in part]).sum() if part
+                        else torch.zeros((), dtype=torch.float64, device=device) for part in squares)
+        total = (whole + SH.all_sum_(shard, SH.mesh_of(grads))).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         copies = [g for bucket in buckets if bucket.grads is not None for g in bucket.grads]
         for g in [*map(SH.local, grads), *copies]:
@@ -404,17 +400,19 @@ class LoFT(torch.optim.Optimizer):
     def _pair_state(self, group: dict[str, Any], frames: list[Tensor],
                     shards: SH.PairShards | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The pair's states, created at its first step with the frames ``frames`` (E_B (n, r), E_A (m, r));
-        for a sharded pair, DTensors holding this rank's rows (B-side) and columns (A-side) of W."""
+        for a sharded pair, DTensors of which this rank holds its rows (B-side, E_A) and columns (A-side, E_B) of W."""
         B, A = group["params"]
         state_B, state_A = self.state[B], self.state[A]
-        if not state_B and shards is not None:
+        if not state_B:
             dtype, width = compute_dtype(B), self._basis(group, B).width
             (m, r), n = B.shape, A.shape[1]
-            like = SH.local(B).to(dtype)
-            rows, cols = shards.rows, shards.cols
+            rows, cols = (slice(None), slice(None)) if shards is None else (shards.rows, shards.cols)
 
             def zeros(shape: tuple[int, int], dim: int, part: slice) -> Tensor:
-                return SH.sharded_zeros(shape, dim, part, shards.mesh, like)
+                """A state of global ``shape``, of which a sharded pair's rank holds ``part`` along ``dim``."""
+                if shards is None:
+                    return B.new_zeros(shape, dtype=dtype)
+                return SH.sharded_zeros(shape, dim, part, shards.mesh, SH.local(B).new_empty((), dtype=dtype))
 
             state_B["step"] = torch.tensor(0.0)
             state_B["phase"] = torch.tensor(0.0)
@@ -426,16 +424,6 @@ class LoFT(torch.optim.Optimizer):
             state_A["frame"] = zeros((m, r), 0, rows)
             SH.local(state_B["frame"]).copy_(frames[0][cols])
             SH.local(state_A["frame"]).copy_(frames[1][rows])
-        if not state_B:
-            dtype, width = compute_dtype(B), self._basis(group, B).width
-            state_B["step"] = torch.tensor(0.0)
-            state_B["phase"] = torch.tensor(0.0)
-            state_B["exp_avg"] = torch.zeros_like(B, dtype=dtype)  # (m, r)
-            state_B["exp_avg_sq"] = B.new_zeros(B.shape[0], width, dtype=dtype)  # (m, T)
-            state_B["frame"] = frames[0].to(dtype, copy=True)  # (n, r)
-            state_A["exp_avg"] = torch.zeros_like(A, dtype=dtype)  # (r, n)
-            state_A["exp_avg_sq"] = A.new_zeros(A.shape[1], width, dtype=dtype)  # (n, T)
-            state_A["frame"] = frames[1].to(dtype, copy=True)  # (m, r)
         return state_B, state_A
 
     def _basis(self, group: dict[str, Any], B: Tensor) -> F.SecondMomentBasis:

@@ -47,9 +47,8 @@ class PairShards(NamedTuple):
         return (self.cols, self.rows)[side]
 
     def total(self, x: Tensor) -> Tensor:
-        """``x`` summed over the ranks, in place (partial r×r products, squared norms)."""
-        dist.all_reduce(x, group=self.mesh.get_group())
-        return x
+        """``x`` summed over the pair's ranks, in place (partial r×r products)."""
+        return all_sum_(x, self.mesh)
 
 
 def local(t: Tensor) -> Tensor:
@@ -141,8 +140,9 @@ def write_columns_(A: Tensor, block: Tensor, shards: PairShards) -> None:
 
 
 def sharded_zeros(shape: tuple[int, int], dim: int, part: slice, mesh: DeviceMesh, like: Tensor) -> DTensor:
-    """A zero DTensor of global ``shape`` sharded on ``dim`` (this rank's ``part`` of it), dtype/device of ``like``:
-    the state of a rank's own rows or columns, a DTensor so that ``state_dict`` and DCP see its global shape."""
+    """A zero DTensor of global ``shape`` sharded on ``dim`` (this rank's ``part`` of it), dtype/device of ``like``
+    (a plain tensor): the state of a rank's own rows or columns, a DTensor so that ``state_dict`` and DCP see its
+    global shape."""
     local_shape = list(shape)
     local_shape[dim] = _length(part)
     zeros = like.new_zeros(local_shape)
@@ -158,10 +158,15 @@ def mesh_of(tensors: list[Tensor]) -> DeviceMesh | None:
     return next(iter(meshes), None)
 
 
+def all_sum_(x: Tensor, mesh: DeviceMesh | None) -> Tensor:
+    """``x`` summed over the ranks of ``mesh``, in place (one all-reduce); ``x`` itself without a mesh."""
+    if mesh is not None:
+        dist.all_reduce(x, group=mesh.get_group())
+    return x
+
+
 def agree(ok: bool, mesh: DeviceMesh | None) -> bool:
     """True when ``ok`` holds on every rank of ``mesh`` (one all-reduce); ``ok`` itself without a mesh."""
     if mesh is None:
         return ok
-    failures = torch.tensor([0.0 if ok else 1.0], device=mesh.device_type)
-    dist.all_reduce(failures, group=mesh.get_group())
-    return not failures.item()
+    return not all_sum_(torch.tensor([0.0 if ok else 1.0], device=mesh.device_type), mesh).item()

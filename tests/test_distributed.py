@@ -97,6 +97,6 @@ def test_what_fsdp2_layouts_are_refused(tmp_path):
     for rank in range(2):
         messages = torch.load(tmp_path / f"errors.{rank}", weights_only=True)
         assert len(messages) == 3
-        assert "LoFT steps FSDP2 pairs on a 1-D mesh" in messages[0] and "several dims" in messages[0]
+        assert "LoFT steps DTensors sharded by FSDP2 on a 1-D mesh" in messages[0] and "of 2 dims" in messages[0]
         assert "full_space_moments needs a whole pair" in messages[1]
         assert "probe does not support FSDP-sharded" in messages[2]

@@ -502,6 +502,7 @@ def is_sharded(tensor: Tensor) -> bool:
 def _check_group(group: dict[str, Any]) -> None:
     _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                            group["second_moment"], group["projected_update"], group["partner_cutoff"], None)
+    SH.check_sharded(group["params"], group.get("name", "a parameter group"))
     if group["lora_scale"] is None:
         return
     params = group["params"]

@@ -81,6 +81,15 @@ def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Shard | N
     return placement
 
 
+def check_sharded(params: list[Tensor], name: str) -> None:
+    """``ValueError`` (one line) for a DTensor LoFT cannot step: each rank must hold its own part of it (one
+    ``Shard`` on a 1-D mesh), since the clip norm and the non-finite flag are summed over the ranks."""
+    for p in params:
+        if isinstance(p, DTensor) and (p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard)):
+            raise ValueError(f"{name}: LoFT steps DTensors sharded by FSDP2 on a 1-D mesh (one Shard placement); got "
+                             f"{p.placements} on a mesh of {p.device_mesh.ndim} dims")
+
+
 def pair_shards(B: Tensor, A: Tensor, name: str) -> PairShards | None:
     """The layout of a pair sharded by FSDP2; None for a pair of plain tensors. ``ValueError`` (one line, what
     is supported) for any other layout."""

@@ -278,3 +278,65 @@ def test_mixed_precision_bf16_compute_fp32_reduce_equals_one_process_doing_the_s
         optimizer.step()
     for key, value in model.named_parameters():
         assert_close(got["params"][key], value.detach(), rtol=1e-6, atol=1e-6, msg=key)
+
+
+def peft_bert() -> torch.nn.Module:
+    """A tiny PEFT BERT (LoRA r = 4 on query and value, a trainable classifier copy), float64, no dropout (its
+    random masks would differ between ranks and one process), B ≠ 0."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                     vocab_size=50, num_labels=2, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = peft.get_peft_model(transformers.BertForSequenceClassification(config), lora).double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pair in lora_pairs(model):
+            pair.B.copy_(0.1 * torch.randn(pair.B.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def token_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ids = torch.randint(0, 50, (STEPS // 2, BATCH, 8), generator=torch.Generator().manual_seed(0))
+    return [(i, (i[:, 0] > 25).long()) for i in ids]
+
+
+def train_bert(model, optimizer, half: slice) -> None:
+    for ids, labels in token_batches():
+        optimizer.zero_grad()
+        model(input_ids=ids[half], labels=labels[half]).loss.backward()
+        optimizer.step()
+
+
+def bert_worker(rank: int, init_file: str, out_file: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from loft_probe.optim.sharding import lora_shard_placement
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = peft_bert()
+    placement = lora_shard_placement(model)
+    for layer in model.base_model.model.bert.encoder.layer:  # one FSDP2 group per transformer layer
+        fully_shard(layer, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)
+    optimizer = LoFT.from_model(model, **OPTIONS)
+    train_bert(model, optimizer, slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD))
+    torch.save({n: whole(p).detach() for n, p in model.named_parameters() if p.requires_grad}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_peft_transformer_sharded_per_layer_equals_one_process(tmp_path):
+    pytest.importorskip("peft")
+    mp.spawn(bert_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "out.0", weights_only=True)
+    model = peft_bert()
+    optimizer = LoFT.from_model(model, **OPTIONS)
+    assert len(lora_pairs(model)) == 4 and len(got) == 10  # 4 pairs, the classifier's weight and bias
+    train_bert(model, optimizer, slice(None))
+    for key, value in model.named_parameters():
+        if value.requires_grad:
+            assert_close(got[key], value.detach(), rtol=1e-10, atol=1e-10, msg=key)

@@ -1,10 +1,10 @@
 """LoFT on FSDP2 (``fully_shard``; gloo, 2 CPU processes, file:// rendezvous) against one process stepping the
-unsharded model on the concatenated batch.
+unsharded model on the concatenated batch; a NaN on one rank; distributed checkpoints; mixed precision; a PEFT model.
 
-The model has both layouts of A LoFT steps: layer "0" (W 7×6) has n = 6, so ``lora_shard_placement`` shards its
-A on columns; layer "2" (W 9×7) has n = 7, where FSDP2 refuses ``Shard(1)`` and A stays on its rows. Every
-dimension but n = 6 is odd (m = 7, 9, r = 3, the head's 3 rows), so no shard is even. The head "4" and the
-biases get AdamW on DTensors. One spawn per test; every check of a test runs inside it.
+The small model exercises both layouts of A that LoFT steps: layer "0" (W 7×6) has n = 6, so
+``lora_shard_placement`` shards its A on columns; layer "2" (W 9×7) has n = 7, where FSDP2 refuses ``Shard(1)`` and
+A stays on its rows. Every other dimension is odd (m = 7, 9, n = 7, r = 3, the head's 3 rows), so those shards
+are uneven. The head "4" and a bias get AdamW on DTensors. One spawn per test; every check of a test runs inside it.
 """
 
 from __future__ import annotations

@@ -315,7 +315,8 @@ class LoFT(torch.optim.Optimizer):
                                "nn.Embedding(sparse=False))")
         by_device: dict[torch.device, list[Tensor]] = {}  # a model may span several devices
         for g in map(SH.local, grads):
-            by_device.setdefault(g.device, []).append(g)
+            if g.numel():  # a rank's shard may be empty (fewer rows than ranks); its infinity norm is undefined
+                by_device.setdefault(g.device, []).append(g)
         # the largest magnitude is NaN or Inf exactly when some entry is: one multi-tensor reduction per device
         finite = all(bool(torch.stack([m.float() for m in torch._foreach_norm(gs, float("inf"))]).isfinite().all())
                      for gs in by_device.values())

@@ -46,13 +46,16 @@ def ddp_worker(rank: int, init_file: str, run_dir: str, out_file: str) -> None:
 
 def fsdp_worker(rank: int, init_file: str, errors_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
-    fully_shard(model)
+    model, hsdp = make_model(), make_model()
+    fully_shard(model)  # FSDP2's default: LoFT steps it (tests/test_fsdp.py), the probe refuses
+    fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard")))  # HSDP: refused
     messages = []
-    for build in (lambda: LoFT.from_model(model), lambda: attach(model, torch.optim.AdamW(model.parameters()),
-                                                                  f"{errors_file}.run{rank}")):
+    optimizer = LoFT.from_model(model)
+    for build in (lambda: LoFT.from_model(hsdp), lambda: optimizer.full_space_moments(optimizer.param_groups[0]),
+                  lambda: attach(model, torch.optim.AdamW(model.parameters()), f"{errors_file}.run{rank}")):
         try:
             build()
         except ValueError as exc:
@@ -89,10 +92,11 @@ def test_loft_and_probe_under_ddp_equal_one_process_on_the_whole_batch(tmp_path)
 
 
 @pytest.mark.slow
-def test_fsdp_sharded_factors_are_refused(tmp_path):
+def test_what_fsdp2_layouts_are_refused(tmp_path):
     mp.spawn(fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path / "errors")), nprocs=2, join=True)
     for rank in range(2):
         messages = torch.load(tmp_path / f"errors.{rank}", weights_only=True)
-        assert len(messages) == 2
-        assert "LoFT does not support FSDP-sharded" in messages[0]
-        assert "probe does not support FSDP-sharded" in messages[1]
+        assert len(messages) == 3
+        assert "LoFT steps DTensors sharded by FSDP2 on a 1-D mesh" in messages[0] and "of 2 dims" in messages[0]
+        assert "full_space_moments needs a whole pair" in messages[1]
+        assert "probe does not support FSDP-sharded" in messages[2]

@@ -345,6 +345,10 @@ def test_bad_pair_groups():
         LoFT([{"params": [B, A.T.detach().clone().requires_grad_()], "lora_scale": 1.0}])
     with pytest.raises(ValueError, match="lora_scale must be > 0"):
         LoFT([{"params": [B, A], "lora_scale": 0.0}])
+    zero3 = torch.nn.Parameter(torch.empty(0))  # DeepSpeed ZeRO-3 empties a partitioned parameter and tags it
+    zero3.ds_id = 0
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO partitioned parameters are not supported"):
+        LoFT([{"params": [zero3, A], "lora_scale": 1.0}])
     opt = LoFT([{"params": [B, A], "lora_scale": 1.0}])
     with pytest.raises(ValueError, match="exactly"):  # groups added later are checked too
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], "lora_scale": 1.0})

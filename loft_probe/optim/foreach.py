@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from loft_probe.optim import functional as F
+from loft_probe.optim import sharding as SH
 
 # Numbers per reconstruction block of a stack (rows × pairs × l), per device type. Each block costs ~8 operator
 # calls. On an accelerator every call is a kernel launch: large blocks (2²⁴ numbers, 64 MiB in float32, two
@@ -43,12 +44,14 @@ class Side(NamedTuple):
 
 def pair_step_(sides: tuple[Side, Side], frames: tuple[F.PartnerFrame, F.PartnerFrame], moving: tuple[int, ...],
                step: int, group: dict[str, Any], basis: F.SecondMomentBasis,
-               block_elements: int = F.BLOCK_ELEMENTS) -> None:
+               block_elements: int = F.BLOCK_ELEMENTS, shards: SH.PairShards | None = None) -> None:
     """One LoFT step (spec steps 1–5), in place on the factors and states of ``sides`` (B-side, A-side).
 
     ``frames``: the partners' frames as in the forward pass (frame of A for the B-side, of Bᵀ for the A-side);
     ``moving``: the sides that move (0 = B, 1 = A); ``step``: t after the increment; ``group``: the pair group
-    (its hyperparameters and switches, shared by every pair of a stack).
+    (its hyperparameters and switches, shared by every pair of a stack). ``shards``: for an FSDP2-sharded pair,
+    ``sides`` hold this rank's rows of each side (factor, gradient, moments, and its rows of the stored frame)
+    while ``frames`` are whole: every step below is row by row, except the transport's r×r overlap, summed.
     """
     beta1, beta2 = group["betas"]
     scale = group["lora_scale"]
@@ -60,11 +63,13 @@ def pair_step_(sides: tuple[Side, Side], frames: tuple[F.PartnerFrame, F.Partner
     for i, (side, frame) in enumerate(zip(sides, frames, strict=True)):
         h = F.gradient_coordinates(side.grad, scale, frame, group["scale_gradients"], in_factor_space)
         if i in moving:
+            rows = slice(None) if shards is None else shards.frame_rows(i)
             if group["transport"]:
-                C = F.transport_matrix(side.frame, frame, in_factor_space)  # (r, r)
+                C = F.transport_matrix(side.frame, frame, in_factor_space, rows,
+                                       None if shards is None else shards.total)  # (r, r)
                 side.exp_avg.copy_(side.exp_avg @ C)
                 side.exp_avg_sq.copy_(side.exp_avg_sq @ basis.transport(C))
-            side.frame.copy_(frame.matrix(in_factor_space))
+            side.frame.copy_(frame.matrix(in_factor_space)[..., rows, :])
         side.exp_avg.lerp_(h, 1 - beta1)
         side.exp_avg_sq.mul_(beta2).add_(basis.features(h), alpha=1 - beta2)
 
@@ -77,8 +82,9 @@ def pair_step_(sides: tuple[Side, Side], frames: tuple[F.PartnerFrame, F.Partner
         max_ratio = F.adam_ratio_bound(step, group["betas"]) * (1 if basis.full else rank**0.5)
         for i in moving:
             side, frame = sides[i], frames[i]
-            direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, side.frame, basis, step,
-                                              group["betas"], group["eps"], max_ratio, block_elements)  # D·Q
+            # the whole frame (l, r): what the stored one holds rows of, since this step's transport
+            direction = F.projected_direction(side.exp_avg, side.exp_avg_sq, frame.matrix(in_factor_space), basis,
+                                              step, group["betas"], group["eps"], max_ratio, block_elements)  # D·Q
             steps[i] = frame.to_factor(direction).mul_(lr / (1 - beta1**step) / scale)  # D·R⁺, (k, r)
     for i in moving:
         side = sides[i]
@@ -106,13 +112,25 @@ class Bucket(NamedTuple):
     # for one float32/64 pair, stacked copies for a stack
     frames: tuple[F.PartnerFrame, F.PartnerFrame]  # of A (for the B-side) and of Bᵀ (for the A-side)
     stacked: bool
+    shards: SH.PairShards | None = None  # an FSDP2-sharded pair: factors are this rank's rows of B, columns of A
+    grads: tuple[Tensor, Tensor] | None = None  # a sharded pair's gradients on those rows and columns, copies
+    # fetched once (A's may cross ranks) and scaled by the clip along with the parameters' own
 
 
-def bucket(groups: list[dict[str, Any]], stacked: bool) -> Bucket:
-    """The bucket of ``groups`` (one group unless ``stacked``) with its partners' frames as in the forward pass."""
+def bucket(groups: list[dict[str, Any]], stacked: bool, shards: SH.PairShards | None = None) -> Bucket:
+    """The bucket of ``groups`` (one group unless ``stacked``) with its partners' frames as in the forward pass.
+    A sharded pair (one group, ``shards``) gathers both factors whole for the frames and keeps its own part."""
     dtype, cutoff = compute_dtype(groups[0]["params"][0]), groups[0]["partner_cutoff"]
     if stacked:
         B, A = (torch.stack([g["params"][i] for g in groups]).to(dtype) for i in (0, 1))  # (P, ·, ·), under no_grad
+    elif shards is not None:
+        whole_B, whole_A = (p.full_tensor().to(dtype) for p in groups[0]["params"])  # (m, r), (r, n)
+        B = SH.local(groups[0]["params"][0]).to(dtype)  # (m_local, r)
+        A = SH.column_block(groups[0]["params"][1], whole_A, shards, dtype)  # (r, n_local)
+        frames = (F.PartnerFrame(whole_A, cutoff), F.PartnerFrame(whole_B.mT, cutoff))
+        grad_B, grad_A = (_grad(p) for p in groups[0]["params"])
+        grads = (SH.local(grad_B).to(dtype, copy=True), SH.gradient_columns(grad_A, shards).to(dtype, copy=True))
+        return Bucket(groups, (B, A), frames, stacked, shards, grads)
     else:
         B, A = (p.detach().to(dtype) for p in groups[0]["params"])
     return Bucket(groups, (B, A), (F.PartnerFrame(A, cutoff), F.PartnerFrame(B.mT, cutoff)), stacked)
@@ -120,15 +138,18 @@ def bucket(groups: list[dict[str, Any]], stacked: bool) -> Bucket:
 
 def bucket_gradients(bucket: Bucket) -> tuple[Tensor, Tensor]:
     """``(g_B, g_A)`` of a bucket in the compute dtype, stacked for a stack. A missing gradient reads as zero
-    (a factor that did not take part in the loss). Read after clipping: a stack's are copies."""
+    (a factor that did not take part in the loss). Read after clipping: a stack's are copies (a sharded pair's
+    are fetched with the bucket, and the clip scales them)."""
     dtype = bucket.factors[0].dtype
-
-    def grad(p: Tensor) -> Tensor:
-        return p.grad if p.grad is not None else torch.zeros_like(p)
-
+    if bucket.grads is not None:
+        return bucket.grads
     if not bucket.stacked:
-        return tuple(grad(p).to(dtype) for p in bucket.groups[0]["params"])
-    return tuple(torch.stack([grad(g["params"][i]) for g in bucket.groups]).to(dtype) for i in (0, 1))
+        return tuple(_grad(p).to(dtype) for p in bucket.groups[0]["params"])
+    return tuple(torch.stack([_grad(g["params"][i]) for g in bucket.groups]).to(dtype) for i in (0, 1))
+
+
+def _grad(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:

@@ -30,6 +30,7 @@ so that the full-space second moment is one matrix multiply ``V = S·kernel(Eᵀ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -105,10 +106,16 @@ def gradient_coordinates(grad: Tensor, scale: float, frame: PartnerFrame, scaled
     return frame.in_frame(Y, factor_coordinates)
 
 
-def transport_matrix(old_frame: Tensor, frame: PartnerFrame, factor_coordinates: bool) -> Tensor:
+def transport_matrix(old_frame: Tensor, frame: PartnerFrame, factor_coordinates: bool, rows: slice = slice(None),
+                     total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Step 2: ``C`` (r×r) with ``m·C·Eᵀ = (m·E_oldᵀ)·P``: the full-space moment written against the old frame
-    E_old (l×r) is carried over to the new one, not reinterpreted. Orthonormal frames: ``C = Q_oldᵀ·Q``."""
-    overlap = old_frame.to(torch.float64).mT @ frame.basis.to(torch.float64)  # (r, r)
+    E_old (l×r) is carried over to the new one, not reinterpreted. Orthonormal frames: ``C = Q_oldᵀ·Q``.
+
+    A sharded pair holds only some ``rows`` of E_old: ``total`` sums the ranks' partial overlaps (an all-reduce).
+    """
+    overlap = old_frame.to(torch.float64).mT @ frame.basis[..., rows, :].to(torch.float64)  # (r, r)
+    if total is not None:
+        overlap = total(overlap)
     return frame.in_frame(overlap, factor_coordinates).to(old_frame.dtype)
 
 

@@ -25,9 +25,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from loft_probe.optim import foreach as FE
 from loft_probe.optim import functional as F
+from loft_probe.optim import sharding as SH
 from loft_probe.optim.foreach import compute_dtype
 
 SECOND_MOMENTS = ("full", "simple")
@@ -85,7 +87,13 @@ class LoFT(torch.optim.Optimizer):
             AdamW groups use torch's foreach AdamW. ``None`` (default): on accelerators (stacks wherever two
             or more pairs agree), off on the CPU, where one pair's working set stays in cache and an operator
             call costs microseconds, not a kernel launch (README, "LoFT: correctness and speed"). ``False``:
-            pair by pair. The result is the same up to roundoff, the state format too.
+            pair by pair. The result is the same up to roundoff, the state format too. FSDP2-sharded pairs
+            always step one by one.
+
+    FSDP2 (``fully_shard``, 1-D mesh): each rank steps its rows of B and its columns of A, holds their state
+    as DTensors, and exchanges O((m+n)·r) numbers per pair and step (:mod:`loft_probe.optim.sharding`); the
+    non-finite skip and the clip norm are agreed across ranks. Shard A on columns with
+    :func:`~loft_probe.optim.sharding.lora_shard_placement`.
 
     With ``alternating, scale_gradients, transport, projected_update`` all off and ``"simple"`` second
     moments, LoFT is AdamW on the factors (plain LoRA).
@@ -208,6 +216,8 @@ class LoFT(torch.optim.Optimizer):
         and ``V`` for a B-step (B when both moved), their A-side twins for an A-step; None before the first step.
         The projection is onto what that factor could express, the partner's supported subspace."""
         B, A = group["params"]
+        if isinstance(B, DTensor):
+            raise ValueError("full_space_moments needs a whole pair; this one is sharded (FSDP2)")
         state_B, state_A = self.state.get(B, {}), self.state.get(A, {})
         if "frame" not in state_B or not int(state_B["step"]):
             return None
@@ -229,14 +239,18 @@ class LoFT(torch.optim.Optimizer):
         clipping and the step share them."""
         keyed: dict[Any, list[dict[str, Any]]] = {}
         counts = self._counts() if self.foreach is not False else {}  # read once, not per pair
+        buckets = []
         for group in self.param_groups:
             if group["lora_scale"] is None:
                 continue
             B, A = group["params"]
             if B.grad is None and A.grad is None:
                 continue
+            shards = SH.pair_shards(B, A, group.get("name", "a pair group"))
+            if shards is not None:  # a sharded pair steps alone: its own rows and columns, whole frames
+                buckets.append(FE.bucket([group], stacked=False, shards=shards))
+                continue
             keyed.setdefault(id(group) if self.foreach is False else self._stack_key(group, counts), []).append(group)
-        buckets = []
         for groups in keyed.values():
             if self.foreach or (self.foreach is None and len(groups) > 1 and _stacks_help(groups[0]["params"][0])):
                 buckets.append(FE.bucket(groups, stacked=True))
@@ -265,13 +279,14 @@ class LoFT(torch.optim.Optimizer):
         return (B.shape, A.shape, B.dtype, A.dtype, B.device, moving, step, hyper)
 
     def _clip(self, max_norm: float, buckets: list[FE.Bucket]) -> Tensor:
-        squares, grads = [], []
+        squares, grads = ([], []), []  # squares of whole gradients, of this rank's shards (summed over the ranks)
         scaled = {id(g) for bucket in buckets for g in bucket.groups if g["scale_gradients"]}
         for group in self.param_groups:
             group_grads = [p.grad for p in group["params"] if p.grad is not None]
             grads += group_grads
             if id(group) not in scaled:
-                squares += [_precise(g.detach()).pow(2).sum() for g in group_grads]
+                for g in group_grads:
+                    squares[isinstance(g, DTensor)].append(_precise(SH.local(g).detach()).pow(2).sum())
         for bucket in buckets:
             group = bucket.groups[0]
             if not group["scale_gradients"]:
@@ -281,13 +296,17 @@ class LoFT(torch.optim.Optimizer):
                 grad = (gB, gA.mT)[i]
                 # in an orthonormal frame ‖G·P‖ is the norm of G's coordinates: no m×n matrix needed
                 coordinates = bucket.frames[i].coordinates(grad / group["lora_scale"])
-                squares.append(_precise(coordinates).pow(2).sum(dim=(-2, -1)).reshape(-1))  # per pair
+                squares[bucket.shards is not None].append(_precise(coordinates).pow(2).sum(dim=(-2, -1)).reshape(-1))
         if not grads:
             return torch.tensor(0.0)
-        # float64 sum: a float64 model's norm is exact to its roundoff however the pairs are bucketed
-        total = torch.cat([s.reshape(-1).to(grads[0].device, torch.float64) for s in squares]).sum().sqrt()
+        device = SH.local(grads[0]).device
+        # float64 sums: a float64 model's norm is exact to its roundoff however the pairs are bucketed
+        whole, shard = (torch.cat([s.reshape(-1).to(device, torch.float64) for s in part]).sum() if part
+                        else torch.zeros((), dtype=torch.float64, device=device) for part in squares)
+        total = (whole + SH.all_sum_(shard, SH.mesh_of(grads))).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
+        copies = [g for bucket in buckets if bucket.grads is not None for g in bucket.grads]
+        for g in [*map(SH.local, grads), *copies]:
             g.mul_(coef.to(g.device, g.dtype))
         return total.float()  # the dtype torch.nn.utils.clip_grad_norm_ gives float32 gradients
 
@@ -298,11 +317,14 @@ class LoFT(torch.optim.Optimizer):
             raise RuntimeError("LoFT does not support sparse gradients; use dense gradients (e.g. "
                                "nn.Embedding(sparse=False))")
         by_device: dict[torch.device, list[Tensor]] = {}  # a model may span several devices
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
+        for g in map(SH.local, grads):
+            if g.numel():  # a rank's shard may be empty (fewer rows than ranks); its infinity norm is undefined
+                by_device.setdefault(g.device, []).append(g)
         # the largest magnitude is NaN or Inf exactly when some entry is: one multi-tensor reduction per device
-        return all(bool(torch.stack([m.float() for m in torch._foreach_norm(gs, float("inf"))]).isfinite().all())
-                   for gs in by_device.values())
+        finite = all(bool(torch.stack([m.float() for m in torch._foreach_norm(gs, float("inf"))]).isfinite().all())
+                     for gs in by_device.values())
+        # a shard's NaN is seen by its own rank only: every rank skips, or none (FSDP2 would hang otherwise)
+        return SH.agree(finite, SH.mesh_of(grads))
 
     # ---------------------------------------------------------------- AdamW for every other parameter
     def _adamw_group(self, group: dict[str, Any]) -> None:
@@ -314,20 +336,22 @@ class LoFT(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, dtype=compute_dtype(p))
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=compute_dtype(p))
+        # DTensors (FSDP2) step shard by shard: AdamW is elementwise, and its state is sharded like the parameter
+        states = [_local_state(self.state[p]) for p in params]
+        grads = [SH.local(p.grad) for p in params]
+        params = [SH.local(p.detach()) for p in params]
         if params and (self.foreach or (self.foreach is None and _stacks_help(params[0]))):
-            computed = [p.detach().to(compute_dtype(p)) for p in params]  # the parameters unless low-precision
-            FE.adamw_foreach_(computed, [p.grad.to(c.dtype) for p, c in zip(params, computed, strict=True)],
-                              [self.state[p] for p in params], group["lr"], group["betas"], group["eps"],
-                              group["weight_decay"])
+            computed = [p.to(compute_dtype(p)) for p in params]  # the parameters unless low-precision
+            FE.adamw_foreach_(computed, [g.to(c.dtype) for g, c in zip(grads, computed, strict=True)],
+                              states, group["lr"], group["betas"], group["eps"], group["weight_decay"])
             low = [(p, c) for p, c in zip(params, computed, strict=True) if p.dtype != c.dtype]
             if low:
                 torch._foreach_copy_([p for p, _ in low], [c for _, c in low])
             return
-        for p in params:
-            state = self.state[p]
+        for p, grad, state in zip(params, grads, states, strict=True):
             state["step"] += 1
-            param = p.detach().to(compute_dtype(p))  # the parameter itself unless it is low-precision
-            F.adamw_update_(param, p.grad.to(param.dtype), state["exp_avg"], state["exp_avg_sq"],
+            param = p.to(compute_dtype(p))  # the parameter itself unless it is low-precision
+            F.adamw_update_(param, grad.to(param.dtype), state["exp_avg"], state["exp_avg_sq"],
                             int(state["step"]), group["lr"], beta1, beta2, group["eps"],
                             group["weight_decay"])
             if param.dtype != p.dtype:
@@ -342,7 +366,7 @@ class LoFT(torch.optim.Optimizer):
         states_B, states_A = [], []
         for j, g in enumerate(bucket.groups):
             own = [f[j] for f in first_frames] if bucket.stacked else first_frames
-            state_B, state_A = self._pair_state(g, own)
+            state_B, state_A = self._pair_state(g, own, bucket.shards)
             states_B.append(state_B)
             states_A.append(state_A)
         moving = self.moving_sides(group)
@@ -358,6 +382,14 @@ class LoFT(torch.optim.Optimizer):
             FE.unstack_states_(states_A, stacked_A)
             for i in moving:
                 torch._foreach_copy_([g["params"][i] for g in bucket.groups], list(bucket.factors[i].unbind(0)))
+        elif bucket.shards is not None:  # this rank's rows and columns, states as local views of their shards
+            sides = FE.sides_of(B, A, gB, gA, _local_state(states_B[0]), _local_state(states_A[0]))
+            FE.pair_step_(sides, bucket.frames, moving, step, group, basis, shards=bucket.shards)
+            B_param, A_param = group["params"]
+            if 0 in moving and B_param.dtype != B.dtype:  # a low-precision B, stepped in float32
+                SH.local(B_param).copy_(B)
+            if 1 in moving:
+                SH.write_columns_(A_param, A, bucket.shards)
         else:
             FE.pair_step_(FE.sides_of(B, A, gB, gA, states_B[0], states_A[0]), bucket.frames, moving, step,
                           group, basis)
@@ -369,20 +401,33 @@ class LoFT(torch.optim.Optimizer):
         torch._foreach_mul_(phases, -1)  # phase ← 1 − phase
         torch._foreach_add_(phases, 1)
 
-    def _pair_state(self, group: dict[str, Any], frames: list[Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The pair's states, created at its first step with the frames ``frames`` (E_B (n, r), E_A (m, r))."""
+    def _pair_state(self, group: dict[str, Any], frames: list[Tensor],
+                    shards: SH.PairShards | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The pair's states, created at its first step with the frames ``frames`` (E_B (n, r), E_A (m, r));
+        for a sharded pair, DTensors of which this rank holds its rows (B-side, E_A) and columns (A-side, E_B) of W."""
         B, A = group["params"]
         state_B, state_A = self.state[B], self.state[A]
         if not state_B:
             dtype, width = compute_dtype(B), self._basis(group, B).width
+            (m, r), n = B.shape, A.shape[1]
+            rows, cols = (slice(None), slice(None)) if shards is None else (shards.rows, shards.cols)
+
+            def zeros(shape: tuple[int, int], dim: int, part: slice) -> Tensor:
+                """A state of global ``shape``, of which a sharded pair's rank holds ``part`` along ``dim``."""
+                if shards is None:
+                    return B.new_zeros(shape, dtype=dtype)
+                return SH.sharded_zeros(shape, dim, part, shards.mesh, SH.local(B).new_empty((), dtype=dtype))
+
             state_B["step"] = torch.tensor(0.0)
             state_B["phase"] = torch.tensor(0.0)
-            state_B["exp_avg"] = torch.zeros_like(B, dtype=dtype)  # (m, r)
-            state_B["exp_avg_sq"] = B.new_zeros(B.shape[0], width, dtype=dtype)  # (m, T)
-            state_B["frame"] = frames[0].to(dtype, copy=True)  # (n, r)
-            state_A["exp_avg"] = torch.zeros_like(A, dtype=dtype)  # (r, n)
-            state_A["exp_avg_sq"] = A.new_zeros(A.shape[1], width, dtype=dtype)  # (n, T)
-            state_A["frame"] = frames[1].to(dtype, copy=True)  # (m, r)
+            state_B["exp_avg"] = zeros((m, r), 0, rows)
+            state_B["exp_avg_sq"] = zeros((m, width), 0, rows)
+            state_B["frame"] = zeros((n, r), 0, cols)
+            state_A["exp_avg"] = zeros((r, n), 1, cols)
+            state_A["exp_avg_sq"] = zeros((n, width), 0, cols)
+            state_A["frame"] = zeros((m, r), 0, rows)
+            SH.local(state_B["frame"]).copy_(frames[0][cols])
+            SH.local(state_A["frame"]).copy_(frames[1][rows])
         return state_B, state_A
 
     def _basis(self, group: dict[str, Any], B: Tensor) -> F.SecondMomentBasis:
@@ -400,12 +445,19 @@ class LoFT(torch.optim.Optimizer):
                              "loft_probe < 0.2); format 2 keeps them in orthonormal frames: restart the "
                              "optimizer state, or resume with loft_probe 0.1")
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
+        # saved keys as torch maps them: by position in the groups (indices, or FQNs from torch.distributed.checkpoint)
+        params = dict(zip((key for group in state_dict["param_groups"] for key in group["params"]),
+                          (p for group in self.param_groups for p in group["params"]), strict=True))
         for index, saved in state_dict["state"].items():
             for key, value in saved.items():
                 if torch.is_tensor(value):
                     device = "cpu" if key in ("step", "phase") else params[index].device
                     self.state[params[index]][key] = value.to(device=device, copy=True)
+
+
+def _local_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state with every DTensor replaced by its local shard (aliases: in-place updates reach the state)."""
+    return {key: SH.local(value) for key, value in state.items()}
 
 
 def _stacks_help(p: Tensor) -> bool:
@@ -446,22 +498,22 @@ def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, we
 
 
 def is_sharded(tensor: Tensor) -> bool:
-    """True for FSDP-sharded parameters: DTensors (FSDP2, tensor parallel) and FSDP1's flat parameters."""
+    """True for FSDP-sharded parameters: DTensors (FSDP2, tensor parallel) and FSDP1's flat parameters (what the
+    probe refuses; LoFT steps FSDP2's, see :mod:`loft_probe.optim.sharding`)."""
     return type(tensor).__name__ in ("DTensor", "FlatParameter") or hasattr(tensor, "_is_flat_param")
 
 
 def _check_group(group: dict[str, Any]) -> None:
     _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                            group["second_moment"], group["projected_update"], group["partner_cutoff"], None)
+    SH.check_sharded(group["params"], group.get("name", "a parameter group"))
     if group["lora_scale"] is None:
         return
     params = group["params"]
     name = group.get("name", "a pair group")
-    if any(is_sharded(p) for p in params):
-        # LoFT's m×n work splits by rows and columns, but each step needs the whole small partner factor
-        # and its Gram matrix: gathering them is not implemented, and a local shard would give wrong math.
-        raise ValueError(f"{name}: LoFT does not support FSDP-sharded (DTensor/flat) LoRA factors yet; "
-                         "use DDP, or shard only the frozen base weights")
+    if any(hasattr(p, "_is_flat_param") or hasattr(p, "ds_id") for p in params):
+        raise ValueError(f"{name}: LoFT supports one process, DDP and FSDP2 (fully_shard) LoRA factors; FSDP1 flat "
+                         "and DeepSpeed ZeRO partitioned parameters are not supported")
     if len(params) != 2:
         raise ValueError(f"{name}: a pair group holds exactly [B, A], got {len(params)} parameters")
     B, A = params
@@ -470,3 +522,4 @@ def _check_group(group: dict[str, Any]) -> None:
                          f"{tuple(B.shape)} and {tuple(A.shape)}")
     if not group["lora_scale"] > 0:
         raise ValueError(f"{name}: lora_scale must be > 0, got {group['lora_scale']}")
+    SH.pair_shards(B, A, name)  # refuses an FSDP2 layout LoFT cannot step

@@ -239,7 +239,19 @@ def test_the_lifted_direction_is_the_shadows_where_the_preconditioner_commutes()
     assert cosine_for(rotation.T) < 0.99
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD momentum dampening", "RMSprop centered momentum", "Adagrad", "LoFT"])
+def third_party(name: str):
+    """A third-party optimizer class by name, or a skip when its package is missing."""
+    if name == "Lion":
+        return pytest.importorskip("lion_pytorch").Lion, dict(lr=1e-3, weight_decay=0.1)
+    if name == "Adafactor":
+        return pytest.importorskip("transformers.optimization").Adafactor, dict(lr=1e-3, relative_step=False)
+    if name == "GaLoreAdamW":  # no `rank` group: GaLore's AdamW, which the factors get
+        return pytest.importorskip("galore_torch").GaLoreAdamW, dict(lr=1e-3, no_deprecation_warning=True)
+    return pytest.importorskip("schedulefree").AdamWScheduleFree, dict(lr=1e-3)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD momentum dampening", "RMSprop centered momentum", "Adagrad", "LoFT",
+                                  "Lion", "Adafactor", "GaLoreAdamW", "AdamWScheduleFree"])
 def test_gpt2_conv1d_adapters_with_every_layout(tmp_path, name):
     """PEFT on GPT-2's Conv1D (fan_in_fan_out: the base weight is stored n×m): every layout reads its pairs, and
     with A frozen the B side's lift is the shadow's projected moment exactly, as for nn.Linear."""
@@ -256,8 +268,10 @@ def test_gpt2_conv1d_adapters_with_every_layout(tmp_path, name):
     if name == "LoFT":
         optimizer = LoFT.from_model(model, lr=1e-3)
     else:
-        cls, kwargs = OPTIMIZERS[name]
+        cls, kwargs = OPTIMIZERS[name] if name in OPTIMIZERS else third_party(name)
         optimizer = cls([pair.B for pair in pairs], **{**kwargs, "lr": 1e-3})  # A frozen: B-only training
+        if name == "AdamWScheduleFree":
+            optimizer.train()
     tokens = torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(2))
     with attach(model, optimizer, tmp_path / "run", every=1, shadow=True) as probe:
         for _ in range(4):
@@ -267,9 +281,10 @@ def test_gpt2_conv1d_adapters_with_every_layout(tmp_path, name):
             probe.log(loss=1.0)
     metrics = load_run(tmp_path / "run").metrics
     assert len(set(metrics.layer) - {""}) == len(pairs) == 2
+    assert len(values(metrics, "shadow_update_cosine")) == 8
     cosines = values(metrics, "shadow_m_proj_cosine_b")
-    if name == "Adagrad":  # no first moment to lift
-        assert cosines.empty and not values(metrics, "shadow_update_cosine").empty
+    if name in ("Adagrad", "Adafactor", "AdamWScheduleFree"):  # no first moment to lift
+        assert cosines.empty
     elif name == "LoFT":
         assert (values(metrics, "shadow_m_proj_cosine") > 0.9).all()
     else:

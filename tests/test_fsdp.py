@@ -11,13 +11,19 @@ runs inside it.
 
 from __future__ import annotations
 
+import time
+import warnings
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from loft_probe import LoFT, add_lora, lora_pairs
+from loft_probe import LoFT, Snapshots, add_lora, attach, load_run, lora_pairs
+from loft_probe.probe import ProbeWarning, every
+from loft_probe.run import RUN_LAYER
 
 STEPS, BATCH, WORLD = 10, 8, 2
 OPTIONS = {"lr": 1e-2, "eps": 1e-6, "weight_decay": 0.01, "max_grad_norm": 0.05}
@@ -59,16 +65,21 @@ def step(model, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def sharded(dtype: torch.dtype, nonzero_B: bool, **options) -> tuple[torch.nn.Module, LoFT]:
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """``fully_shard`` on layers "0" and "2" and the root, A on columns where n divides by the world size."""
     from torch.distributed.fsdp import fully_shard
 
     from loft_probe.optim.sharding import lora_shard_placement
 
-    model = make_model(dtype, nonzero_B)
     placement = lora_shard_placement(model)
     for layer in ("0", "2"):
         fully_shard(model.get_submodule(layer), shard_placement_fn=placement)
     fully_shard(model, shard_placement_fn=placement)
+    return model
+
+
+def sharded(dtype: torch.dtype, nonzero_B: bool, **options) -> tuple[torch.nn.Module, LoFT]:
+    model = shard(make_model(dtype, nonzero_B))
     return model, LoFT.from_model(model, **{**OPTIONS, **options})
 
 
@@ -345,3 +356,118 @@ def test_a_peft_transformer_sharded_per_layer_equals_one_process(tmp_path):
     for key, value in model.named_parameters():
         if value.requires_grad:
             assert_close(got[key], value.detach(), rtol=1e-10, atol=1e-10, msg=key)
+
+
+# The probe: LoFT (its full-space moments rebuilt from gathered state) and AdamW (factor moments lifted through
+# gathered factors), each with a shadow; records every 2nd step, snapshots every 4th and at close (step 10).
+PROBED = {"loft": lambda model: LoFT.from_model(model, **OPTIONS),
+          "adamw": lambda model: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                                   weight_decay=0.01)}
+PROBE_OPTIONS = {"every": 2, "shadow": True, "snapshots": Snapshots(schedule=every(4))}
+
+
+def train_probed(model, optimizer, probe, half: slice) -> list[float]:
+    """The loop of one rank on its half of every batch; the model's output on the whole first batch after each
+    step (training went on, and went on alike on every rank)."""
+    outputs = []
+    for x, y in data(torch.float64):
+        step(model, optimizer, x[half], y[half])
+        probe.log(loss=0.0)
+        with torch.no_grad():
+            outputs.append(float(model(data(torch.float64)[0][0]).sum()))
+    return outputs
+
+
+def probe_worker(rank: int, init_file: str, run_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    for name, build in PROBED.items():
+        model = shard(make_model(torch.float64, True))
+        optimizer = build(model)
+        with attach(model, optimizer, f"{run_dir}/{name}", **PROBE_OPTIONS) as probe:
+            train_probed(model, optimizer, probe, half)
+    dist.destroy_process_group()
+
+
+def layer_rows(run) -> tuple:
+    rows = run.metrics.query(f"layer != '{RUN_LAYER}'").sort_values(["step", "layer", "metric"])
+    return rows.reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_the_probe_on_fsdp2_writes_the_run_directory_of_one_process_on_the_concatenated_batch(tmp_path):
+    mp.spawn(probe_worker, args=(str(tmp_path / "init"), str(tmp_path / "fsdp")), nprocs=WORLD, join=True)
+    for name, build in PROBED.items():
+        model = make_model(torch.float64, True)
+        optimizer = build(model)
+        with attach(model, optimizer, tmp_path / "one" / name, **PROBE_OPTIONS) as probe:
+            train_probed(model, optimizer, probe, slice(None))
+        fsdp, one = load_run(tmp_path / "fsdp" / name), load_run(tmp_path / "one" / name)
+        assert fsdp.meta["world_size"] == WORLD and fsdp.meta["layers"] == one.meta["layers"]  # fingerprints too
+        assert fsdp.snapshot_steps == one.snapshot_steps == [4, 8, 10]
+        got, want = layer_rows(fsdp), layer_rows(one)
+        assert got[["step", "layer", "metric"]].equals(want[["step", "layer", "metric"]]), name
+        assert {"shadow_update_cosine", "factor_grad_norm", "residual_left", "intruders"} <= set(want.metric)
+        if name == "loft":  # LoFT's moments, rebuilt on rank 0 from the state gathered whole
+            assert {"shadow_m_rel_error", "shadow_v_cosine", "shadow_precond_proj_cosine"} <= set(want.metric)
+        assert_close(torch.tensor(got.value.to_numpy()), torch.tensor(want.value.to_numpy()), rtol=1e-6,
+                     atol=1e-12, msg=name)
+        for t in one.snapshot_steps:
+            for layer, tensors in one.snapshot(t).items():
+                for what in ("delta.S", "adapter.B", "adapter.A", "shadow_m.S"):
+                    assert_close(fsdp.snapshot(t)[layer][what], tensors[what], rtol=1e-6, atol=1e-12,
+                                 msg=f"{name} {t} {layer} {what}")
+
+
+def failing_probe_worker(rank: int, init_file: str, run_dir: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))  # a rank left waiting raises instead of hanging
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    model, optimizer = sharded(torch.float64, True)
+    probe = attach(model, optimizer, run_dir, **PROBE_OPTIONS)
+
+    def broken(layer):
+        raise RuntimeError("measuring failed")
+
+    probe.recorder.step_values = broken  # rank 0's measuring fails at step 2; every rank still gathers after it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = train_probed(model, optimizer, probe, half)
+        probe.close()
+    messages = [str(w.message) for w in caught if issubclass(w.category, ProbeWarning)]
+    torch.save({"outputs": outputs, "warnings": messages}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_probe_failing_on_rank_0_disables_itself_and_training_goes_on_on_every_rank(tmp_path):
+    context = mp.start_processes(failing_probe_worker, nprocs=WORLD, join=False, start_method="spawn",
+                                 args=(str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path / "out")))
+    deadline = time.monotonic() + 90
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank hung after the probe failed on rank 0")
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(WORLD)]
+    assert len(ranks[0]["warnings"]) == 1 and "probe disabled, training continues" in ranks[0]["warnings"][0]
+    assert "measuring failed" in ranks[0]["warnings"][0] and ranks[1]["warnings"] == []
+    assert len(ranks[0]["outputs"]) == STEPS and ranks[0]["outputs"] == ranks[1]["outputs"]
+    model, optimizer = sharded_free_twin()
+    assert_close(torch.tensor(ranks[0]["outputs"]), torch.tensor(train_unprobed(model, optimizer)), rtol=1e-10,
+                 atol=1e-12)  # the probe, disabled or not, did not change training
+
+
+def sharded_free_twin() -> tuple[torch.nn.Module, LoFT]:
+    model = make_model(torch.float64, True)
+    return model, LoFT.from_model(model, **OPTIONS)
+
+
+def train_unprobed(model, optimizer) -> list[float]:
+    outputs = []
+    for x, y in data(torch.float64):
+        step(model, optimizer, x, y)
+        with torch.no_grad():
+            outputs.append(float(model(data(torch.float64)[0][0]).sum()))
+    return outputs

@@ -211,14 +211,19 @@ class LoFT(torch.optim.Optimizer):
         state_B = self.state[group["params"][0]]
         return _moving(group["alternating"], int(state_B["phase"]) if state_B else 0)
 
-    def full_space_moments(self, group: dict[str, Any]) -> FullSpaceMoments | None:
+    def full_space_moments(self, group: dict[str, Any], states: tuple[dict[str, Any], dict[str, Any]] | None = None
+                           ) -> FullSpaceMoments | None:
         """The moments of the factor that moved at the last step, in the weight's space (m×n each): ``M = m_B·E_Bᵀ``
         and ``V`` for a B-step (B when both moved), their A-side twins for an A-step; None before the first step.
-        The projection is onto what that factor could express, the partner's supported subspace."""
+        The projection is onto what that factor could express, the partner's supported subspace. ``states``: the
+        pair's (B's, A's) state, default this optimizer's own; an FSDP2-sharded pair's must be given gathered
+        whole (plain tensors: :mod:`loft_probe.probe.gather` does so), not its shards."""
         B, A = group["params"]
-        if isinstance(B, DTensor):
-            raise ValueError("full_space_moments needs a whole pair; this one is sharded (FSDP2)")
-        state_B, state_A = self.state.get(B, {}), self.state.get(A, {})
+        state_B, state_A = states if states is not None else (self.state.get(B, {}), self.state.get(A, {}))
+        if (states is None and isinstance(B, DTensor)) or any(
+                isinstance(value, DTensor) for state in (state_B, state_A) for value in state.values()):
+            raise ValueError("full_space_moments needs a whole pair's state; this one is sharded (FSDP2): pass its "
+                             "state gathered whole (states=...)")
         if "frame" not in state_B or not int(state_B["step"]):
             return None
         basis = self._basis(group, B)

@@ -59,6 +59,11 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def whole(t: Tensor) -> Tensor:
+    """A DTensor gathered whole (one all-gather: every rank of its mesh must call it); any other tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Shard | None]:
     """A ``shard_placement_fn`` for ``fully_shard`` that shards every LoRA A (r×n) on its columns where n divides
     by the world size (FSDP2 refuses uneven sharding on dim 1), and leaves every other parameter to FSDP2's

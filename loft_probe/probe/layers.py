@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from loft_probe.lora import LoraPair, eager_name, lora_pairs, unsupported_lora_layers
 from loft_probe.metrics import SVD, LowRank, lowrank_norm, lowrank_update
 from loft_probe.optim import LoFT
-from loft_probe.optim.loft import compute_dtype, is_sharded
+from loft_probe.optim.loft import compute_dtype
 from loft_probe.probe.capture import GradCapture
+from loft_probe.probe.gather import Whole
 from loft_probe.probe.shadow import Shadow
 from loft_probe.run import meta as schema
 
@@ -39,6 +40,7 @@ class ProbedLayer:
     grads_before: tuple[Tensor | None, ...] | None = None  # (B.grad, A.grad) or (W.grad,) when the step overwrites them
     layout_before: Any = None  # recorded steps of a dense weight: what its layout kept from before the step
     base_svd: SVD | None = None  # LoRA: W_0's thin SVD, kept when intruders are counted at every snapshot
+    whole: Whole | None = None  # an FSDP2-sharded pair: its tensors gathered whole (loft_probe.probe.gather)
 
     @property
     def kind(self) -> str:
@@ -62,18 +64,37 @@ class ProbedLayer:
         return compute_dtype(self.key_param)
 
     def state_now(self) -> tuple[Tensor, ...]:
-        """A copy of the layer's trainable state: (B (m×r), A (r×n)) or (W (m×n),)."""
+        """A copy of the layer's trainable state: (B (m×r), A (r×n)) or (W (m×n),); a sharded pair's as gathered
+        at this step (every rank gathers in the hooks: reading the shards here would be a collective)."""
         dtype = self.compute_dtype()
+        if self.whole is not None:
+            if self.whole.factors is None:
+                raise RuntimeError(f"layer {self.name!r}: its sharded factors were not gathered at this step")
+            B, A = self.whole.factors
+            return B.to(dtype, copy=True), A.to(dtype, copy=True)
         if self.pair is not None:
             return self.pair.B.detach().to(dtype, copy=True), self.pair.A.detach().to(dtype, copy=True)
         return (self.param.detach().to(dtype, copy=True),)
+
+    def base_weight(self) -> Tensor:
+        """A LoRA pair's frozen W_0 (m×n); a sharded pair's gathered whole at attach (on rank 0)."""
+        return self.whole.base if self.whole is not None else self.pair.base_weight()
+
+    def factor_grads(self) -> tuple[Tensor | None, Tensor | None]:
+        """(B.grad (m×r), A.grad (r×n)) after the step: kept from before a step that overwrites them, gathered
+        whole for a sharded pair, else the live ones."""
+        if self.grads_before is not None:
+            return self.grads_before
+        if self.whole is not None:
+            return self.whole.grads or (None, None)
+        return self.pair.B.grad, self.pair.A.grad
 
     def weight(self, state: tuple[Tensor, ...]) -> Tensor:
         """The effective weight W (m×n) of a saved state."""
         if self.pair is None:
             return state[0]
         B, A = state
-        return self.pair.base_weight().to(B.dtype) + self.pair.scale * (B @ A)
+        return self.base_weight().to(B.dtype) + self.pair.scale * (B @ A)
 
     def update(self, before: tuple[Tensor, ...], after: tuple[Tensor, ...], lowrank: bool = False
                ) -> Tensor | LowRank:
@@ -91,7 +112,7 @@ class ProbedLayer:
         if self.pair is None:
             return state[0].norm()
         B, A = state
-        s, W0 = self.pair.scale, self.pair.base_weight().to(B.dtype)
+        s, W0 = self.pair.scale, self.base_weight().to(B.dtype)
         cross = ((W0 @ A.mT) * B).sum()
         return (self.base_norm**2 + 2 * s * cross + s**2 * lowrank_norm(B, A) ** 2).clamp_min(0).sqrt()
 
@@ -121,10 +142,6 @@ def select_layers(model: nn.Module, patterns: str | Iterable[str] | None) -> lis
     if too_long:
         raise ValueError(f"layer names must be at most {schema.MAX_LAYER_NAME} characters (meta.json's limit), "
                          f"got one of {len(too_long[0])}: {too_long[0][:60]!r}...")
-    sharded = [layer.name for layer in layers if is_sharded(layer.key_param)]
-    if sharded:
-        raise ValueError(f"the probe does not support FSDP-sharded parameters yet (layer {sharded[0]!r}); "
-                         "use DDP")
     return layers
 
 

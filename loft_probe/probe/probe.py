@@ -7,7 +7,8 @@ full rank, :mod:`~loft_probe.probe.shadow`) with it. At
 recorded steps it also keeps the weights from before the step, and after the step (post-step hook) writes
 what :mod:`loft_probe.probe.recording` measures; at snapshot steps the top-k singular triplets of the
 cumulative ΔW. Under DDP every rank captures and all-reduces G; rank 0 alone measures and writes, through
-:class:`loft_probe.run.RunWriter`.
+:class:`loft_probe.run.RunWriter`. Under FSDP2 every rank also gathers what rank 0 measures of a sharded LoRA
+pair (:mod:`~loft_probe.probe.gather`), in the hooks, outside rank 0's guarded measuring.
 
 This module holds the hooks, skipped steps, checkpoints and closing; the layers are in
 :mod:`~loft_probe.probe.layers`, the measuring in :mod:`~loft_probe.probe.recording`, meta.json and the resume
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from loft_probe.lora import dropout_warning
-from loft_probe.probe import runmeta
+from loft_probe.probe import gather, runmeta
 from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.layers import ProbedLayer, check_groups, method_of, select_layers
 from loft_probe.probe.layouts import NoLayout, layout_of
@@ -76,12 +77,14 @@ class Probe:
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         check_groups(optimizer, self.layers, groups)
         self.layout = layout_of(optimizer)
+        gather.check(self.layers, self.layout)
         if isinstance(self.layout, NoLayout):
             warnings.warn(f"loft_probe: no state layout for {type(optimizer).__name__}: its gradients and updates "
                           "are recorded, its moments are not; describe its state with "
                           "loft_probe.probe.register_layout", ProbeWarning, stacklevel=3)
-        self.recorder = Recorder(optimizer, self.layout, groups, snapshots.k, snapshots.intruders,
-                                 self._initial_weight)
+        gather.attach(self.layers)  # FSDP2: W_0 and the factors whole, before anything reads them
+        self.recorder = Recorder(gather.optimizer_view(optimizer, self.layers), self.layout, groups, snapshots.k,
+                                 snapshots.intruders, self._initial_weight)
         self.shadow_requested = shadow
         self._rows: list[tuple[int, str, str, float]] = []
         # Rank 0 alone writes (under DDP the other ranks only join the all-reduce): it alone takes the lock.
@@ -89,6 +92,7 @@ class Probe:
         try:
             self._prepare_layers(capture_grad, shadow, gradients.shadow_dtype)
             self.step = self._open_run_dir(labels, shadow, capture_grad)
+            gather.drop_base(self.layers, self.rank)  # ‖W_0‖ and the fingerprints are taken
         except BaseException:
             if self._writer is not None:
                 self._writer.abandon()  # a failed start leaves nothing behind
@@ -111,7 +115,7 @@ class Probe:
             if layer.pair is not None:
                 layer.initial_factors = layer.state_now()
                 # in the compute dtype: a pair's ‖W‖ is rebuilt from it (ProbedLayer.weight_norm)
-                layer.base_norm = float(layer.pair.base_weight().to(dtype).norm())
+                layer.base_norm = float(layer.base_weight().to(dtype).norm())
                 if capture_grad:
                     layer.capture = GradCapture(layer.pair.module, layer.shape, dtype)
             if shadow and self.rank == 0:
@@ -138,10 +142,13 @@ class Probe:
         """Keeps the weights from before the step (rank 0) where they are needed: at a recorded step, and at every
         step for a shadow whose optimizer reads the weight; the gradients where the step overwrites them, and
         what a dense layer's layout keeps from before a recorded step."""
-        if not (self._writing and self.rank == 0):
-            return
         t = self.step + 1
         recorded = self.schedule(t) or self.snapshots(t)
+        # every rank, whatever rank 0's measuring did: sharded pairs' factors where rank 0 may keep them below
+        gather.gather_factors([layer for layer in self.layers if recorded or (
+            self.shadow_requested and self.layout.reads_weight(self.recorder.group(layer)))])
+        if not (self._writing and self.rank == 0):
+            return
         keep = [layer for layer in self.layers
                 if recorded or (layer.shadow is not None and layer.shadow.needs_weight)]
         self._guarded(lambda: [setattr(layer, "before", layer.state_now()) for layer in keep])
@@ -161,6 +168,10 @@ class Probe:
             return
         t = self.step + 1
         measured = self.schedule(t) or self.snapshots(t)
+        if self.schedule(t):  # every rank (collectives): what rank 0 measures of a sharded pair
+            gather.gather_step(self.layers, self.optimizer)
+        elif measured:
+            gather.gather_factors(self.layers)
         for layer in self.layers:
             layer.grad = self._full_gradient(layer, measured)
         if self._writing and self.rank == 0:
@@ -222,6 +233,8 @@ class Probe:
             layer.grad, layer.before, layer.grads_before, layer.layout_before = None, None, None, None
             if layer.capture is not None:
                 layer.capture.reset()
+            if layer.whole is not None:
+                layer.whole.clear()
         self._pending_skip = False
         self._set_capture(self.step + 1)
 
@@ -357,6 +370,8 @@ class Probe:
         atexit.unregister(self.close)
         writing = self._writing and self.rank == 0
         self._writing = False
+        if self._enabled and self.step > 0:  # every rank: the sharded factors for the last snapshot
+            gather.gather_factors(self.layers)
         if self._enabled:
             self._enabled = False
             self._remove_hooks()

@@ -54,12 +54,11 @@ class Recorder:
         values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))
         sides = None
         if layer.pair is not None:
-            grads = layer.grads_before or (layer.pair.B.grad, layer.pair.A.grad)
-            values.update(measure.factor_metrics(layer.initial_factors, after, grads))
+            values.update(measure.factor_metrics(layer.initial_factors, after, layer.factor_grads()))
             if layer.grad is not None:
                 values.update(measure.residual_metrics(layer.grad, *layer.before))
             if layer.grad is not None or layer.shadow is not None:  # the sides are m×n work: only when read
-                sides = self.layout.pair_sides(self.optimizer, group, layer.pair, layer.compute_dtype())
+                sides = self.layout.pair_sides(self.optimizer, group, layer.pair, layer.compute_dtype(), after)
         full = self._full_space_moments(layer, group, sides)
         if full is not None and full.first is not None and layer.grad is not None:
             values.update(measure.moment_grad_metrics(full.first, layer.grad))
@@ -90,12 +89,12 @@ class Recorder:
 
     def _factor_cosine(self, layer: ProbedLayer, group: dict[str, Any]) -> dict[str, float]:
         """``cos_moment_grad`` over both factors of a LoRA pair, in factor space; {} when not defined."""
-        factors = (layer.pair.B, layer.pair.A)
-        moments = [self.layout.moments(self.optimizer, group, p) for p in factors]
-        if any(m is None or m.first is None for m in moments) or any(p.grad is None for p in factors):
+        moments = [self.layout.moments(self.optimizer, group, p) for p in (layer.pair.B, layer.pair.A)]
+        factor_grads = layer.factor_grads()
+        if any(m is None or m.first is None for m in moments) or any(g is None for g in factor_grads):
             return {}
         first = torch.cat([m.first.float().flatten() for m in moments])
-        grads = torch.cat([g.float().flatten() for g in layer.grads_before or (p.grad for p in factors)])
+        grads = torch.cat([g.float().flatten() for g in factor_grads])
         return measure.moment_grad_metrics(first, grads)
 
     def cumulative_delta_norm(self, layer: ProbedLayer, state: tuple[Tensor, ...]) -> Tensor:
@@ -151,7 +150,7 @@ class Recorder:
     def _lora_intruder_scores(self, layer: ProbedLayer, B: Tensor, A: Tensor) -> Tensor | None:
         """Intruder scores of W_0 + s·B·A from W_0's SVD (kept with ``intruders="all"``: about twice W_0's
         memory per layer) and the rank-r update: no m×n SVD of the tuned weight."""
-        base_svd = layer.base_svd or metrics.SVD(*torch.linalg.svd(layer.pair.base_weight().to(B.dtype),
+        base_svd = layer.base_svd or metrics.SVD(*torch.linalg.svd(layer.base_weight().to(B.dtype),
                                                                    full_matrices=False))
         if self.intruders == "all":  # counted at every snapshot: keep it
             layer.base_svd = base_svd

@@ -35,7 +35,7 @@ def open_run(writer: RunWriter, optimizer: torch.optim.Optimizer, layers: list[P
     for layer in dense:
         layer.base_norm = float(initial[layer.name].float().norm())
     fingerprint, per_layer = fingerprints(
-        layers, lambda layer: layer.pair.base_weight() if layer.pair is not None else initial[layer.name])
+        layers, lambda layer: layer.base_weight() if layer.pair is not None else initial[layer.name])
     meta = {
         "name": labels.name or writer.run_dir.name, "optimizer": type(optimizer).__name__,
         "hyperparameters": hyperparameters(optimizer), "seed": labels.seed, "data_order": labels.data_order,

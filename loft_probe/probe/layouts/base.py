@@ -47,18 +47,19 @@ class Layout:
         return Moments(first, second)
 
     def pair_sides(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], pair: LoraPair,
-                   dtype: torch.dtype) -> list[Side] | None:
+                   dtype: torch.dtype, factors: tuple[Tensor, Tensor] | None = None) -> list[Side] | None:
         """A LoRA pair's state in the weight's space, one :class:`Side` per factor the optimizer holds a first
         moment for (a frozen factor has none): the factor's own moments lifted through its partner; None
-        when neither has one."""
+        when neither has one. ``factors``: (B (m×r), A (r×n)) to lift through, default the pair's own (an
+        FSDP2-sharded pair's are given gathered whole)."""
         moments = [self.moments(optimizer, group, p) for p in (pair.B, pair.A)]
         first = [m.first.to(dtype) if m is not None and m.first is not None else None for m in moments]
         second = [m.second.to(dtype) if m is not None and m.second is not None and "eps" in group else None
                   for m in moments]
         if first == [None, None]:
             return None
-        return lift_factor_state(pair.B.detach().to(dtype), pair.A.detach().to(dtype), pair.scale, first, second,
-                                 group.get("eps", 0.0))
+        B, A = factors or (pair.B.detach(), pair.A.detach())
+        return lift_factor_state(B.to(dtype), A.to(dtype), pair.scale, first, second, group.get("eps", 0.0))
 
     def reads_weight(self, group: dict[str, Any]) -> bool:
         """Whether a step's update (not only its weight decay) depends on the weight itself. When it does not,

@@ -20,11 +20,14 @@ class LoFTLayout(AdamLayout):
         in frame coordinates (not an EMA of its gradients): read the pair through :meth:`pair_sides`."""
         return None if group.get("lora_scale") is not None else super().moments(optimizer, group, param)
 
-    def pair_sides(self, optimizer: LoFT, group: dict[str, Any], pair: LoraPair,
-                   dtype: torch.dtype) -> list[Side] | None:
+    def pair_sides(self, optimizer: LoFT, group: dict[str, Any], pair: LoraPair, dtype: torch.dtype,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Side] | None:
         """The factor that moved at the last step: its reconstructed M and V (m×n), and the direction
-        ``M/(sqrt(V) + ε)`` restricted to what that factor can express (the step LoFT applies)."""
-        moments = optimizer.full_space_moments(group)
+        ``M/(sqrt(V) + ε)`` restricted to what that factor can express (the step LoFT applies). Read from
+        ``optimizer.state``: a sharded pair's is the state the probe gathered whole (``factors`` is not needed:
+        LoFT's state holds its frames)."""
+        B, A = group["params"]
+        moments = optimizer.full_space_moments(group, (optimizer.state.get(B, {}), optimizer.state.get(A, {})))
         if moments is None:
             return None
         # an A-step's moments come transposed; metrics over a mix of layouts run 8× slower than over one

@@ -49,13 +49,15 @@ def fsdp_worker(rank: int, init_file: str, errors_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model, hsdp = make_model(), make_model()
-    fully_shard(model)  # FSDP2's default: LoFT steps it (tests/test_fsdp.py), the probe refuses
+    model, hsdp, dense = make_model(), make_model(), torch.nn.Sequential(torch.nn.Linear(10, 12)).double()
+    fully_shard(model)  # FSDP2's default: LoFT steps it, the probe measures it (tests/test_fsdp.py)
     fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard")))  # HSDP: refused
+    fully_shard(dense)  # full fine-tuning under FSDP2: the probe refuses it
     messages = []
     optimizer = LoFT.from_model(model)
     for build in (lambda: LoFT.from_model(hsdp), lambda: optimizer.full_space_moments(optimizer.param_groups[0]),
-                  lambda: attach(model, torch.optim.AdamW(model.parameters()), f"{errors_file}.run{rank}")):
+                  lambda: attach(dense, torch.optim.AdamW(dense.parameters()), f"{errors_file}.run{rank}"),
+                  lambda: attach(hsdp, torch.optim.AdamW(hsdp.parameters()), f"{errors_file}.hsdp{rank}")):
         try:
             build()
         except ValueError as exc:
@@ -96,7 +98,8 @@ def test_what_fsdp2_layouts_are_refused(tmp_path):
     mp.spawn(fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path / "errors")), nprocs=2, join=True)
     for rank in range(2):
         messages = torch.load(tmp_path / f"errors.{rank}", weights_only=True)
-        assert len(messages) == 3
+        assert len(messages) == 4
         assert "LoFT steps DTensors sharded by FSDP2 on a 1-D mesh" in messages[0] and "of 2 dims" in messages[0]
         assert "full_space_moments needs a whole pair" in messages[1]
-        assert "probe does not support FSDP-sharded" in messages[2]
+        assert "the probe measures FSDP2-sharded LoRA pairs, not sharded dense weights" in messages[2]
+        assert "LoFT steps FSDP2 pairs on a 1-D mesh" in messages[3]  # the probe refuses what LoFT does not step

@@ -1,5 +1,6 @@
 """LoFT on FSDP2 (``fully_shard``; gloo, 2 CPU processes, file:// rendezvous) against one process stepping the
-unsharded model on the concatenated batch; a NaN on one rank; distributed checkpoints; mixed precision; a PEFT model.
+unsharded model on the concatenated batch; a NaN on one rank; distributed checkpoints; mixed precision; a PEFT model;
+the probe's run directory against one process's, and a probe failing on rank 0.
 
 The small model exercises both layouts of A that LoFT steps: layer "0" (W 7×6) has n = 6, so
 ``lora_shard_placement`` shards its A on columns; layers "2" (W 9×7) and "4" (the head, W 1×9) have odd n, where

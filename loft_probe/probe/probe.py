@@ -366,7 +366,8 @@ class Probe:
                 layer.capture.remove()
 
     def close(self) -> None:
-        """Writes what is pending, a snapshot of the last step, and marks the run closed. Idempotent."""
+        """Writes what is pending, a snapshot of the last step, and marks the run closed. Idempotent. Under FSDP2
+        call it on every rank: it gathers the sharded factors for the last snapshot."""
         atexit.unregister(self.close)
         writing = self._writing and self.rank == 0
         self._writing = False
@@ -422,7 +423,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Pa
     """Attach a probe to a model and its optimizer; the training loop stays as it is. The entry point.
 
     Args:
-        model, optimizer: the model (DDP-wrapped or not) and the optimizer that trains it.
+        model, optimizer: the model (DDP-wrapped, FSDP2-sharded LoRA pairs on a 1-D mesh, or neither) and the
+            optimizer that trains it. Under FSDP2 rank 0 holds each probed layer's W_0 and shadow whole
+            (:mod:`~loft_probe.probe.gather`); attach after ``fully_shard`` and close on every rank.
         run_dir: the run directory to write (created; re-opened to resume the same run).
         every: record schedule: an int k (every k steps), a list of steps, or a :class:`Schedule`.
         shadow: keep a shadow per probed layer, the run's optimizer at full rank (AdamW for LoFT; 2·m·n numbers

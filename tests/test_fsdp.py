@@ -367,13 +367,12 @@ PROBED = {"loft": lambda model: LoFT.from_model(model, **OPTIONS),
 PROBE_OPTIONS = {"every": 2, "shadow": True, "snapshots": Snapshots(schedule=every(4))}
 
 
-def train_probed(model, optimizer, probe, half: slice) -> list[float]:
-    """The loop of one rank on its half of every batch; the model's output on the whole first batch after each
-    step (training went on, and went on alike on every rank)."""
+def train_outputs(model, optimizer, half: slice) -> list[float]:
+    """Trains on ``half`` of every batch; returns the model's summed output on the whole first batch after each
+    step (that training went on, and alike on every rank)."""
     outputs = []
     for x, y in data(torch.float64):
         step(model, optimizer, x[half], y[half])
-        probe.log(loss=0.0)
         with torch.no_grad():
             outputs.append(float(model(data(torch.float64)[0][0]).sum()))
     return outputs
@@ -386,12 +385,13 @@ def probe_worker(rank: int, init_file: str, run_dir: str) -> None:
     for name, build in PROBED.items():
         model = shard(make_model(torch.float64, True))
         optimizer = build(model)
-        with attach(model, optimizer, f"{run_dir}/{name}", **PROBE_OPTIONS) as probe:
-            train_probed(model, optimizer, probe, half)
+        with attach(model, optimizer, f"{run_dir}/{name}", **PROBE_OPTIONS):
+            train_outputs(model, optimizer, half)
     dist.destroy_process_group()
 
 
-def layer_rows(run) -> tuple:
+def layer_rows(run):
+    """The run's per-layer rows (the run-level ones hold each rank's own loss), in one order."""
     rows = run.metrics.query(f"layer != '{RUN_LAYER}'").sort_values(["step", "layer", "metric"])
     return rows.reset_index(drop=True)
 
@@ -402,8 +402,8 @@ def test_the_probe_on_fsdp2_writes_the_run_directory_of_one_process_on_the_conca
     for name, build in PROBED.items():
         model = make_model(torch.float64, True)
         optimizer = build(model)
-        with attach(model, optimizer, tmp_path / "one" / name, **PROBE_OPTIONS) as probe:
-            train_probed(model, optimizer, probe, slice(None))
+        with attach(model, optimizer, tmp_path / "one" / name, **PROBE_OPTIONS):
+            train_outputs(model, optimizer, slice(None))
         fsdp, one = load_run(tmp_path / "fsdp" / name), load_run(tmp_path / "one" / name)
         assert fsdp.meta["world_size"] == WORLD and fsdp.meta["layers"] == one.meta["layers"]  # fingerprints too
         assert fsdp.snapshot_steps == one.snapshot_steps == [4, 8, 10]
@@ -434,7 +434,7 @@ def failing_probe_worker(rank: int, init_file: str, run_dir: str, out_file: str)
     probe.recorder.step_values = broken  # rank 0's measuring fails at step 2; every rank still gathers after it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outputs = train_probed(model, optimizer, probe, half)
+        outputs = train_outputs(model, optimizer, half)
         probe.close()
     messages = [str(w.message) for w in caught if issubclass(w.category, ProbeWarning)]
     torch.save({"outputs": outputs, "warnings": messages}, f"{out_file}.{rank}")
@@ -455,20 +455,6 @@ def test_a_probe_failing_on_rank_0_disables_itself_and_training_goes_on_on_every
     assert len(ranks[0]["warnings"]) == 1 and "probe disabled, training continues" in ranks[0]["warnings"][0]
     assert "measuring failed" in ranks[0]["warnings"][0] and ranks[1]["warnings"] == []
     assert len(ranks[0]["outputs"]) == STEPS and ranks[0]["outputs"] == ranks[1]["outputs"]
-    model, optimizer = sharded_free_twin()
-    assert_close(torch.tensor(ranks[0]["outputs"]), torch.tensor(train_unprobed(model, optimizer)), rtol=1e-10,
-                 atol=1e-12)  # the probe, disabled or not, did not change training
-
-
-def sharded_free_twin() -> tuple[torch.nn.Module, LoFT]:
-    model = make_model(torch.float64, True)
-    return model, LoFT.from_model(model, **OPTIONS)
-
-
-def train_unprobed(model, optimizer) -> list[float]:
-    outputs = []
-    for x, y in data(torch.float64):
-        step(model, optimizer, x, y)
-        with torch.no_grad():
-            outputs.append(float(model(data(torch.float64)[0][0]).sum()))
-    return outputs
+    model = make_model(torch.float64, True)  # one process without a probe: the probe did not change training
+    unprobed = train_outputs(model, LoFT.from_model(model, **OPTIONS), slice(None))
+    assert_close(torch.tensor(ranks[0]["outputs"]), torch.tensor(unprobed), rtol=1e-10, atol=1e-12)

@@ -9,14 +9,15 @@ keeps what it measures:
 - at attach: the frozen W_0 (m×n, once; rank 0 keeps it, the others drop it after ‖W_0‖) and the factors;
 - before a recorded step (and every step when the shadow's optimizer reads the weight): B (m×r) and A (r×n);
 - after a recorded or snapshot step: the factors again; after a recorded one also their gradients and the
-  optimizer's state of B and A (LoFT's factor-coordinate state: (m+n)·(r + width) numbers, width = r(r+1)/2 for
-  its full second moment; AdamW's: 2·(m+n)·r), from which rank 0 rebuilds the full-space moments;
+  optimizer's state of B and A (LoFT's factor-coordinate state: (m+n)·(2r + width) numbers, width = r(r+1)/2
+  for its full second moment; AdamW's: 2·(m+n)·r), from which rank 0 rebuilds the full-space moments;
 - at close: the factors, for the last snapshot.
 
 Per pair and recorded step that is O((m+n)·r) numbers (O((m+n)·r²) for LoFT's full second moment), never an
-m×n matrix after attach. G is not gathered: each rank captures it from its own batch and the probe all-reduces
-it (the mean, as under DDP). Rank 0 holds each probed pair's W_0 (m·n numbers) and, with ``shadow=True``, its
-shadow (2·m·n for AdamW): the probed layers unsharded, which must fit rank 0. That is the price of the simple
+m×n matrix gathered after attach. G is not gathered: each rank captures it from its own batch and the probe
+all-reduces it (the mean: one m×n all-reduce per step it is needed, as under DDP). Rank 0 holds each probed
+pair's W_0 (m·n numbers) and, with ``shadow=True``, its shadow (2·m·n for AdamW): the probed layers unsharded,
+which must fit rank 0. That is the price of the simple
 choice (one process measures, the single-process metrics code unchanged); a shadow sharded like the weights
 would need every metric as sums of per-rank partial products, and an SVD of a sharded matrix for snapshots.
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 class Whole:
     """A sharded pair's tensors gathered whole (plain tensors), as rank 0 measures them."""
 
-    base: Tensor | None  # W_0 (m, n) as stored in the model's dtype; rank 0 only, from attach on
+    base: Tensor | None  # W_0 (m, n) in the model's dtype; rank 0 only, kept from attach on
     factors: tuple[Tensor, Tensor] | None = None  # (B (m, r), A (r, n)) of the last gather of this step
     grads: tuple[Tensor | None, Tensor | None] | None = None  # (B.grad, A.grad) after a recorded step
     state: dict[Tensor, dict[str, Any]] | None = None  # {B: its state, A: its state} after a recorded step

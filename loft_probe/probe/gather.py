@@ -17,9 +17,9 @@ Per pair and recorded step that is O((m+n)·r) numbers (O((m+n)·r²) for LoFT's
 m×n matrix gathered after attach. G is not gathered: each rank captures it from its own batch and the probe
 all-reduces it (the mean: one m×n all-reduce per step it is needed, as under DDP). Rank 0 holds each probed
 pair's W_0 (m·n numbers) and, with ``shadow=True``, its shadow (2·m·n for AdamW): the probed layers unsharded,
-which must fit rank 0. That is the price of the simple
-choice (one process measures, the single-process metrics code unchanged); a shadow sharded like the weights
-would need every metric as sums of per-rank partial products, and an SVD of a sharded matrix for snapshots.
+which must fit rank 0. That is the price of the simple choice (one process measures, the single-process
+metrics code unchanged); a shadow sharded like the weights would need every metric as sums of per-rank partial
+products, and an SVD of a sharded matrix for snapshots.
 
 Refused, with one line: dense sharded weights (full fine-tuning under FSDP2: their m×n weights, gradients and
 moments would all cross ranks), FSDP1 flat parameters, pair layouts LoFT does not step (:func:`pair_shards`),

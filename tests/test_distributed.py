@@ -41,6 +41,7 @@ def ddp_worker(rank: int, init_file: str, run_dir: str, out_file: str) -> None:
     train(ddp, optimizer, [(x[half], y[half]) for x, y in data()], probe)
     probe.close()
     torch.save({k: v.detach() for k, v in model.state_dict().items()}, f"{out_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -63,6 +64,7 @@ def fsdp_worker(rank: int, init_file: str, errors_file: str) -> None:
         except ValueError as exc:
             messages.append(str(exc))
     torch.save(messages, f"{errors_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 

@@ -110,6 +110,7 @@ def equality_worker(rank: int, init_file: str, out_file: str) -> None:
             "a_placements": [str(pair.A.placements) for pair in lora_pairs(model)],
         }
     torch.save(results, f"{out_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -176,6 +177,7 @@ def nonfinite_worker(rank: int, init_file: str, out_file: str) -> None:
                if not torch.equal(whole(v), states[(id(p), k)])]
     skipped = [group["skipped_steps"] for group in optimizer.param_groups]
     torch.save({"moved": moved, "changed": changed, "skipped": skipped}, f"{out_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -219,6 +221,7 @@ def checkpoint_worker(rank: int, init_file: str, ckpt_dir: str, out_file: str) -
                if not torch.equal(whole(v), whole(restored_optimizer.state[twins[p]][k]))]
     params = {n: whole(p).detach() for n, p in model.named_parameters()}
     torch.save({"differ": differ, "params": params}, f"{out_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -265,6 +268,7 @@ def mixed_precision_worker(rank: int, init_file: str, out_file: str) -> None:
     dtypes = sorted({str(v.dtype) for s in optimizer.state.values() for v in s.values()})
     torch.save({"params": {n: whole(p).detach() for n, p in model.named_parameters()}, "dtypes": dtypes},
                f"{out_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -342,6 +346,7 @@ def bert_worker(rank: int, init_file: str, out_file: str) -> None:
     optimizer = LoFT.from_model(model, **OPTIONS)
     train_bert(model, optimizer, slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD))
     torch.save({n: whole(p).detach() for n, p in model.named_parameters() if p.requires_grad}, f"{out_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -387,6 +392,7 @@ def probe_worker(rank: int, init_file: str, run_dir: str) -> None:
         optimizer = build(model)
         with attach(model, optimizer, f"{run_dir}/{name}", **PROBE_OPTIONS):
             train_outputs(model, optimizer, half)
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -438,6 +444,7 @@ def failing_probe_worker(rank: int, init_file: str, run_dir: str, out_file: str)
         probe.close()
     messages = [str(w.message) for w in caught if issubclass(w.category, ProbeWarning)]
     torch.save({"outputs": outputs, "warnings": messages}, f"{out_file}.{rank}")
+    dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 

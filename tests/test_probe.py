@@ -487,3 +487,11 @@ def test_the_finite_check_is_exact_where_the_fast_sum_overflows():
     x = big.clone()
     x[0, 0] = -float("inf")
     assert not all_finite(x)
+
+
+def test_deepspeed_zero3_parameters_are_refused_with_one_line(tmp_path):
+    model = mlp()
+    model[0].weight.ds_id = 0  # how DeepSpeed ZeRO-3 tags a partitioned parameter
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO partitioned parameters are not supported"):
+        attach(model, torch.optim.AdamW(model.parameters()), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

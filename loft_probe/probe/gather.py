@@ -21,7 +21,7 @@ which must fit rank 0. That is the price of the simple choice (one process measu
 metrics code unchanged); a shadow sharded like the weights would need every metric as sums of per-rank partial
 products, and an SVD of a sharded matrix for snapshots.
 
-Refused, with one line: dense sharded weights (full fine-tuning under FSDP2: their m×n weights, gradients and
+Refused, with one line: DeepSpeed ZeRO-3 partitioned parameters, dense sharded weights (full fine-tuning under FSDP2: their m×n weights, gradients and
 moments would all cross ranks), FSDP1 flat parameters, pair layouts LoFT does not step (:func:`pair_shards`),
 and optimizers whose step overwrites ``p.grad`` (schedule-free AdamW).
 """
@@ -62,6 +62,9 @@ class Whole:
 def check(layers: list[ProbedLayer], layout: Layout) -> None:
     """``ValueError`` (one line, what is supported) for sharded layers the probe cannot measure."""
     for layer in layers:
+        if any(hasattr(p, "ds_id") for p in layer.params):  # ZeRO-3 empties a partitioned parameter and tags it
+            raise ValueError(f"layer {layer.name!r}: DeepSpeed ZeRO partitioned parameters are not supported; the "
+                             "probe supports one process, DDP and FSDP2 (fully_shard) LoRA pairs")
         sharded = [p for p in layer.params if is_sharded(p)]
         if not sharded:
             continue

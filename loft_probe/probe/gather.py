@@ -21,9 +21,9 @@ which must fit rank 0. That is the price of the simple choice (one process measu
 metrics code unchanged); a shadow sharded like the weights would need every metric as sums of per-rank partial
 products, and an SVD of a sharded matrix for snapshots.
 
-Refused, with one line: DeepSpeed ZeRO-3 partitioned parameters, dense sharded weights (full fine-tuning under FSDP2: their m×n weights, gradients and
-moments would all cross ranks), FSDP1 flat parameters, pair layouts LoFT does not step (:func:`pair_shards`),
-and optimizers whose step overwrites ``p.grad`` (schedule-free AdamW).
+Refused, with one line: DeepSpeed ZeRO-3 partitioned parameters, dense sharded weights (full fine-tuning under
+FSDP2: their m×n weights, gradients and moments would all cross ranks), FSDP1 flat parameters, pair layouts LoFT
+does not step (:func:`pair_shards`), and optimizers whose step overwrites ``p.grad`` (schedule-free AdamW).
 """
 
 from __future__ import annotations

@@ -97,7 +97,12 @@ def preconditioned_cosine(
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     m1, v1, m2, v2 = as_float(m1, v1, m2, v2)
-    return cosine(m1 / (v1.sqrt() + eps), m2 / (v2.sqrt() + eps), dim=dim)
+    return cosine(preconditioned_direction(m1, v1, eps), preconditioned_direction(m2, v2, eps), dim=dim)
+
+
+def preconditioned_direction(m: Tensor, v: Tensor, eps: float) -> Tensor:
+    """Adam's direction ``m/(sqrt(v) + eps)`` from a first and a (non-negative) second moment of one shape."""
+    return m / (v.sqrt() + eps)
 
 
 def lowrank_update(B0: Tensor, A0: Tensor, B1: Tensor, A1: Tensor, scale: float = 1.0) -> LowRank:

@@ -96,15 +96,16 @@ def side_metrics(sides: list[Side], shadow: Moments, eps: float) -> dict[str, fl
     expresses) against the shadow's projected onto the same subspaces; both sides of a LoRA pair together
     (as one vector), and each side's cosine on its own."""
     own = torch.stack([side.first for side in sides])  # (sides, m, n)
-    target = torch.stack([side.project(shadow.first.to(own.dtype)) for side in sides])
+    shadow_first = shadow.first.to(own.dtype)
+    target = torch.stack([side.project(shadow_first) for side in sides])
     out = {"shadow_m_proj_rel_error": metrics.relative_error(own, target, dim=ALL),
            "shadow_m_proj_cosine": metrics.cosine(own, target, dim=ALL)}
     for side, own_side, target_side in zip(sides, own, target, strict=True):
         out[f"shadow_m_proj_cosine_{side.name}"] = metrics.cosine(own_side, target_side)
     if shadow.second is not None and all(side.direction is not None for side in sides):
-        shadow_direction = shadow.first / (shadow.second.sqrt() + eps)
+        shadow_direction = metrics.preconditioned_direction(shadow_first, shadow.second.to(own.dtype), eps)
         directions = torch.stack([side.direction for side in sides])
-        projected = torch.stack([side.project(shadow_direction.to(own.dtype)) for side in sides])
+        projected = torch.stack([side.project(shadow_direction) for side in sides])
         out["shadow_precond_proj_cosine"] = metrics.cosine(directions, projected, dim=ALL)
     return _defined(out)
 

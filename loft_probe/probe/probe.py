@@ -83,6 +83,7 @@ class Probe:
                           "are recorded, its moments are not; describe its state with "
                           "loft_probe.probe.register_layout", ProbeWarning, stacklevel=3)
         gather.attach(self.layers)  # FSDP2: W_0 and the factors whole, before anything reads them
+        self._sharded = [layer for layer in self.layers if layer.whole is not None]  # no per-step scan otherwise
         self.recorder = Recorder(gather.optimizer_view(optimizer, self.layers), self.layout, groups, snapshots.k,
                                  snapshots.intruders, self._initial_weight)
         self.shadow_requested = shadow
@@ -145,8 +146,9 @@ class Probe:
         t = self.step + 1
         recorded = self.schedule(t) or self.snapshots(t)
         # every rank, whatever rank 0's measuring did: sharded pairs' factors where rank 0 may keep them below
-        gather.gather_factors([layer for layer in self.layers if recorded or (
-            self.shadow_requested and self.layout.reads_weight(self.recorder.group(layer)))])
+        if self._sharded:
+            gather.gather_factors([layer for layer in self._sharded if recorded or (
+                self.shadow_requested and self.layout.reads_weight(self.recorder.group(layer)))])
         if not (self._writing and self.rank == 0):
             return
         keep = [layer for layer in self.layers

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from loft_probe.lora import LoraPair
+from loft_probe.metrics import preconditioned_direction
 from loft_probe.optim import LoFT
 from loft_probe.probe.layouts.base import Moments
 from loft_probe.probe.layouts.pairs import Side
@@ -32,7 +33,7 @@ class LoFTLayout(AdamLayout):
             return None
         # an A-step's moments come transposed; metrics over a mix of layouts run 8× slower than over one
         first, second = moments.first.to(dtype).contiguous(), moments.second.to(dtype).contiguous()
-        direction = moments.project(first / (second.sqrt() + group["eps"]))
+        direction = moments.project(preconditioned_direction(first, second, group["eps"]))
         return [Side(moments.side.lower(), first, second, direction, moments.project)]
 
     def reads_weight(self, group: dict[str, Any]) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from loft_probe.metrics import preconditioned_direction
 from loft_probe.optim.functional import PARTNER_CUTOFF, PartnerFrame
 
 
@@ -80,6 +81,6 @@ def lift_factor_state(B: Tensor, A: Tensor, scale: float, first: list[Tensor | N
     for name, lift, project, m, v in (("b", spaces.lift_b, spaces.project_b, first[0], second[0]),
                                       ("a", spaces.lift_a, spaces.project_a, first[1], second[1])):
         if m is not None:
-            direction = None if v is None else lift(m / (v.sqrt() + eps))
+            direction = None if v is None else lift(preconditioned_direction(m, v, eps))
             sides.append(Side(name, lift(m), None, direction, project))
     return sides

@@ -1,4 +1,4 @@
-"""torch.optim's optimizers: which state entry is which moment, and the step direction where it is closed-form.
+"""torch.optim's optimizers: which state entry is which moment.
 
 =============  ==========================  =======================================
 optimizer      first moment                second moment

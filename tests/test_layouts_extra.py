@@ -302,6 +302,47 @@ def test_a_lora_run_with_each_is_probed_whole(tmp_path, name):
     assert (len(values(metrics, "shadow_m_proj_cosine_a")) > 0) == (name == "lion")
 
 
+# ------------------------------------------------------------------ resuming
+def _optimizer(name, model):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    if name == "lion":
+        return pytest.importorskip("lion_pytorch").Lion(model.parameters(), lr=1e-3)
+    optimizer = pytest.importorskip("schedulefree").AdamWScheduleFree(model.parameters(), lr=1e-2)
+    optimizer.train()
+    return optimizer
+
+
+@pytest.mark.parametrize("name", ["sgd", "lion", "schedulefree"])
+def test_a_resume_keeps_the_record_whether_or_not_the_optimizer_counts_steps(tmp_path, name):
+    """SGD and Lion keep no step count (a resume continues after the directory's last step, with a warning);
+    schedule-free AdamW keeps its count in the group. No record is dropped, and the steps run on."""
+    model = mlp()
+    optimizer = _optimizer(name, model)
+    data = batches(7)
+
+    def train(probe, part):
+        for x, y in part:
+            optimizer.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            optimizer.step()
+            probe.log(loss=1.0)
+
+    with attach(model, optimizer, tmp_path / "run", every=1) as probe:
+        train(probe, data[:4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = attach(model, optimizer, tmp_path / "run", every=1)
+    said = [str(w.message) for w in caught if "step count" in str(w.message)]
+    assert said == ([] if name == "schedulefree" else [
+        f"{type(optimizer).__name__} keeps no step count: the record in {tmp_path / 'run'} continues after its "
+        "last step, 4; restore probe.load_state_dict(...) saved with the checkpoint for an exact resume"])
+    assert probe.step == 4
+    with probe:
+        train(probe, data[4:])
+    assert sorted(load_run(tmp_path / "run").metrics.step.unique()) == list(range(1, 8))
+
+
 # ------------------------------------------------------------------ registration
 def test_third_party_layouts_load_on_first_lookup_and_defer_to_a_users(monkeypatch):
     """Importing loft_probe imports none of these packages; a layout registered first is kept."""

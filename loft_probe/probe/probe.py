@@ -127,7 +127,7 @@ class Probe:
         """Creates the run directory, or re-opens one of the same run to continue it; returns the start step."""
         if self._writer is None:  # another rank: only the step (every rank's schedule must agree) is needed
             self.meta = {}
-            return runmeta.optimizer_step(self.optimizer) if (self.run_dir / "meta.json").exists() else 0
+            return runmeta.resumed_step(self.optimizer, self.run_dir) if (self.run_dir / "meta.json").exists() else 0
         recording = {"method": self.method, "schedule": self.schedule.describe(),
                      "snapshots": self.snapshots.describe(), "snapshot_k": self.snapshot_k, "shadow": shadow,
                      "capture_grad": capture_grad, "world_size": self.world}

@@ -4,6 +4,7 @@ holds the same run (so that a resumed run continues its own record)."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import torch
 
 from loft_probe.optim import LoFT
 from loft_probe.probe.layers import ProbedLayer, fingerprints
+from loft_probe.probe.layouts import layout_of
 from loft_probe.probe.options import Labels
-from loft_probe.run import RunDirError, RunWriter
+from loft_probe.run import RunDirError, RunWriter, load_run
 from loft_probe.run.layout import has_records
 
 RECORDING_OPTIONS = ("schedule", "snapshots", "snapshot_k", "shadow", "capture_grad")  # must agree on a resume
@@ -28,7 +30,7 @@ def open_run(writer: RunWriter, optimizer: torch.optim.Optimizer, layers: list[P
     optimizer class and hyperparameters, recording options and labels; anything else is refused.
     """
     old = writer.existing_meta()
-    start = optimizer_step(optimizer) if old is not None else 0
+    start = resumed_step(optimizer, writer.run_dir) if old is not None else 0
     dense = [layer for layer in layers if layer.pair is None]
     initial = {layer.name: writer.initial_weight(layer.name) if old is not None else layer.param.detach()
                for layer in dense}  # W_0 itself, also on a resume
@@ -64,11 +66,19 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return out
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer) -> int:
-    """The number of steps an optimizer has taken, from its state (0 for a fresh one); LoFT's skipped steps
-    count too (each is a step of the record)."""
-    steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
-    return max(steps, default=0) + int(optimizer.param_groups[0].get("skipped_steps", 0))
+def resumed_step(optimizer: torch.optim.Optimizer, run_dir: Path) -> int:
+    """The step a probe re-opening ``run_dir`` continues after: the optimizer's own count. One that keeps no
+    count (SGD, Lion) continues after the last step the directory holds, with a warning: records after the
+    training checkpoint's step would be kept under wrong step numbers unless ``Probe.load_state_dict`` restores
+    the probe's state saved with it (which sets the step)."""
+    steps = layout_of(optimizer).steps_taken(optimizer)
+    if steps is not None:
+        return steps
+    last = load_run(run_dir).last_step
+    warnings.warn(f"{type(optimizer).__name__} keeps no step count: the record in {run_dir} continues after its "
+                  f"last step, {last}; restore probe.load_state_dict(...) saved with the checkpoint for an exact "
+                  "resume", stacklevel=4)
+    return last
 
 
 def check_same_run(run_dir: Path, old: dict[str, Any], new: dict[str, Any], start: int, given: dict[str, Any],

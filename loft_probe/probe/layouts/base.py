@@ -46,6 +46,12 @@ class Layout:
             return None
         return Moments(first, second)
 
+    def steps_taken(self, optimizer: torch.optim.Optimizer) -> int | None:
+        """How many steps the optimizer has taken, read from its state (0 before the first); None when its state
+        keeps no step count (SGD's momentum buffer, Lion's ``exp_avg``): a resumed probe cannot tell then."""
+        steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
+        return max(steps) if steps else (0 if not optimizer.state else None)
+
     def pair_sides(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], pair: LoraPair,
                    dtype: torch.dtype, factors: tuple[Tensor, Tensor] | None = None) -> list[Side] | None:
         """A LoRA pair's state in the weight's space, one :class:`Side` per factor the optimizer holds a first

@@ -36,6 +36,10 @@ class LoFTLayout(AdamLayout):
         direction = moments.project(preconditioned_direction(first, second, group["eps"]))
         return [Side(moments.side.lower(), first, second, direction, moments.project)]
 
+    def steps_taken(self, optimizer: LoFT) -> int | None:
+        """Its steps plus the non-finite ones it skipped: each is a step of the record."""
+        return (super().steps_taken(optimizer) or 0) + int(optimizer.param_groups[0].get("skipped_steps", 0))
+
     def reads_weight(self, group: dict[str, Any]) -> bool:
         return False
 

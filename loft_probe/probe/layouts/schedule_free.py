@@ -37,6 +37,9 @@ class ScheduleFreeLayout(Layout):
     def __init__(self, overwrites_grad: bool) -> None:
         self.overwrites_grad = overwrites_grad
 
+    def steps_taken(self, optimizer: torch.optim.Optimizer) -> int | None:
+        return int(optimizer.param_groups[0]["k"])  # its step counter lives in the group, not the state
+
     def reads_weight(self, group: dict[str, Any]) -> bool:
         return True
 

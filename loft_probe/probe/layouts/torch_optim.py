@@ -29,6 +29,9 @@ from loft_probe.probe.layouts.base import Layout, Moments
 class SGDLayout(Layout):
     first_key = "momentum_buffer"
 
+    def steps_taken(self, optimizer: torch.optim.Optimizer) -> int | None:
+        return None  # no step count, and plain SGD keeps no state at all: a fresh one looks like a resumed one
+
 
 class AdamLayout(Layout):
     """Adam, AdamW (torch's AdamW is Adam with ``decoupled_weight_decay=True``), NAdam, RAdam."""

@@ -202,7 +202,8 @@ def test_schedule_free_is_its_own_shadow_and_the_probe_sees_the_true_gradient(tm
 def galore_reference(grads, rank, gap, beta1=0.9):
     """GaLore's r-space first moment of one weight, lifted by hand: P refreshed from the SVD (float32, as GaLore)
     of G at steps 1, gap + 1, ...; right projection (g = G·Pᵀ) for m ≥ n, left (g = Pᵀ·G) otherwise. Per step:
-    (the lifted moment before the step through the P the step starts with, or None, the lifted moment after)."""
+    (the lifted moment before the step through the P the step starts with, or None, the lifted moment after,
+    the projection X ↦ X·PᵀP or P·PᵀX onto the subspace the step took)."""
     m = P = None
     out = []
     for t, G in enumerate(grads, 1):
@@ -214,7 +215,7 @@ def galore_reference(grads, rank, gap, beta1=0.9):
             P = (Vh[:rank] if right else U[:, :rank]).to(F64)
         g = G @ P.T if right else P.T @ G
         m = (1 - beta1) * g if m is None else beta1 * m + (1 - beta1) * g
-        out.append((before, lift(m, P)))
+        out.append((before, lift(m, P), (lambda X, P=P: X @ P.T @ P) if right else (lambda X, P=P: P @ P.T @ X)))
     return out
 
 
@@ -259,14 +260,33 @@ def test_galore_records_its_refreshes_and_the_moment_around_each(tmp_path):
         for i, t in enumerate((1, 4, 7)):
             G = grads[t - 1][f"{layer}.weight"]
             cos = [float(torch.nn.functional.cosine_similarity(X.flatten(), G.flatten(), dim=0))
-                   for X in reference[t - 1] if X is not None]
+                   for X in reference[t - 1][:2] if X is not None]
             assert after[i] == pytest.approx(cos[-1], abs=1e-12)
             if t > 1:
                 assert before[i - 1] == pytest.approx(cos[0], abs=1e-12)
         assert_close(torch.tensor(values(metrics, "cos_moment_grad", layer).to_numpy()),
                      torch.tensor([float(torch.nn.functional.cosine_similarity(
-                         lifted.flatten(), G.flatten(), dim=0)) for (_, lifted), G in
+                         lifted.flatten(), G.flatten(), dim=0)) for (_, lifted, _), G in
                          zip(reference, [g[f"{layer}.weight"] for g in grads], strict=True)], dtype=F64), **TIGHT)
+
+
+def test_galore_moment_against_the_shadow_projected_onto_its_subspace(tmp_path):
+    """shadow_m_proj_cosine of a projected weight: cos(P-lifted m, the shadow's EMA(G) projected onto P's
+    subspace); 1 until the first refresh, below 1 from the refresh that reads stale coordinates."""
+    model = mlp()
+    metrics, grads = run(model, galore(model), tmp_path / "run", steps=7)
+    for layer in ("0", "2"):
+        G = [g[f"{layer}.weight"] for g in grads]
+        shadow_m = [0.1 * G[0]]
+        for g in G[1:]:
+            shadow_m.append(0.9 * shadow_m[-1] + 0.1 * g)
+        expected = [float(torch.nn.functional.cosine_similarity(lifted.flatten(), project(M).flatten(), dim=0))
+                    for (_, lifted, project), M in zip(galore_reference(G, 2, 3), shadow_m, strict=True)]
+        recorded = values(metrics, "shadow_m_proj_cosine", layer)
+        assert_close(torch.tensor(recorded.to_numpy()), torch.tensor(expected, dtype=F64), **TIGHT)
+        assert (recorded[:3] - 1).abs().max() < 1e-12 and recorded[3] < 1 - 1e-6
+        assert len(values(metrics, "shadow_m_proj_rel_error", layer)) == 7
+        assert not len(values(metrics, "shadow_m_proj_cosine_b", layer))  # a dense weight has no factor sides
 
 
 def test_galore_without_projection_is_its_own_shadow(tmp_path):

@@ -94,14 +94,15 @@ def moment_metrics(own: Moments, shadow: Moments, eps: float) -> dict[str, float
 def side_metrics(sides: list[Side], shadow: Moments, eps: float) -> dict[str, float]:
     """A pair's per-factor first moments and preconditioned directions (m×n each, in the subspace that factor
     expresses) against the shadow's projected onto the same subspaces; both sides of a LoRA pair together
-    (as one vector), and each side's cosine on its own."""
+    (as one vector), and each named side's cosine on its own (GaLore's one side has no name)."""
     own = torch.stack([side.first for side in sides])  # (sides, m, n)
     shadow_first = shadow.first.to(own.dtype)
     target = torch.stack([side.project(shadow_first) for side in sides])
     out = {"shadow_m_proj_rel_error": metrics.relative_error(own, target, dim=ALL),
            "shadow_m_proj_cosine": metrics.cosine(own, target, dim=ALL)}
     for side, own_side, target_side in zip(sides, own, target, strict=True):
-        out[f"shadow_m_proj_cosine_{side.name}"] = metrics.cosine(own_side, target_side)
+        if side.name is not None:
+            out[f"shadow_m_proj_cosine_{side.name}"] = metrics.cosine(own_side, target_side)
     if shadow.second is not None and all(side.direction is not None for side in sides):
         shadow_direction = metrics.preconditioned_direction(shadow_first, shadow.second.to(own.dtype), eps)
         directions = torch.stack([side.direction for side in sides])

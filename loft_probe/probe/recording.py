@@ -53,6 +53,8 @@ class Recorder:
         values = measure.update_metrics(update, layer.weight_norm(layer.before), layer.grad, group.get("lr"))
         values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))
         sides = None
+        if layer.pair is None and layer.shadow is not None:
+            sides = self.layout.weight_sides(self.optimizer, group, layer.param, layer.compute_dtype())
         if layer.pair is not None:
             values.update(measure.factor_metrics(layer.initial_factors, after, layer.factor_grads()))
             if layer.grad is not None:

@@ -46,7 +46,8 @@ METRICS = {
     "shadow_v_cosine": "cos(V̂, V_shadow)",
     "shadow_m_proj_rel_error": "‖M̂ − proj(M_shadow)‖ / ‖proj(M_shadow)‖ per factor side, the shadow projected on "
                                "what that factor expresses; M̂: LoFT's reconstruction of the factor that moved, "
-                               "LoRA's factor moments lifted (both sides as one vector)",
+                               "LoRA's factor moments lifted (both sides as one vector); GaLore: its lifted "
+                               "moment against the shadow's projected onto P's subspace",
     "shadow_m_proj_cosine": "cos(M̂, proj(M_shadow)), over the same sides",
     "shadow_m_proj_cosine_b": "cos(M̂_B, M_shadow·P_A): the B side alone (M̂_B = (1/s)·m_B·(A·Aᵀ)⁺·A for LoRA)",
     "shadow_m_proj_cosine_a": "cos(M̂_A, P_B·M_shadow): the A side alone (M̂_A = (1/s)·B·(Bᵀ·B)⁺·m_A for LoRA)",

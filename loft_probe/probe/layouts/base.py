@@ -67,6 +67,13 @@ class Layout:
         B, A = factors or (pair.B.detach(), pair.A.detach())
         return lift_factor_state(B.to(dtype), A.to(dtype), pair.scale, first, second, group.get("eps", 0.0))
 
+    def weight_sides(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor,
+                     dtype: torch.dtype) -> list[Side] | None:
+        """A dense weight stepped within a subspace (GaLore's projector): its state there as one unnamed
+        :class:`Side`, compared with the shadow projected onto the same subspace; None (default): it steps in
+        the whole space."""
+        return None
+
     def reads_weight(self, group: dict[str, Any]) -> bool:
         """Whether a step's update (not only its weight decay) depends on the weight itself. When it does not,
         a shadow can step a zero weight and read the update off without a large weight cancelling out of it."""

@@ -16,6 +16,11 @@ transported: they are read through the new P, which is where GaLore's moments go
 ``v`` has no full-space image (as a LoRA factor's): no second moment. A weight without ``rank`` is plain AdamW
 (this class's arithmetic: ε added to sqrt(v) before the bias correction) and is read as such.
 
+Against the shadow (its first moment M projected onto P's subspace, ``M·Pᵀ·P`` or ``P·Pᵀ·M``): a projected
+weight's ``shadow_m_proj_cosine`` and ``shadow_m_proj_rel_error``, as a LoRA factor's side. Until the first
+refresh the two are equal (cosine 1); a refresh reads the old coordinates through the new P, which pulls the
+moment off the shadow's, and it returns towards it as β1^(steps since the refresh) decays.
+
 Refreshes (metrics, dense weights in a ``rank`` group): ``galore_refresh_age`` at every recorded step, and at
 a recorded refresh step the alignment of the moment with that step's G just before the refresh
 (``galore_cos_before_refresh``: the moment of the previous step read through the outgoing P) and just after
@@ -35,6 +40,7 @@ from torch import Tensor
 
 from loft_probe import metrics
 from loft_probe.probe.layouts.base import Moments
+from loft_probe.probe.layouts.pairs import Side
 from loft_probe.probe.layouts.torch_optim import AdamLayout
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -48,6 +54,16 @@ class GaLoreLayout(AdamLayout):
         if "projector" not in state:
             return Moments(state["exp_avg"], state["exp_avg_sq"])
         return Moments(lift(state["projector"], state["exp_avg"]), None)
+
+    def weight_sides(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor,
+                     dtype: torch.dtype) -> list[Side] | None:
+        """A projected weight's lifted first moment, against the shadow's projected onto P's subspace."""
+        state = optimizer.state.get(param) or {}
+        projector = state.get("projector")
+        if projector is None or "exp_avg" not in state:
+            return None
+        return [Side(None, lift(projector, state["exp_avg"]).to(dtype), None, None,
+                     lambda X: project(projector.ortho_matrix, X))]
 
     def reads_weight(self, group: dict[str, Any]) -> bool:
         return False  # decay after the step is λ·lr·(W − step): a zero weight's step carries the −step part
@@ -87,6 +103,17 @@ def lift(projector: Any, X: Tensor) -> Tensor:
     """An r-space tensor (m×r or r×n) in the weight's space (m×n), through the projector's current P: its
     own ``project_back`` without the ``scale`` that multiplies the step."""
     return projector.project_back(X) / projector.scale
+
+
+def project(P: Tensor | list[Tensor], X: Tensor) -> Tensor:
+    """X (m×n) onto the subspace GaLore steps in: ``X·Pᵀ·P`` for a right projector P (r×n), ``P·Pᵀ·X`` for a
+    left one (m×r), both for proj_type "full" ([left, right]). (A square P is orthogonal: either is X.)"""
+    if isinstance(P, (list, tuple)):
+        return project(P[0], project(P[1], X))
+    P = P.to(X.dtype)
+    if P.shape[1] == X.shape[1] and P.shape[0] != X.shape[0]:
+        return (X @ P.mT) @ P
+    return P @ (P.mT @ X)
 
 
 LAYOUTS = {GaLoreAdamW: GaLoreLayout()}

@@ -30,14 +30,15 @@ from loft_probe.optim.functional import PARTNER_CUTOFF, PartnerFrame
 
 @dataclass(frozen=True)
 class Side:
-    """One factor's state in the weight's space (m×n each) and the projection onto what that factor expresses.
+    """One factor's state in the weight's space (m×n each) and the projection onto what that factor expresses
+    (or, for a dense weight stepped in a subspace, GaLore's, its state there and the projection onto it).
 
     first: the first moment, lifted (LoRA) or reconstructed (LoFT). second: the full-space second moment where
     one exists (LoFT), else None. direction: the preconditioned direction the factor's step applies, in the
     subspace; None without a second moment. project: X (m×n) ↦ X·P_A ("B") or P_B·X ("A").
     """
 
-    name: str  # "b" or "a": which factor moves this way
+    name: str | None  # "b" or "a": which factor moves this way; None: a dense weight's (GaLore's subspace)
     first: Tensor
     second: Tensor | None
     direction: Tensor | None

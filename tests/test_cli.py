@@ -111,7 +111,7 @@ def test_diagnose_json(runs):
     assert result.exit_code == 0, result.output
     findings = json.loads(result.stdout)
     codes = {f["code"] for f in findings}
-    assert "loss_gap" in codes and "factor_moments" not in codes  # LoRA has no full-space moments to judge
+    assert "loss_gap" in codes
     assert all(f["severity"] in ("info", "warning") for f in findings)
 
 

@@ -10,7 +10,7 @@ import math
 import pandas as pd
 import pytest
 
-from loft_probe.diagnosis.benchmark import Case, diagnose_case, score, train
+from loft_probe.diagnosis.benchmark import Case, diagnose_case, score, train, with_loft_twins
 from loft_probe.diagnosis.cases import CAUSE
 
 CASES = [("full", "healthy"), ("lora", "healthy"), ("loft", "healthy"), ("lora", "rank_too_low"),
@@ -67,3 +67,20 @@ def test_the_score_counts_hits_and_false_alarms(rows):
     assert result.summary["hurt runs named correctly"] == 1.0
     findings = result.findings.set_index("finding")
     assert findings.loc["diverged", "precision"] == 1.0 and math.isnan(findings.loc["gap_from_subspace", "precision"])
+
+
+def test_a_lora_gap_that_its_loft_twin_closes_is_the_ground_truth_of_optimizer_state():
+    """A LoRA run short of full fine-tuning whose LoFT twin (same task, seed, cause) is not: LoRA's optimizer
+    state made the gap, so an optimizer_state warning there is true; anywhere else it is a wrong cause."""
+    rows = pd.DataFrame([
+        {"split": "s", "task": "t", "seed": 0, "method": method, "cause": "healthy", "gap_to_full": gap, "hurt": False,
+         "warnings": "", "infos": "", "warnings_ref": warned, "infos_ref": ""}
+        for method, gap, warned in (("full", False, ""), ("lora", True, "loss_gap optimizer_state"),
+                                    ("loft", False, ""))])
+    rows = with_loft_twins(rows)
+    assert rows["loft_closes_gap"].tolist() == [False, True, False]
+    result = score(rows, reference=True)
+    assert result.summary["healthy runs without a warning"] == 1.0
+    assert result.summary["healthy LoRA gaps that LoFT at the same rank closes, named optimizer_state"] == 1.0
+    rows.loc[2, "gap_to_full"] = True  # LoFT at that rank falls short too: the subspace, not the optimizer
+    assert score(with_loft_twins(rows), reference=True).summary["healthy runs without a warning"] == 2 / 3

@@ -54,12 +54,19 @@ def subspace(run: Run, values: LayerValues) -> list[Finding]:
                     f"These layers need more rank than the others: raise it for them{higher}.")]
 
 
-def optimizer_state(run: Run, values: LayerValues) -> list[Finding]:
-    """LoFT's moment against the shadow's projected onto the adapter: off by more than its own size, whatever
-    the residual (the projection already leaves out what the subspace cannot hold). LoFT runs only: the
-    threshold was measured on LoFT, and plain LoRA's lifted moments drift by design (docs/metrics-spec.md)."""
-    if run.meta.get("method") != "loft":
-        return []
+def optimizer_state(run: Run, values: LayerValues, broken: bool) -> list[Finding]:
+    """The optimizer's state against the shadow's projected onto the adapter's subspace (the projection already
+    leaves out what the subspace cannot hold, so the residual does not enter). LoFT: its moment off by more
+    than its own size, a fault of its switches. LoRA: its steps pointing away from full fine-tuning's, the
+    mismatch LoFT removes (none when ``broken``: a training fault, e.g. a frozen factor, explains more)."""
+    method = run.meta.get("method")
+    if method == "loft":
+        return _loft_state(run, values)
+    return _lora_state(values) if method == "lora" and not broken else []
+
+
+def _loft_state(run: Run, values: LayerValues) -> list[Finding]:
+    """LoFT's late ``shadow_m_proj_rel_error`` above 1 in some layer (the threshold was measured on LoFT)."""
     errors = values.late("shadow_m_proj_rel_error")
     errors = errors[~errors.index.isin(dead_layers(values))]  # G = 0: the shadow's moment decays, LoFT's is 0
     off = errors[errors > T.PROJ_REL_ERROR.value]
@@ -80,6 +87,32 @@ def optimizer_state(run: Run, values: LayerValues) -> list[Finding]:
         f"{layer_listing(worst, len(off))}.",
         {"threshold": T.PROJ_REL_ERROR.value, "layers_off": float(len(off)), "layers": float(len(errors)),
          **({"changed": ", ".join(changed)} if changed else {}), **worst}, advice)]
+
+
+def _lora_state(values: LayerValues) -> list[Finding]:
+    """LoRA's preconditioned steps, lifted into the weight's space, against the shadow's projected the same way
+    (``shadow_precond_proj_cosine``, docs/metrics-spec.md "LoRA's moments in full space"), over the whole run.
+    Info: :func:`loft_probe.diagnosis.diagnose` makes it a warning when the reference shows a loss gap that no
+    other finding explains."""
+    cosines = values.over_run("shadow_precond_proj_cosine")
+    cosines = cosines[~cosines.index.isin(dead_layers(values))]
+    if not len(cosines) or cosines.median() >= T.LORA_PRECOND_ALIGNED.value:
+        return []
+    below = cosines[cosines < T.LORA_PRECOND_ALIGNED.value]
+    worst = worst_layers(below, lowest=True)
+    moment = float(values.over_run("shadow_m_proj_cosine").median())
+    return [Finding(
+        "optimizer_state", "info",
+        f"Within the adapter's subspace, LoRA's steps point away from full fine-tuning's: the preconditioned "
+        f"direction of its factors, lifted into the weight's space, has a median cosine of "
+        f"{number(float(cosines.median()))} with the shadow's over the run (LoFT keeps ≥ "
+        f"{T.LORA_PRECOND_ALIGNED.value}), its first moment {number(moment)}; below "
+        f"{T.LORA_PRECOND_ALIGNED.value} in {len(below)} of {len(cosines)} layers: {layer_listing(worst, len(below))}.",
+        {"threshold": T.LORA_PRECOND_ALIGNED.value, "median": float(cosines.median()), "first_moment_median": moment,
+         "layers_below": float(len(below)), "layers": float(len(cosines)), **worst},
+        "This is the mismatch LoFT removes: each factor's second moment rescales coordinates that full "
+        "fine-tuning's does not. Whether it costs anything shows against a full fine-tuning reference "
+        "(`loft-probe diagnose --reference`); a LoFT run of the same rank tells.")]
 
 
 def rank_spare(run: Run, values: LayerValues) -> list[Finding]:
@@ -168,9 +201,7 @@ def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:
                         f"{T.HELD_OUT_NOISE.value:g} standard errors). {tail}".strip(), evidence,
                         "Evaluate on more held-out data (or several seeds) before acting on this gap.")]
     if shortfall > T.GAP_SHORTFALL.value:
-        cause = ("" if explained else " Nothing else in the record names a cause"
-                 + (": LoRA's factor moments cannot be compared with full fine-tuning's, so an optimizer-state gap "
-                    "would not show; a LoFT run of the same rank tells" if run.method == "lora" else "") + ".")
+        cause = "" if explained else " Nothing else in the record names a cause."
         return [Finding("loss_gap", "warning",
                         f"{said}: {shortfall:.0%} of the reference's gain is missing.{cause} {tail}".strip(),
                         evidence, "The other findings say where the gap comes from; a learning rate tuned for "

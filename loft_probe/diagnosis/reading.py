@@ -42,6 +42,13 @@ class LayerValues:
             self._cache[metric] = in_order(pd.Series(values, dtype="float64"), self.order)
         return self._cache[metric]
 
+    def over_run(self, metric: str) -> pd.Series:
+        """Each layer's median over every recorded step: for a quantity whose effect builds up along the way
+        (the direction of the steps taken), not only where the run ended."""
+        rows = self._rows[self._rows["metric"] == metric]
+        medians = rows.groupby("layer", sort=False)["value"].median()
+        return in_order(pd.Series(medians.to_numpy(dtype="float64"), index=medians.index.astype(str)), self.order)
+
     def last(self, metric: str) -> pd.Series:
         """Each layer's value at the last step it recorded the metric (cumulative metrics: the run's end)."""
         rows = self._rows[self._rows["metric"] == metric].sort_values("step")

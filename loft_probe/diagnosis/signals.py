@@ -31,10 +31,11 @@ def signals(run: Run) -> dict[str, float]:
     out["residual_tangent_median"] = _median(residual[residual.index.isin(adapters)])
     out["shadow_update_cosine_median"] = _median(values.late("shadow_update_cosine"))
     out["proj_rel_error_max"] = _max(values.late("shadow_m_proj_rel_error"))
-    # LoRA's lifted moments and preconditioned directions (LoFT's too): recorded for calibrating a LoRA finding;
-    # no check decides on them yet
+    # LoRA's lifted moments and preconditioned directions (LoFT's too); the LoRA optimizer_state check decides on
+    # the whole run's (gap._lora_state)
     out["proj_cosine_median"] = _median(values.late("shadow_m_proj_cosine"))
     out["precond_proj_cosine_median"] = _median(values.late("shadow_precond_proj_cosine"))
+    out["precond_proj_cosine_over_run"] = _median(values.over_run("shadow_precond_proj_cosine"))
     out["cos_moment_grad_median"] = _median(values.late("cos_moment_grad"))
     out["dead_layers"] = float(len(dead_layers(values)))
     out["frozen_factors"] = float(len(frozen_factors(values)))

@@ -84,6 +84,12 @@ PROJ_REL_ERROR = Threshold(
     1.0, "LoFT's late ‖M̂ − proj M_shadow‖/‖proj M_shadow‖ above 1: its moment is off by more than its own size",
     "healthy LoFT ≤ 0.04; gradient scaling off: 2.7–250; transport off 0.46–0.77 and rank 1 0.65–0.68 "
     "(neither hurt the loss)")
+LORA_PRECOND_ALIGNED = Threshold(
+    0.94, "median over layers of each layer's whole-run median cos(lifted m/(sqrt(v)+ε), the shadow's projected): "
+          "below it, LoRA's steps within its subspace point away from full fine-tuning's further than LoFT's ever do",
+    "healthy LoFT (aligned by construction) 0.955–0.964 (digits), 1.0 (matfact); healthy LoRA 0.72–0.76 (digits), "
+    "0.91–0.92 (matfact, whose LoRA stops short of the full fine-tuning loss that LoFT at its rank reaches). "
+    "Whole run, not late: matfact LoRA's cosine is 0.07–0.5 over its first third and 0.96 at the end")
 GAP_SHORTFALL = Threshold(
     0.1, "the run's final held-out loss falls short of the reference's by more than 10% of the reference's gain",
     "seed-to-seed spread of healthy runs' shortfall ≤ 0.05")

@@ -434,7 +434,7 @@ def failing_probe_worker(rank: int, init_file: str, run_dir: str, out_file: str)
     model, optimizer = sharded(torch.float64, True)
     probe = attach(model, optimizer, run_dir, **PROBE_OPTIONS)
 
-    def broken(layer):
+    def broken(layer, scratch):
         raise RuntimeError("measuring failed")
 
     probe.recorder.step_values = broken  # rank 0's measuring fails at step 2; every rank still gathers after it

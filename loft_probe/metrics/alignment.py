@@ -55,12 +55,13 @@ def relative_error(X_hat: Tensor, X: Tensor, dim: Dims = (-2, -1)) -> Tensor:
     return relative_norm(X_hat - X, X, dim=dim)
 
 
-def update_lr_ratio(update: Tensor | LowRank, lr: float) -> Tensor:
+def update_lr_ratio(update: Tensor | LowRank, lr: float, norm: Tensor | None = None) -> Tensor:
     """‖ΔW‖ / (lr·sqrt(#entries)): a step's size in units of the learning rate, per entry.
 
     Args:
         update: (..., m, n) the step ΔW, or a LoRA pair's step as a :class:`LowRank` (its norm from r×r
-            products); lr: the learning rate it was taken with, >= 0.
+            products); lr: the learning rate it was taken with, >= 0; norm: ‖ΔW‖ (...) when the caller has
+            it already (a probe takes each norm once per recorded step), else computed here.
 
     Returns (...); NaN (undefined) at lr = 0. An Adam-like step moves each entry by lr·|m̂|/(sqrt(v̂) + eps)
     with |m̂|/sqrt(v̂) ≤ K(t) (`loft_probe.optim.functional.adam_ratio_bound`, → 7.3 for betas (0.9, 0.999)),
@@ -72,10 +73,12 @@ def update_lr_ratio(update: Tensor | LowRank, lr: float) -> Tensor:
         raise ValueError(f"lr must be >= 0, got {lr}")
     if isinstance(update, LowRank):
         B, A = as_float(*update)
-        norm, entries = lowrank_norm(B, A), B.shape[-2] * A.shape[-1]
+        entries = B.shape[-2] * A.shape[-1]
+        norm = lowrank_norm(B, A) if norm is None else norm
     else:
         (update,) = as_float(update)
-        norm, entries = torch.linalg.matrix_norm(update), update.shape[-2] * update.shape[-1]
+        entries = update.shape[-2] * update.shape[-1]
+        norm = torch.linalg.matrix_norm(update) if norm is None else norm
     return ratio(norm, torch.tensor(lr * entries**0.5, dtype=norm.dtype, device=norm.device))
 
 
@@ -100,9 +103,12 @@ def preconditioned_cosine(
     return cosine(preconditioned_direction(m1, v1, eps), preconditioned_direction(m2, v2, eps), dim=dim)
 
 
-def preconditioned_direction(m: Tensor, v: Tensor, eps: float) -> Tensor:
-    """Adam's direction ``m/(sqrt(v) + eps)`` from a first and a (non-negative) second moment of one shape."""
-    return m / (v.sqrt() + eps)
+def preconditioned_direction(m: Tensor, v: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
+    """Adam's direction ``m/(sqrt(v) + eps)`` from a first and a (non-negative) second moment of one shape;
+    ``out``: a buffer of that shape and the result's dtype to write it into instead of new memory."""
+    if out is None:
+        return m / (v.sqrt() + eps)
+    return torch.div(m, torch.sqrt(v, out=out).add_(eps), out=out)
 
 
 def lowrank_update(B0: Tensor, A0: Tensor, B1: Tensor, A1: Tensor, scale: float = 1.0) -> LowRank:

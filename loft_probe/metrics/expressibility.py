@@ -37,13 +37,16 @@ def _check_factors(G_shape: tuple[int, ...], B: Tensor | None, A: Tensor | None)
         raise ValueError(f"A must have shape (r, n) = (r, {n}), got {tuple(A.shape)}")
 
 
-def projection_residuals(G: Tensor, B: Tensor | None = None, A: Tensor | None = None) -> Residuals:
+def projection_residuals(G: Tensor, B: Tensor | None = None, A: Tensor | None = None,
+                         out: Tensor | None = None) -> Residuals:
     """Left, right and tangent residuals of the gradient G against the adapter factors B and A.
 
     Args:
         G: (m, n) full-weight gradient of the layer.
         B: (m, r) LoRA up-projection (its column space is that of ΔW), or None.
         A: (r, n) LoRA down-projection (its row space is that of ΔW), or None.
+        out: an (m, n) buffer of G's working dtype that the residuals are formed in, one after the other
+            (default: new memory).
 
     Returns:
         Residuals(left, right, tangent), 0-dim tensors in [0, 1] (None where a factor is missing).
@@ -54,7 +57,8 @@ def projection_residuals(G: Tensor, B: Tensor | None = None, A: Tensor | None = 
         L = G − Q_B·(Q_Bᵀ·G),  R = G − (G·Q_A)·Q_Aᵀ,  T = L − (L·Q_A)·Q_Aᵀ,
     residuals ‖L‖, ‖R‖, ‖T‖ over ‖G‖. Forming the m×n residuals directly (O(m·n·r), the size of G)
     keeps full relative accuracy even for residuals near 0, unlike the squared-norm differences of
-    `projection_residuals_from_grads`.
+    `projection_residuals_from_grads`. Each residual is one fused multiply-subtract (``addmm``) into one
+    buffer, T in place on L, with ``L·Q_A = G·Q_A − Q_B·(Q_Bᵀ·G·Q_A)`` from r-sized products.
 
     References: Hu et al., "LoRA", ICLR 2022; Zhao et al., "GaLore", ICML 2024 (gradient projection).
     """
@@ -67,16 +71,24 @@ def projection_residuals(G: Tensor, B: Tensor | None = None, A: Tensor | None = 
     if A is not None:
         A = given.pop(0)
     g = torch.linalg.matrix_norm(G)
+    work = torch.empty_like(G) if out is None else out  # (m, n)
+
+    def rel(X: Tensor) -> Tensor:
+        return ratio(torch.linalg.matrix_norm(X), g).clamp(0.0, 1.0)
+
     QB = orth(B) if B is not None else None  # (m, r_B)
     QA = orth(A.mT) if A is not None else None  # (n, r_A)
-    L = G - QB @ (QB.mT @ G) if QB is not None else None  # (m, n)
-    R = G - (G @ QA) @ QA.mT if QA is not None else None  # (m, n)
-    T = L - (L @ QA) @ QA.mT if L is not None and QA is not None else None  # (m, n)
-
-    def rel(X: Tensor | None) -> Tensor | None:
-        return None if X is None else ratio(torch.linalg.matrix_norm(X), g).clamp(0.0, 1.0)
-
-    return Residuals(rel(L), rel(R), rel(T))
+    G_QA = G @ QA if QA is not None else None  # (m, r_A)
+    left = right = tangent = None
+    if QB is not None:
+        QBt_G = QB.mT @ G  # (r_B, n)
+        left = rel(torch.addmm(G, QB, QBt_G, alpha=-1, out=work))  # L
+        if QA is not None:
+            L_QA = torch.addmm(G_QA, QB, QBt_G @ QA, alpha=-1)  # (m, r_A) = L·Q_A
+            tangent = rel(work.addmm_(L_QA, QA.mT, alpha=-1))  # T = L − (L·Q_A)·Q_Aᵀ
+    if QA is not None:
+        right = rel(torch.addmm(G, G_QA, QA.mT, alpha=-1, out=work))  # R
+    return Residuals(left, right, tangent)
 
 
 def projection_residuals_from_grads(

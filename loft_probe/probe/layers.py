@@ -41,6 +41,7 @@ class ProbedLayer:
     layout_before: Any = None  # recorded steps of a dense weight: what its layout kept from before the step
     base_svd: SVD | None = None  # LoRA: W_0's thin SVD, kept when intruders are counted at every snapshot
     whole: Whole | None = None  # an FSDP2-sharded pair: its tensors gathered whole (loft_probe.probe.gather)
+    weight_before: Tensor | None = None  # W (m×n) from ``before``, once formed at this step (weight_before_step)
 
     @property
     def kind(self) -> str:
@@ -90,28 +91,36 @@ class ProbedLayer:
         return self.pair.B.grad, self.pair.A.grad
 
     def weight(self, state: tuple[Tensor, ...]) -> Tensor:
-        """The effective weight W (m×n) of a saved state."""
+        """The effective weight W (m×n) of a saved state: ``W0 + s·B·A`` in one fused multiply-add."""
         if self.pair is None:
             return state[0]
         B, A = state
-        return self.base_weight().to(B.dtype) + self.pair.scale * (B @ A)
+        return torch.addmm(self.base_weight().to(B.dtype), B, A, alpha=self.pair.scale)
 
-    def update(self, before: tuple[Tensor, ...], after: tuple[Tensor, ...], lowrank: bool = False
-               ) -> Tensor | LowRank:
-        """W_after − W_before (m×n), from the factors: W_0 never enters, so nothing cancels. ``lowrank``: a LoRA
-        pair's update as the rank ≤ 2r :class:`LowRank` it is, never formed."""
+    def weight_before_step(self) -> Tensor:
+        """W (m×n) before this step, from ``before``: formed on first use and kept until the step ends (a shadow
+        needs it for its decay term, and then ‖W‖ is read off it)."""
+        if self.weight_before is None:
+            self.weight_before = self.weight(self.before)
+        return self.weight_before
+
+    def update(self, before: tuple[Tensor, ...], after: tuple[Tensor, ...], lowrank: bool = False,
+               out: Tensor | None = None) -> Tensor | LowRank:
+        """W_after − W_before (m×n; in ``out`` when given), from the factors: W_0 never enters, so nothing
+        cancels. ``lowrank``: a LoRA pair's update as the rank ≤ 2r :class:`LowRank` it is, never formed."""
         if self.pair is None:
-            return after[0] - before[0]
+            return torch.sub(after[0], before[0], out=out)
         if lowrank:
             return lowrank_update(*before, *after, scale=self.pair.scale)
-        return self.pair.scale * (after[0] @ after[1] - before[0] @ before[1])
+        # s·(B1·A1 − B0·A0): the second product subtracted as it is formed, no m×n temporary
+        return torch.mm(after[0], after[1], out=out).addmm_(before[0], before[1], alpha=-1).mul_(self.pair.scale)
 
-    def weight_norm(self, state: tuple[Tensor, ...]) -> Tensor:
-        """‖W‖ of a saved state without forming a LoRA pair's W: ‖W_0 + s·B·A‖² = ‖W_0‖² + 2s·⟨W_0·Aᵀ, B⟩ +
-        s²·‖B·A‖², one m×n×r product."""
-        if self.pair is None:
-            return state[0].norm()
-        B, A = state
+    def before_norm(self) -> Tensor:
+        """‖W‖ before this step: of W when it was formed at this step, else without forming a LoRA pair's W:
+        ‖W_0 + s·B·A‖² = ‖W_0‖² + 2s·⟨W_0·Aᵀ, B⟩ + s²·‖B·A‖², one m×n×r product."""
+        if self.pair is None or self.weight_before is not None:
+            return self.weight_before_step().norm()
+        B, A = self.before
         s, W0 = self.pair.scale, self.base_weight().to(B.dtype)
         cross = ((W0 @ A.mT) * B).sum()
         return (self.base_norm**2 + 2 * s * cross + s**2 * lowrank_norm(B, A) ** 2).clamp_min(0).sqrt()

@@ -35,6 +35,7 @@ from loft_probe.probe import gather, runmeta
 from loft_probe.probe.capture import GradCapture
 from loft_probe.probe.layers import ProbedLayer, check_groups, method_of, select_layers
 from loft_probe.probe.layouts import NoLayout, layout_of
+from loft_probe.probe.measure import Scratch
 from loft_probe.probe.options import Gradients, Labels, Snapshots
 from loft_probe.probe.recording import Recorder, all_finite, schedule_values
 from loft_probe.probe.schedule import Schedule, as_schedule, every
@@ -115,7 +116,7 @@ class Probe:
             dtype, device = layer.compute_dtype(), layer.key_param.device
             if layer.pair is not None:
                 layer.initial_factors = layer.state_now()
-                # in the compute dtype: a pair's ‖W‖ is rebuilt from it (ProbedLayer.weight_norm)
+                # in the compute dtype: a pair's ‖W‖ is rebuilt from it (ProbedLayer.before_norm)
                 layer.base_norm = float(layer.base_weight().to(dtype).norm())
                 if capture_grad:
                     layer.capture = GradCapture(layer.pair.module, layer.shape, dtype)
@@ -196,12 +197,13 @@ class Probe:
                 self._log_row(t, layer.name, "nonfinite_grad", 1.0)
                 layer.grad = None
             if layer.shadow is not None and layer.grad is not None:
-                weight = layer.weight(layer.before) if layer.before is not None else None
+                weight = layer.weight_before_step if layer.before is not None else None  # formed if needed
                 layer.shadow.feed(layer.grad, self.recorder.group(layer), weight)
         if self.schedule(t):
             self._log_values(t, RUN_LAYER, schedule_values(self.recorder.group(self.layers[0])))
+            scratch = Scratch()  # one set of m×n work buffers for every layer of this step
             for layer in self.layers:
-                self._log_values(t, layer.name, self.recorder.step_values(layer))
+                self._log_values(t, layer.name, self.recorder.step_values(layer, scratch))
         if self.snapshots(t):
             self._snapshot(t)
         if self.schedule(t) or self.snapshots(t):
@@ -233,6 +235,7 @@ class Probe:
             self.step += 1
         for layer in self.layers:
             layer.grad, layer.before, layer.grads_before, layer.layout_before = None, None, None, None
+            layer.weight_before = None
             if layer.capture is not None:
                 layer.capture.reset()
             if layer.whole is not None:

@@ -39,18 +39,25 @@ class Recorder:
         """The optimizer param group holding the layer's lr and betas."""
         return self.groups[id(layer.key_param)]
 
-    def step_values(self, layer: ProbedLayer) -> dict[str, float]:
-        """Every per-step metric of one layer after a recorded step (``layer.before``: its state before it)."""
+    def step_values(self, layer: ProbedLayer, scratch: measure.Scratch) -> dict[str, float]:
+        """Every per-step metric of one layer after a recorded step (``layer.before``: its state before it).
+        Each m×n quantity is formed once and each norm taken once (:class:`measure.Quantities`), temporaries
+        in the recorded step's ``scratch``."""
         if layer.before is None:
             return {}
         group = self.group(layer)
         after = layer.state_now()
         if not finite(after):  # the optimizer diverged: say so, no spectra
             return {"update_norm": float("nan")}
+        q = measure.Quantities(scratch)
         # without G or a shadow to compare it with, a pair's update is never formed (rank ≤ 2r: r×r work)
-        lowrank = layer.pair is not None and layer.grad is None and layer.shadow is None
-        update = layer.update(layer.before, after, lowrank)  # (m, n), or LowRank
-        values = measure.update_metrics(update, layer.weight_norm(layer.before), layer.grad, group.get("lr"))
+        if layer.pair is not None and layer.grad is None and layer.shadow is None:
+            update = layer.update(layer.before, after, lowrank=True)
+        else:
+            update = q(layer.update(layer.before, after, out=scratch.like("update", layer.before[0].new_empty(
+                layer.shape))))
+        grad = None if layer.grad is None else q(layer.grad)
+        values = measure.update_metrics(q, update, layer.before_norm(), grad, group.get("lr"))
         values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))
         sides = None
         if layer.pair is None and layer.shadow is not None:
@@ -58,25 +65,28 @@ class Recorder:
         if layer.pair is not None:
             values.update(measure.factor_metrics(layer.initial_factors, after, layer.factor_grads()))
             if layer.grad is not None:
-                values.update(measure.residual_metrics(layer.grad, *layer.before))
+                values.update(measure.residual_metrics(q, grad, *layer.before))
             if layer.grad is not None or layer.shadow is not None:  # the sides are m×n work: only when read
                 sides = self.layout.pair_sides(self.optimizer, group, layer.pair, layer.compute_dtype(), after)
+        eps = group.get("eps", 0.0)
         full = self._full_space_moments(layer, group, sides)
-        if full is not None and full.first is not None and layer.grad is not None:
-            values.update(measure.moment_grad_metrics(full.first, layer.grad))
+        full = None if full is None else measure.DenseMoments(q, "direction", full.first, full.second, eps)
+        if full is not None and full.first is not None and grad is not None:
+            values.update(measure.moment_grad_metrics(q, full.first, grad))
         elif layer.pair is not None:
-            values.update(self._factor_cosine(layer, group))
+            values.update(self._factor_cosine(q, layer, group))
         if layer.pair is None:
             values.update(measure.layout_metrics(self.layout.extra_values(self.optimizer, group, layer.param,
                                                                           layer.grad, layer.layout_before)))
         shadow = layer.shadow
         if shadow is not None and shadow.last_update is not None:
-            values.update(measure.shadow_metrics(update, shadow.last_update))
-            shadow_moments, eps = shadow.moments(), group.get("eps", 0.0)
+            values.update(measure.shadow_metrics(q, update, q(shadow.last_update)))
+            moments = shadow.moments()
+            shadow_moments = measure.DenseMoments(q, "shadow direction", moments.first, moments.second, eps)
             if full is not None:
-                values.update(measure.moment_metrics(full, shadow_moments, eps))
+                values.update(measure.moment_metrics(q, full, shadow_moments))
             if sides is not None and shadow_moments.first is not None:
-                values.update(measure.side_metrics(sides, shadow_moments, eps))
+                values.update(measure.side_metrics(q, sides, shadow_moments))
         return values
 
     def _full_space_moments(self, layer: ProbedLayer, group: dict[str, Any], sides: list[Side] | None
@@ -89,7 +99,8 @@ class Recorder:
             return Moments(sides[0].first, sides[0].second)
         return None
 
-    def _factor_cosine(self, layer: ProbedLayer, group: dict[str, Any]) -> dict[str, float]:
+    def _factor_cosine(self, q: measure.Quantities, layer: ProbedLayer, group: dict[str, Any]
+                       ) -> dict[str, float]:
         """``cos_moment_grad`` over both factors of a LoRA pair, in factor space; {} when not defined."""
         moments = [self.layout.moments(self.optimizer, group, p) for p in (layer.pair.B, layer.pair.A)]
         factor_grads = layer.factor_grads()
@@ -97,7 +108,7 @@ class Recorder:
             return {}
         first = torch.cat([m.first.float().flatten() for m in moments])
         grads = torch.cat([g.float().flatten() for g in factor_grads])
-        return measure.moment_grad_metrics(first, grads)
+        return measure.moment_grad_metrics(q, q(first), q(grads))
 
     def cumulative_delta_norm(self, layer: ProbedLayer, state: tuple[Tensor, ...]) -> Tensor:
         """‖W_t − W_0‖ of a state: from the factors for a LoRA pair (no m×n product), from W_0 for a dense one."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,9 +43,9 @@ class ShadowAdamW:
         self.step = 0
         self.last_update: Tensor | None = None
 
-    def feed(self, grad: Tensor, group: dict[str, Any], weight: Tensor | None) -> None:
-        """One step's gradient G (m×n) into the moments; with ``weight`` (W before the step, m×n) the step
-        AdamW takes from it is kept as :attr:`last_update`."""
+    def feed(self, grad: Tensor, group: dict[str, Any], weight: Callable[[], Tensor] | None) -> None:
+        """One step's gradient G (m×n) into the moments; with ``weight`` (forms W before the step, m×n: called
+        only for a decay term) the step AdamW takes from it is kept as :attr:`last_update`."""
         self.step += 1
         beta1, beta2 = group["betas"]
         m, v = self._compute_moments()
@@ -55,8 +56,8 @@ class ShadowAdamW:
         self.last_update = None
         if weight is not None:
             step = F.adamw_move_(torch.zeros_like(m), m, v, self.step, group["lr"], beta1, beta2, group["eps"], 0.0)
-            self.last_update = step.sub_(weight.to(self.compute_dtype),
-                                         alpha=group["lr"] * group.get("weight_decay", 0.0))
+            decay = group["lr"] * group.get("weight_decay", 0.0)
+            self.last_update = step.sub_(weight().to(self.compute_dtype), alpha=decay) if decay else step
 
     def _compute_moments(self) -> tuple[Tensor, Tensor]:
         return self.exp_avg.to(self.compute_dtype), self.exp_avg_sq.to(self.compute_dtype)
@@ -103,14 +104,16 @@ class ShadowOptimizer:
     def needs_weight(self) -> bool:
         return self.layout.reads_weight(self.group)
 
-    def feed(self, grad: Tensor, group: dict[str, Any], weight: Tensor | None) -> None:
-        """One step with G (m×n) and the run's hyperparameters of this step; ``weight``: W before the step (m×n),
-        required when :attr:`needs_weight`, and then or otherwise the step's update is kept as
+    def feed(self, grad: Tensor, group: dict[str, Any], weight: Callable[[], Tensor] | None) -> None:
+        """One step with G (m×n) and the run's hyperparameters of this step; ``weight``: forms W before the step
+        (m×n), required when :attr:`needs_weight`, and then or otherwise the step's update is kept as
         :attr:`last_update`."""
         self.group.update(self.hyperparameters(group))
         reads = self.needs_weight
         if reads and weight is None:
             raise ValueError("this shadow's optimizer reads the weight: feed it W before every step")
+        if weight is not None:
+            weight = weight()
         with torch.no_grad():
             if reads:
                 self.param.copy_(weight)

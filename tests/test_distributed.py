@@ -1,12 +1,12 @@
 """LoFT and the probe under torch.distributed (gloo, 2 CPU processes, file:// rendezvous). Both tests' workers
-run, in turn, on one pair of processes spawned for the module (``distributed``)."""
+run, in turn, on one pair of processes spawned once for the session (conftest's ``distributed``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_jobs, train
+from helpers import train
 from torch.testing import assert_close
 
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
@@ -29,13 +29,6 @@ def data():
     gen = torch.Generator().manual_seed(2)
     return [(torch.randn(BATCH, 10, generator=gen, dtype=torch.float64),
              torch.randn(BATCH, 4, generator=gen, dtype=torch.float64)) for _ in range(STEPS)]
-
-
-@pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    """Both workers below, in turn, on one pair of processes; each writes into its own folder."""
-    jobs = {"ddp": (ddp_worker, ("ddp", "params")), "fsdp_refusals": (fsdp_worker, ("errors",))}
-    return spawn_jobs(jobs, tmp_path_factory.mktemp("distributed"))
 
 
 def ddp_worker(rank: int, init_file: str, run_dir: str, out_file: str) -> None:
@@ -73,6 +66,10 @@ def fsdp_worker(rank: int, init_file: str, errors_file: str) -> None:
     torch.save(messages, f"{errors_file}.{rank}")
     dist.barrier()  # no rank tears its group down while a peer's last collective is in flight
     dist.destroy_process_group()
+
+
+# The workers above, run by conftest's ``distributed``.
+DISTRIBUTED_JOBS = {"ddp": (ddp_worker, ("ddp", "params")), "fsdp_refusals": (fsdp_worker, ("errors",))}
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ The small model exercises both layouts of A that LoFT steps: layer "0" (W 7×6) 
 FSDP2 refuses ``Shard(1)`` and A stays on its rows. Every other dimension is odd (m = 7, 9, 1, r = 3, 1), so those
 shards are uneven, and the head's are empty on rank 1 (r = 1, B has one row): rank 1 steps a pair, and AdamW on
 the head's bias, without a row of its own. Two biases get AdamW on DTensors. Every test's worker runs, in turn, on
-one pair of processes spawned for the module (``distributed``): a spawn costs seconds, a worker a fraction of that.
-The workers write what they saw; the tests check it against one process.
+one pair of processes spawned once for the session (conftest's ``distributed``, with tests/test_distributed.py's):
+a spawn costs seconds, a worker a fraction of that. The workers write what they saw; the tests check it against one
+process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_jobs
 from torch.testing import assert_close
 
 from loft_probe import LoFT, Snapshots, add_lora, attach, load_run, lora_pairs
@@ -458,15 +458,11 @@ def test_a_probe_failing_on_rank_0_disables_itself_and_training_goes_on_on_every
     assert_close(torch.tensor(ranks[0]["outputs"]), torch.tensor(unprobed), rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    """Every worker above, in turn, on one pair of processes (the failing probe last: a rank it left waiting
-    would end the jobs after it). Each writes into its own folder; the PEFT model's only where peft is."""
-    root = tmp_path_factory.mktemp("fsdp")
-    jobs = {"equality": (equality_worker, ("out",)), "nonfinite": (nonfinite_worker, ("out",)),
-            "checkpoint": (checkpoint_worker, ("ckpt", "out")), "mixed_precision": (mixed_precision_worker, ("out",)),
-            "probe": (probe_worker, ("fsdp",))}
-    if importlib.util.find_spec("peft"):
-        jobs["bert"] = (bert_worker, ("out",))
-    jobs["failing_probe"] = (failing_probe_worker, ("run", "out"))
-    return spawn_jobs(jobs, root, WORLD)
+# The workers above, run by conftest's ``distributed`` (the failing probe last: a rank it left waiting would end the
+# jobs after it); the PEFT model's only where peft is.
+DISTRIBUTED_JOBS = {"equality": (equality_worker, ("out",)), "nonfinite": (nonfinite_worker, ("out",)),
+                    "checkpoint": (checkpoint_worker, ("ckpt", "out")),
+                    "mixed_precision": (mixed_precision_worker, ("out",)), "probe": (probe_worker, ("fsdp",))}
+if importlib.util.find_spec("peft"):
+    DISTRIBUTED_JOBS["bert"] = (bert_worker, ("out",))
+DISTRIBUTED_JOBS["failing_probe"] = (failing_probe_worker, ("run", "out"))

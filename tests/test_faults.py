@@ -33,25 +33,42 @@ for step in range(100000):
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sigkill_at_a_random_moment_leaves_a_readable_run(tmp_path, seed):
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(TRAINING), str(run_dir)], stdout=subprocess.PIPE,
-                            text=True)
+SEEDS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> dict:
+    """{seed: run directory} of one training process per seed, all started at once (each spends seconds importing
+    torch, and they import side by side), each SIGKILLed at its own random moment after it is ready."""
+    root = tmp_path_factory.mktemp("killed")
+    procs = {seed: subprocess.Popen([sys.executable, "-c", textwrap.dedent(TRAINING), str(root / str(seed))],
+                                    stdout=subprocess.PIPE, text=True) for seed in SEEDS}
+    delays = {seed: random.Random(seed).uniform(0.2, 1.5) for seed in SEEDS}
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(random.Random(seed).uniform(0.2, 1.5))  # somewhere in the middle of writing
+        assert [proc.stdout.readline().strip() for proc in procs.values()] == ["ready"] * len(SEEDS)
+        ready = time.monotonic()  # the last one is ready: every process is training by now
+        for seed in sorted(SEEDS, key=delays.get):
+            time.sleep(max(0.0, ready + delays[seed] - time.monotonic()))
+            procs[seed].send_signal(signal.SIGKILL)  # somewhere in the middle of writing
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+    return {seed: root / str(seed) for seed in SEEDS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigkill_at_a_random_moment_leaves_a_readable_run(killed, tmp_path, seed):
+    run_dir = killed[seed]
     run = loft_probe.load_run(run_dir)
     assert run.meta["closed"] is False
     steps = sorted(run.metrics.step.unique())
     assert steps == list(range(1, run.last_step + 1))  # every flushed step whole, none half-written
     for step in run.snapshot_steps:
-        assert run.snapshot(step)  # every snapshot that exists reads
+        assert sorted(run.snapshot(step)) == ["0", "2"]  # every snapshot that exists reads, both layers
     page = loft_probe.report([run], tmp_path / "report")
-    assert page.is_file() and (tmp_path / "report" / "report.md").is_file()
+    assert page == tmp_path / "report" / "report.html" and page.is_file()
+    assert (tmp_path / "report" / "report.md").is_file()
     result = CliRunner().invoke(cli.app, ["inspect", str(run_dir)])
     assert result.exit_code == 0 and str(run.last_step) in result.stdout

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -16,20 +19,32 @@ import loft_probe
 from loft_probe import cli
 
 TRAINING = """
-import sys, torch
+import os, sys, torch
 from loft_probe import LoFT, Snapshots, add_lora, attach
-torch.manual_seed(0)
-model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
-                 rank=2, targets=["0", "2"])
-opt = LoFT.from_model(model, lr=1e-2)
-probe = attach(model, opt, sys.argv[1], every=1, snapshots=Snapshots([2, 6, 10, 14]), shadow=True)
-print("ready", flush=True)
-for step in range(100000):
-    opt.zero_grad()
-    loss = model(torch.randn(8, 16)).pow(2).mean()
-    loss.backward()
-    opt.step()
-    probe.log(loss=loss.item())
+
+def train(run_dir):
+    torch.manual_seed(0)
+    model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
+                     rank=2, targets=["0", "2"])
+    opt = LoFT.from_model(model, lr=1e-2)
+    probe = attach(model, opt, run_dir, every=1, snapshots=Snapshots([2, 6, 10, 14]), shadow=True)
+    os.write(1, f"ready {os.getpid()} {run_dir}\\n".encode())  # one write: the three share the pipe
+    for step in range(100000):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        probe.log(loss=loss.item())
+
+for run_dir in sys.argv[1:]:  # one forked process per run: torch is imported once, as a fork server does
+    if os.fork() == 0:
+        train(run_dir)
+        os._exit(0)
+while True:  # until every run's process is gone
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
 """
 
 
@@ -38,22 +53,29 @@ SEEDS = (1, 2, 3)
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory) -> dict:
-    """{seed: run directory} of one training process per seed, all started at once (each spends seconds importing
-    torch, and they import side by side), each SIGKILLed at its own random moment after it is ready."""
+    """{seed: run directory}: one training process per seed, forked together from one that imported torch and
+    loft_probe (seconds each time), each SIGKILLed at its own random moment once all are training."""
     root = tmp_path_factory.mktemp("killed")
-    procs = {seed: subprocess.Popen([sys.executable, "-c", textwrap.dedent(TRAINING), str(root / str(seed))],
-                                    stdout=subprocess.PIPE, text=True) for seed in SEEDS}
-    delays = {seed: random.Random(seed).uniform(0.2, 1.5) for seed in SEEDS}
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(TRAINING), *(str(root / str(s)) for s in SEEDS)],
+                              stdout=subprocess.PIPE, text=True)
+    pids, delays = {}, {seed: random.Random(seed).uniform(0.2, 1.5) for seed in SEEDS}
     try:
-        assert [proc.stdout.readline().strip() for proc in procs.values()] == ["ready"] * len(SEEDS)
+        for _ in SEEDS:
+            word, pid, run_dir = parent.stdout.readline().split()
+            assert word == "ready"
+            pids[int(Path(run_dir).name)] = int(pid)
         ready = time.monotonic()  # the last one is ready: every process is training by now
         for seed in sorted(SEEDS, key=delays.get):
             time.sleep(max(0.0, ready + delays[seed] - time.monotonic()))
-            procs[seed].send_signal(signal.SIGKILL)  # somewhere in the middle of writing
+            os.kill(pids[seed], signal.SIGKILL)  # somewhere in the middle of writing
+        assert parent.wait(timeout=60) == 0  # it reaped its three killed children and returned
     finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+    assert sorted(pids) == list(SEEDS)
     return {seed: root / str(seed) for seed in SEEDS}
 
 

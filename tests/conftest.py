@@ -4,6 +4,8 @@
   30 steps recorded every 5 (the report, the diagnosis and their tests read the same three runs).
 - ``tiny_demo``: the MiniLM demo at a tiny size, once through the ``loft-probe demo`` command and once through
   the library's recipe, with the same settings (the demo tests, and its reproducibility across the two).
+- ``distributed``: the workers of every collected module that uses it (its ``DISTRIBUTED_JOBS``), in turn, on one
+  pair of processes spawned once (``helpers.spawn_jobs``); a test reads its job's folder with ``require(name)``.
 
 Tests must not change what these return (copy a run directory before damaging it).
 """
@@ -64,3 +66,16 @@ def tiny_demo(tmp_path_factory) -> TinyDemo:
     result = CliRunner().invoke(cli.app, ["demo", *options, "--out", str(root / "cli")])
     library = run_demo(demo_configs(root / "library", **TINY_DEMO), root / "library" / "report")
     return TinyDemo(root / "cli", result.stdout, result.exit_code, library, root / "library", TINY_DEMO["steps"])
+
+
+@pytest.fixture(scope="session")
+def distributed(request, tmp_path_factory):
+    """Every job of the modules whose collected tests use this fixture, modules in name order: one spawn for the
+    session instead of one per test (a spawn costs seconds, a job on the tests' tiny models a fraction)."""
+    from helpers import spawn_jobs
+
+    modules = sorted({item.module for item in request.session.items if "distributed" in item.fixturenames},
+                     key=lambda module: module.__name__)
+    jobs = {name: job for module in modules for name, job in module.DISTRIBUTED_JOBS.items()}
+    assert len(jobs) == sum(len(module.DISTRIBUTED_JOBS) for module in modules), "job names must differ"
+    return spawn_jobs(jobs, tmp_path_factory.mktemp("distributed"))

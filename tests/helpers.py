@@ -1,7 +1,12 @@
 """Small helpers the tests share: float64, tight tolerances, seeded random tensors, the tiny float64 MLP (plain
-and with LoRA), a damaged run file."""
+and with LoRA), a damaged run file; distributed jobs run in processes spawned once."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +75,53 @@ def lora_mlp(seed: int = 0, rank: int = 2) -> torch.nn.Module:
         for pair in lora_pairs(model):
             pair.B.copy_(0.3 * torch.randn(pair.B.shape, generator=gen, dtype=F64))
     return model
+
+
+@dataclass
+class SpawnedJobs:
+    """What :func:`spawn_jobs` left: the jobs every rank finished, and what ended the others."""
+
+    root: Path
+    finished: set[str]
+    error: str
+
+    def require(self, name: str) -> Path:
+        """Job ``name``'s folder; fails the calling test, with the workers' error, unless it finished on every
+        rank."""
+        if name not in self.finished:
+            pytest.fail(f"distributed job {name!r} did not finish on every rank: {self.error}", pytrace=False)
+        return self.root / name
+
+
+def _run_jobs(rank: int, jobs: dict, root: Path) -> None:
+    for name, (worker, paths) in jobs.items():
+        worker(rank, str(root / name / "init"), *(str(root / name / path) for path in paths))
+        (root / name / f"done.{rank}").touch()
+
+
+def spawn_jobs(jobs: dict[str, tuple[Callable, tuple[str, ...]]], root: Path, world: int = 2,
+               deadline_s: float = 300.0) -> SpawnedJobs:
+    """Runs ``worker(rank, init_file, *paths)`` for each job ``name: (worker, paths)``, in order, on ``world``
+    processes spawned once: a spawn costs seconds (every process imports torch and the test module), a worker on
+    the tests' tiny models a fraction of that. ``init_file`` (a file:// rendezvous) and ``paths`` lie in
+    ``root / name``; each worker sets up and tears down its own process group. A job that raises on a rank ends
+    the processes, and so the jobs after it; so does passing ``deadline_s`` (all jobs together: a hung
+    collective)."""
+    import torch.multiprocessing as mp
+
+    for name in jobs:
+        (root / name).mkdir()
+    context = mp.start_processes(_run_jobs, args=(jobs, root), nprocs=world, join=False, start_method="spawn")
+    deadline, error = time.monotonic() + deadline_s, ""
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                    process.join()
+                error = f"the workers hung: killed after {deadline_s:.0f} s"
+                break
+    except Exception as exc:  # a worker raised (its traceback) or died
+        error = f"{type(exc).__name__}: {exc}"
+    finished = {name for name in jobs if all((root / name / f"done.{rank}").is_file() for rank in range(world))}
+    return SpawnedJobs(root, finished, error)

@@ -188,14 +188,15 @@ def test_existing_out_is_refused(runs):
 
 def test_debug_shows_the_traceback(tmp_path):
     result = invoke("--debug", "inspect", tmp_path / "nowhere")
-    assert result.exit_code != 0 and type(result.exception).__name__ == "RunDirError"
-    # Through a real process: Python prints the traceback on stderr.
-    process = subprocess.run([sys.executable, "-m", "loft_probe.cli", "--debug", "inspect", str(tmp_path / "x")],
-                             capture_output=True, text=True, timeout=120)
-    assert process.returncode == 1 and "Traceback" in process.stderr and "RunDirError" in process.stderr
-    process = subprocess.run([sys.executable, "-m", "loft_probe.cli", "inspect", str(tmp_path / "x")],
-                             capture_output=True, text=True, timeout=120)
-    assert process.returncode == 2 and process.stderr.startswith("error: ") and "Traceback" not in process.stderr
+    assert result.exit_code == 1 and type(result.exception).__name__ == "RunDirError"
+    # Through real processes, started together (each spends seconds importing torch): with --debug Python prints
+    # the traceback on stderr, without it the command prints one line.
+    debug, plain = (subprocess.Popen([sys.executable, "-m", "loft_probe.cli", *flags, "inspect", str(tmp_path / "x")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for flags in (["--debug"], []))
+    debug_stderr, plain_stderr = debug.communicate(timeout=120)[1], plain.communicate(timeout=120)[1]
+    assert debug.returncode == 1 and "Traceback" in debug_stderr and "RunDirError" in debug_stderr
+    assert plain.returncode == 2 and plain_stderr.startswith("error: ") and "Traceback" not in plain_stderr
 
 
 # ---------------------------------------------------------------------------------------------- demo

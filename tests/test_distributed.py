@@ -1,11 +1,11 @@
-"""LoFT and the probe under torch.distributed (gloo, 2 CPU processes, file:// rendezvous)."""
+"""LoFT and the probe under torch.distributed (gloo, 2 CPU processes, file:// rendezvous). Both tests' workers
+run, in turn, on one pair of processes spawned once for the session (conftest's ``distributed``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from helpers import train
 from torch.testing import assert_close
 
@@ -68,11 +68,14 @@ def fsdp_worker(rank: int, init_file: str, errors_file: str) -> None:
     dist.destroy_process_group()
 
 
+# The workers above, run by conftest's ``distributed``.
+DISTRIBUTED_JOBS = {"ddp": (ddp_worker, ("ddp", "params")), "fsdp_refusals": (fsdp_worker, ("errors",))}
+
+
 @pytest.mark.slow
-def test_loft_and_probe_under_ddp_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "ddp"), str(tmp_path / "params")),
-             nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"params.{r}", weights_only=True) for r in range(2)]
+def test_loft_and_probe_under_ddp_equal_one_process_on_the_whole_batch(distributed, tmp_path):
+    folder = distributed.require("ddp")
+    ranks = [torch.load(folder / f"params.{r}", weights_only=True) for r in range(2)]
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # identical on both ranks
 
@@ -84,7 +87,7 @@ def test_loft_and_probe_under_ddp_equal_one_process_on_the_whole_batch(tmp_path)
     for key, value in model.state_dict().items():
         assert_close(ranks[0][key], value, rtol=1e-10, atol=1e-12)
 
-    ddp_run, single_run = load_run(tmp_path / "ddp"), load_run(tmp_path / "single")
+    ddp_run, single_run = load_run(folder / "ddp"), load_run(tmp_path / "single")
     assert ddp_run.meta["world_size"] == 2
     ddp_rows = ddp_run.metrics.query("layer != ''").sort_values(["step", "layer", "metric"]).reset_index(drop=True)
     single_rows = single_run.metrics.query("layer != ''").sort_values(["step", "layer", "metric"])
@@ -96,10 +99,10 @@ def test_loft_and_probe_under_ddp_equal_one_process_on_the_whole_batch(tmp_path)
 
 
 @pytest.mark.slow
-def test_what_fsdp2_layouts_are_refused(tmp_path):
-    mp.spawn(fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path / "errors")), nprocs=2, join=True)
+def test_what_fsdp2_layouts_are_refused(distributed):
+    folder = distributed.require("fsdp_refusals")
     for rank in range(2):
-        messages = torch.load(tmp_path / f"errors.{rank}", weights_only=True)
+        messages = torch.load(folder / f"errors.{rank}", weights_only=True)
         assert len(messages) == 4
         assert "LoFT steps DTensors sharded by FSDP2 on a 1-D mesh" in messages[0] and "of 2 dims" in messages[0]
         assert "full_space_moments needs a whole pair" in messages[1]

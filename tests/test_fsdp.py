@@ -6,20 +6,21 @@ The small model exercises both layouts of A that LoFT steps: layer "0" (W 7×6) 
 ``lora_shard_placement`` shards its A on columns; layers "2" (W 9×7) and "4" (the head, W 1×9) have odd n, where
 FSDP2 refuses ``Shard(1)`` and A stays on its rows. Every other dimension is odd (m = 7, 9, 1, r = 3, 1), so those
 shards are uneven, and the head's are empty on rank 1 (r = 1, B has one row): rank 1 steps a pair, and AdamW on
-the head's bias, without a row of its own. Two biases get AdamW on DTensors. One spawn per test; every check of a test
-runs inside it.
+the head's bias, without a row of its own. Two biases get AdamW on DTensors. Every test's worker runs, in turn, on
+one pair of processes spawned once for the session (conftest's ``distributed``, with tests/test_distributed.py's):
+a spawn costs seconds, a worker a fraction of that. The workers write what they saw; the tests check it against one
+process.
 """
 
 from __future__ import annotations
 
-import time
+import importlib.util
 import warnings
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from loft_probe import LoFT, Snapshots, add_lora, attach, load_run, lora_pairs
@@ -129,9 +130,9 @@ def chunk_rows(size: int, rank: int) -> int:
 
 
 @pytest.mark.slow
-def test_loft_on_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path):
-    mp.spawn(equality_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(WORLD)]
+def test_loft_on_fsdp2_equals_one_process_on_the_concatenated_batch(distributed):
+    folder = distributed.require("equality")
+    ranks = [torch.load(folder / f"out.{r}", weights_only=True) for r in range(WORLD)]
     for name, dtype, nonzero_B, options in CASES:
         got = ranks[0][name]
         assert got["a_placements"] == ["(Shard(dim=1),)", "(Shard(dim=0),)", "(Shard(dim=0),)"]  # both layouts
@@ -182,10 +183,10 @@ def nonfinite_worker(rank: int, init_file: str, out_file: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    mp.spawn(nonfinite_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(distributed):
+    folder = distributed.require("nonfinite")
     for rank in range(WORLD):
-        result = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        result = torch.load(folder / f"out.{rank}", weights_only=True)
         assert result["moved"] == [] and result["changed"] == [], (rank, result)
         assert set(result["skipped"]) == {1}, (rank, result)
 
@@ -226,16 +227,15 @@ def checkpoint_worker(rank: int, init_file: str, ckpt_dir: str, out_file: str) -
 
 
 @pytest.mark.slow
-def test_distributed_checkpoint_round_trip_same_world_size_and_onto_one_process(tmp_path):
+def test_distributed_checkpoint_round_trip_same_world_size_and_onto_one_process(distributed):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    ckpt = tmp_path / "ckpt"
-    mp.spawn(checkpoint_worker, args=(str(tmp_path / "init"), str(ckpt), str(tmp_path / "out")), nprocs=WORLD,
-             join=True)
+    folder = distributed.require("checkpoint")
+    ckpt = folder / "ckpt"
     for rank in range(WORLD):  # same world size: the continuation is bit-identical, parameters and state
-        assert torch.load(tmp_path / f"out.{rank}", weights_only=True)["differ"] == []
-    sharded_run = torch.load(tmp_path / "out.0", weights_only=True)["params"]
+        assert torch.load(folder / f"out.{rank}", weights_only=True)["differ"] == []
+    sharded_run = torch.load(folder / "out.0", weights_only=True)["params"]
 
     # 2 → 1: the sharded checkpoint restored into one process stepping the unsharded model on the whole batch
     model = make_model(torch.float64, True)
@@ -273,14 +273,13 @@ def mixed_precision_worker(rank: int, init_file: str, out_file: str) -> None:
 
 
 @pytest.mark.slow
-def test_mixed_precision_bf16_compute_fp32_reduce_equals_one_process_doing_the_same(tmp_path):
+def test_mixed_precision_bf16_compute_fp32_reduce_equals_one_process_doing_the_same(distributed):
     """FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 reduce) against one process that computes each rank's
     half-batch gradient on a bf16 copy of the model and averages them in float32: the same numbers FSDP2 reduces.
     LoFT's state stays float32, as for a float32 model in one process."""
     import copy
 
-    mp.spawn(mixed_precision_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
-    got = torch.load(tmp_path / "out.0", weights_only=True)
+    got = torch.load(distributed.require("mixed_precision") / "out.0", weights_only=True)
     assert got["dtypes"] == ["torch.float32"]
     model = make_model(torch.float32, True)
     optimizer = LoFT.from_model(model, **OPTIONS)
@@ -351,10 +350,9 @@ def bert_worker(rank: int, init_file: str, out_file: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_peft_transformer_sharded_per_layer_equals_one_process(tmp_path):
+def test_a_peft_transformer_sharded_per_layer_equals_one_process(distributed):
     pytest.importorskip("peft")
-    mp.spawn(bert_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
-    got = torch.load(tmp_path / "out.0", weights_only=True)
+    got = torch.load(distributed.require("bert") / "out.0", weights_only=True)
     model = peft_bert()
     optimizer = LoFT.from_model(model, **OPTIONS)
     assert len(lora_pairs(model)) == 4 and len(got) == 10  # 4 pairs, the classifier's weight and bias
@@ -403,14 +401,14 @@ def layer_rows(run):
 
 
 @pytest.mark.slow
-def test_the_probe_on_fsdp2_writes_the_run_directory_of_one_process_on_the_concatenated_batch(tmp_path):
-    mp.spawn(probe_worker, args=(str(tmp_path / "init"), str(tmp_path / "fsdp")), nprocs=WORLD, join=True)
+def test_the_probe_on_fsdp2_writes_the_run_directory_of_one_process_on_the_concatenated_batch(distributed, tmp_path):
+    folder = distributed.require("probe")
     for name, build in PROBED.items():
         model = make_model(torch.float64, True)
         optimizer = build(model)
         with attach(model, optimizer, tmp_path / "one" / name, **PROBE_OPTIONS):
             train_outputs(model, optimizer, slice(None))
-        fsdp, one = load_run(tmp_path / "fsdp" / name), load_run(tmp_path / "one" / name)
+        fsdp, one = load_run(folder / "fsdp" / name), load_run(tmp_path / "one" / name)
         assert fsdp.meta["world_size"] == WORLD and fsdp.meta["layers"] == one.meta["layers"]  # fingerprints too
         assert fsdp.snapshot_steps == one.snapshot_steps == [4, 8, 10]
         got, want = layer_rows(fsdp), layer_rows(one)
@@ -449,19 +447,22 @@ def failing_probe_worker(rank: int, init_file: str, run_dir: str, out_file: str)
 
 
 @pytest.mark.slow
-def test_a_probe_failing_on_rank_0_disables_itself_and_training_goes_on_on_every_rank(tmp_path):
-    context = mp.start_processes(failing_probe_worker, nprocs=WORLD, join=False, start_method="spawn",
-                                 args=(str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path / "out")))
-    deadline = time.monotonic() + 90
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank hung after the probe failed on rank 0")
-    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(WORLD)]
+def test_a_probe_failing_on_rank_0_disables_itself_and_training_goes_on_on_every_rank(distributed):
+    folder = distributed.require("failing_probe")  # a rank left waiting fails it (the group's 30 s timeout)
+    ranks = [torch.load(folder / f"out.{r}", weights_only=True) for r in range(WORLD)]
     assert len(ranks[0]["warnings"]) == 1 and "probe disabled, training continues" in ranks[0]["warnings"][0]
     assert "measuring failed" in ranks[0]["warnings"][0] and ranks[1]["warnings"] == []
     assert len(ranks[0]["outputs"]) == STEPS and ranks[0]["outputs"] == ranks[1]["outputs"]
     model = make_model(torch.float64, True)  # one process without a probe: the probe did not change training
     unprobed = train_outputs(model, LoFT.from_model(model, **OPTIONS), slice(None))
     assert_close(torch.tensor(ranks[0]["outputs"]), torch.tensor(unprobed), rtol=1e-10, atol=1e-12)
+
+
+# The workers above, run by conftest's ``distributed`` (the failing probe last: a rank it left waiting would end the
+# jobs after it); the PEFT model's only where peft is.
+DISTRIBUTED_JOBS = {"equality": (equality_worker, ("out",)), "nonfinite": (nonfinite_worker, ("out",)),
+                    "checkpoint": (checkpoint_worker, ("ckpt", "out")),
+                    "mixed_precision": (mixed_precision_worker, ("out",)), "probe": (probe_worker, ("fsdp",))}
+if importlib.util.find_spec("peft"):
+    DISTRIBUTED_JOBS["bert"] = (bert_worker, ("out",))
+DISTRIBUTED_JOBS["failing_probe"] = (failing_probe_worker, ("run", "out"))

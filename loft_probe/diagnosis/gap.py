@@ -96,7 +96,8 @@ def _lora_state(values: LayerValues) -> list[Finding]:
     other finding explains."""
     cosines = values.over_run("shadow_precond_proj_cosine")
     cosines = cosines[~cosines.index.isin(dead_layers(values))]
-    if not len(cosines) or cosines.median() >= T.LORA_PRECOND_ALIGNED.value:
+    median = float(cosines.median()) if len(cosines) else math.nan
+    if not median < T.LORA_PRECOND_ALIGNED.value:  # NaN: not recorded
         return []
     below = cosines[cosines < T.LORA_PRECOND_ALIGNED.value]
     worst = worst_layers(below, lowest=True)
@@ -105,10 +106,10 @@ def _lora_state(values: LayerValues) -> list[Finding]:
         "optimizer_state", "info",
         f"Within the adapter's subspace, LoRA's steps point away from full fine-tuning's: the preconditioned "
         f"direction of its factors, lifted into the weight's space, has a median cosine of "
-        f"{number(float(cosines.median()))} with the shadow's over the run (LoFT keeps ≥ "
+        f"{number(median)} with the shadow's over the run (LoFT keeps ≥ "
         f"{T.LORA_PRECOND_ALIGNED.value}), its first moment {number(moment)}; below "
         f"{T.LORA_PRECOND_ALIGNED.value} in {len(below)} of {len(cosines)} layers: {layer_listing(worst, len(below))}.",
-        {"threshold": T.LORA_PRECOND_ALIGNED.value, "median": float(cosines.median()), "first_moment_median": moment,
+        {"threshold": T.LORA_PRECOND_ALIGNED.value, "median": median, "first_moment_median": moment,
          "layers_below": float(len(below)), "layers": float(len(cosines)), **worst},
         "This is the mismatch LoFT removes: each factor's second moment rescales coordinates that full "
         "fine-tuning's does not. Whether it costs anything shows against a full fine-tuning reference "

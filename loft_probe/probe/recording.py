@@ -93,6 +93,8 @@ class Recorder:
                             ) -> Moments | None:
         """The optimizer's moments in the weight's space (m×n): a dense weight's own, LoFT's reconstruction; a
         LoRA pair's factor moments have no single full-space image (their lifts are per side)."""
+        if layer.pair is None and sides:  # a weight stepped in a subspace (GaLore): its one side, lifted once
+            return Moments(sides[0].first, sides[0].second)
         if layer.pair is None:
             return self.layout.moments(self.optimizer, group, layer.param)
         if sides is not None and len(sides) == 1 and sides[0].second is not None:

@@ -109,14 +109,13 @@ class ShadowOptimizer:
         (m×n), required when :attr:`needs_weight`, and then or otherwise the step's update is kept as
         :attr:`last_update`."""
         self.group.update(self.hyperparameters(group))
-        reads = self.needs_weight
+        reads, decay = self.needs_weight, self.layout.decoupled_decay(self.group)
         if reads and weight is None:
             raise ValueError("this shadow's optimizer reads the weight: feed it W before every step")
-        if weight is not None:
-            weight = weight()
+        W = weight() if weight is not None and (reads or decay) else None  # formed only where it enters
         with torch.no_grad():
             if reads:
-                self.param.copy_(weight)
+                self.param.copy_(W)
             else:
                 self.param.zero_()
         # a step that overwrites p.grad must not overwrite the caller's G
@@ -126,9 +125,8 @@ class ShadowOptimizer:
         self.step += 1
         self.last_update = None
         if weight is not None:
-            update = self.param.detach() - weight if reads else self.param.detach().clone()
-            decay = self.layout.decoupled_decay(self.group)
-            self.last_update = update if reads or not decay else update.sub_(weight, alpha=self.group["lr"] * decay)
+            update = self.param.detach() - W if reads else self.param.detach().clone()
+            self.last_update = update if reads or not decay else update.sub_(W, alpha=self.group["lr"] * decay)
 
     def moments(self) -> Moments:
         return self.layout.moments(self.optimizer, self.group, self.param) or Moments(None, None)

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from loft_probe.optim import foreach as FE
 from loft_probe.optim import functional as F
@@ -220,8 +219,8 @@ class LoFT(torch.optim.Optimizer):
         whole (plain tensors: :mod:`loft_probe.probe.gather` does so), not its shards."""
         B, A = group["params"]
         state_B, state_A = states if states is not None else (self.state.get(B, {}), self.state.get(A, {}))
-        if (states is None and isinstance(B, DTensor)) or any(
-                isinstance(value, DTensor) for state in (state_B, state_A) for value in state.values()):
+        if (states is None and SH.is_dtensor(B)) or any(
+                SH.is_dtensor(value) for state in (state_B, state_A) for value in state.values()):
             raise ValueError("full_space_moments needs a whole pair's state; this one is sharded (FSDP2): pass its "
                              "state gathered whole (states=...)")
         if "frame" not in state_B or not int(state_B["step"]):
@@ -291,7 +290,7 @@ class LoFT(torch.optim.Optimizer):
             grads += group_grads
             if id(group) not in scaled:
                 for g in group_grads:
-                    squares[isinstance(g, DTensor)].append(_precise(SH.local(g).detach()).pow(2).sum())
+                    squares[SH.is_dtensor(g)].append(_precise(SH.local(g).detach()).pow(2).sum())
         for bucket in buckets:
             group = bucket.groups[0]
             if not group["scale_gradients"]:

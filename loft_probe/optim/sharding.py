@@ -27,13 +27,16 @@ Supported: 1-D meshes (FSDP2 over one dimension), B on ``Shard(0)``; every other
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DeviceMesh, DTensor, Shard
+
+if TYPE_CHECKING:  # imported where a DTensor is made or read: the import costs 0.75 s, FSDP2 runs alone need it
+    from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 
 
 class PairShards(NamedTuple):
@@ -54,14 +57,21 @@ class PairShards(NamedTuple):
         return all_sum_(x, self.mesh)
 
 
+def is_dtensor(t: object) -> bool:
+    """True for a DTensor, told without importing torch.distributed.tensor: no DTensor exists before that module
+    is loaded (importing any part of it loads it)."""
+    api = sys.modules.get("torch.distributed.tensor")
+    return api is not None and isinstance(t, api.DTensor)
+
+
 def local(t: Tensor) -> Tensor:
     """A DTensor's local shard (an alias: in-place writes reach the DTensor); any other tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def whole(t: Tensor) -> Tensor:
     """A DTensor gathered whole (one all-gather: every rank of its mesh must call it); any other tensor itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Shard | None]:
@@ -75,6 +85,8 @@ def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Shard | N
             fully_shard(layer, shard_placement_fn=placement)
         fully_shard(model, shard_placement_fn=placement)
     """
+    from torch.distributed.tensor import Shard
+
     from loft_probe.lora import lora_pairs
 
     a_factors = {id(pair.A) for pair in lora_pairs(model)}
@@ -90,7 +102,7 @@ def check_sharded(params: list[Tensor], name: str) -> None:
     """``ValueError`` (one line) for a DTensor LoFT cannot step: each rank must hold its own part of it (one
     ``Shard`` on a 1-D mesh), since the clip norm and the non-finite flag are summed over the ranks."""
     for p in params:
-        if isinstance(p, DTensor) and (p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard)):
+        if is_dtensor(p) and (p.device_mesh.ndim != 1 or not p.placements[0].is_shard()):
             raise ValueError(f"{name}: LoFT steps DTensors sharded by FSDP2 on a 1-D mesh (one Shard placement); got "
                              f"{p.placements} on a mesh of {p.device_mesh.ndim} dims")
 
@@ -98,9 +110,11 @@ def check_sharded(params: list[Tensor], name: str) -> None:
 def pair_shards(B: Tensor, A: Tensor, name: str) -> PairShards | None:
     """The layout of a pair sharded by FSDP2; None for a pair of plain tensors. ``ValueError`` (one line, what
     is supported) for any other layout."""
-    sharded = [isinstance(t, DTensor) for t in (B, A)]
+    sharded = [is_dtensor(t) for t in (B, A)]
     if not any(sharded):
         return None
+    from torch.distributed.tensor import Shard
+
     supported = "LoFT steps FSDP2 pairs on a 1-D mesh with B on Shard(0) and A on Shard(0) or Shard(1)"
     if not all(sharded) or B.device_mesh != A.device_mesh or B.device_mesh.ndim != 1:
         raise ValueError(f"{name}: {supported}; got B and A on different meshes or on a mesh of several dims")
@@ -144,6 +158,8 @@ def gradient_columns(grad: Tensor, shards: PairShards) -> Tensor:
     """A's gradient on this rank's columns (r, n_local): FSDP2 reduce-scatters it to A's own placement."""
     if shards.a_on_columns:
         return local(grad)
+    from torch.distributed.tensor import Shard
+
     return local(grad.redistribute(placements=[Shard(1)]))
 
 
@@ -153,6 +169,8 @@ def write_columns_(A: Tensor, block: Tensor, shards: PairShards) -> None:
         if block.dtype != A.dtype:  # a low-precision A, stepped in float32
             local(A).copy_(block)
         return
+    from torch.distributed.tensor import DTensor, Shard
+
     columns = DTensor.from_local(block.to(A.dtype), shards.mesh, [Shard(1)], shape=A.shape, stride=A.stride())
     local(A).copy_(local(columns.redistribute(placements=[Shard(0)])))
 
@@ -161,6 +179,8 @@ def sharded_zeros(shape: tuple[int, int], dim: int, part: slice, mesh: DeviceMes
     """A zero DTensor of global ``shape`` sharded on ``dim`` (this rank's ``part`` of it), dtype/device of ``like``
     (a plain tensor): the state of a rank's own rows or columns, a DTensor so that ``state_dict`` and DCP see its
     global shape."""
+    from torch.distributed.tensor import DTensor, Shard
+
     local_shape = list(shape)
     local_shape[dim] = _length(part)
     zeros = like.new_zeros(local_shape)
@@ -171,7 +191,7 @@ def sharded_zeros(shape: tuple[int, int], dim: int, part: slice, mesh: DeviceMes
 def mesh_of(tensors: list[Tensor]) -> DeviceMesh | None:
     """The mesh of the DTensors among ``tensors`` (None if there are none); ``ValueError`` for several."""
     # each fully_shard call builds its own mesh object: equal meshes count once
-    meshes = {t.device_mesh: None for t in tensors if isinstance(t, DTensor)}
+    meshes = {t.device_mesh: None for t in tensors if is_dtensor(t)}
     if len(meshes) > 1:
         raise ValueError(f"LoFT steps DTensor parameters on one device mesh, got {len(meshes)} meshes")
     return next(iter(meshes), None)

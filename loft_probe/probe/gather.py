@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from loft_probe.optim.loft import is_sharded
-from loft_probe.optim.sharding import pair_shards, whole
+from loft_probe.optim.sharding import is_dtensor, pair_shards, whole
 
 if TYPE_CHECKING:
     from loft_probe.probe.layers import ProbedLayer
@@ -68,7 +67,7 @@ def check(layers: list[ProbedLayer], layout: Layout) -> None:
         sharded = [p for p in layer.params if is_sharded(p)]
         if not sharded:
             continue
-        if not all(isinstance(p, DTensor) for p in sharded):
+        if not all(is_dtensor(p) for p in sharded):
             raise ValueError(f"layer {layer.name!r}: the probe supports FSDP2 (fully_shard) DTensors, not FSDP1's "
                              "flat parameters; use fully_shard or DDP")
         if layer.pair is None:
@@ -85,7 +84,7 @@ def attach(layers: list[ProbedLayer]) -> None:
     keeps W_0; the others drop it once ‖W_0‖ is taken (:func:`drop_base`)."""
     with torch.no_grad():
         for layer in layers:
-            if layer.pair is not None and isinstance(layer.pair.B, DTensor):
+            if layer.pair is not None and is_dtensor(layer.pair.B):
                 # whole W_0 as stored, then LoraPair's own view of it ((n, m) under fan_in_fan_out)
                 layer.whole = Whole(replace(layer.pair, base=whole(layer.pair.base.detach())).base_weight())
     gather_factors(layers)

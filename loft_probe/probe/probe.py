@@ -199,7 +199,7 @@ class Probe:
             self._log_values(t, RUN_LAYER, schedule_values(self.recorder.group(self.layers[0])))
         scratch = Scratch()
         for layer in self.layers:
-            if layer.grad is not None and not all_finite(layer.grad):
+            if layer.grad is not None and not self._grad_finite(layer):
                 self._log_row(t, layer.name, "nonfinite_grad", 1.0)
                 layer.grad = None
             if layer.shadow is not None and layer.grad is not None:
@@ -211,6 +211,14 @@ class Probe:
             self._snapshot(t)
         if self.schedule(t) or self.snapshots(t):
             self._flush()  # recorded steps only: one Parquet part per record, not per step
+
+    def _grad_finite(self, layer: ProbedLayer) -> bool:
+        """Whether this step's G is finite: certified by its capture when G is the captured sum itself (no loss
+        scale divided out, no all-reduce: either could overflow past the capture's bound), else checked."""
+        capture = layer.capture
+        if capture is not None and layer.grad is capture.grad and capture.certifies_finite():
+            return True
+        return all_finite(layer.grad)
 
     def _snapshot(self, t: int) -> None:
         tensors, values = self.recorder.snapshot(self.layers)

@@ -35,8 +35,9 @@ class LoFTLayout(AdamLayout):
         states = (optimizer.state.get(B, {}), optimizer.state.get(A, {}))
         if "exp_avg" not in states[0]:
             return None
-        like = states[0]["exp_avg"].new_empty(B.shape[0], A.shape[1])  # (m, n), a shape and dtype for buffers
-        out = None if scratch is None else (scratch.like("side first", like), scratch.like("side second", like))
+        state_dtype, device = states[0]["exp_avg"].dtype, states[0]["exp_avg"].device
+        out = None if scratch is None else tuple(scratch.get(role, torch.Size((B.shape[0], A.shape[1])), state_dtype,
+                                                             device) for role in ("side first", "side second"))
         moments = optimizer.full_space_moments(group, states, out=out)
         if moments is None:
             return None

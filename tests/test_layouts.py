@@ -200,8 +200,8 @@ def test_the_lift_is_invariant_to_reparametrising_the_pair():
     assert_close(moved.lift_b(m_B @ T_inv.T), spaces.lift_b(m_B), rtol=1e-10, atol=1e-12)
     assert_close(moved.lift_a(T.T @ m_A), spaces.lift_a(m_A), rtol=1e-10, atol=1e-12)
     X = randn(7, 5, seed=6)
-    assert_close(moved.project_b(X), spaces.project_b(X), rtol=1e-10, atol=1e-12)
-    assert_close(moved.project_a(X), spaces.project_a(X), rtol=1e-10, atol=1e-12)
+    assert_close(moved.subspace_b().project(X), spaces.subspace_b().project(X), rtol=1e-10, atol=1e-12)
+    assert_close(moved.subspace_a().project(X), spaces.subspace_a().project(X), rtol=1e-10, atol=1e-12)
 
 
 def test_the_lift_is_bounded_at_a_rank_deficient_partner():
@@ -229,7 +229,7 @@ def test_the_lifted_direction_is_the_shadows_where_the_preconditioner_commutes()
             m = 0.1 * G if t == 1 else 0.9 * m + 0.1 * G
             v = 1e-3 * G**2 if t == 1 else 0.999 * v + 1e-3 * G**2
         (side,) = lift_factor_state(randn(6, 2, seed=9), A, 1.0, [m_B, None], [v_B, None], eps=1e-8)
-        target = side.project(m / (v.sqrt() + 1e-8))
+        target = side.subspace.project(m / (v.sqrt() + 1e-8))
         return torch.nn.functional.cosine_similarity(side.direction.flatten(), target.flatten(), dim=0).item()
 
     selection = torch.zeros(2, 5, dtype=F64)

@@ -174,6 +174,34 @@ def adam_moments_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: floa
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
+# A moment stored divided by its scale (:func:`scaled_ema_`) has the scale folded back into it once the scale falls
+# below this: the stored numbers stay within 2¹⁶ times the moment's own (they overflow only where the moment is
+# within 2¹⁶ of overflowing), and the fold, one pass over the state, comes every log(2¹⁶)/log(1/β) steps
+# (β = 0.9: 105; β = 0.999: 11 000).
+SCALE_FLOOR = 2.0**-16
+
+
+def scaled_ema_(state: Tensor, scale: float, beta: float, x: Tensor, y: Tensor | None = None) -> float:
+    """In place, one pass over ``state``: the EMA ``e ← β·e + (1 − β)·x`` (``x·y`` elementwise with ``y``) of a
+    moment stored as ``e = scale·state``; returns the new scale.
+
+    Why: the decay moves into the scale (``scale·β``), so the state only gains the new term, ``(1 − β)/scale·x``,
+    one ``add_``/``addcmul_`` instead of a ``mul_`` and an ``addcmul_`` (or ``lerp_``): two m×n passes fewer
+    per step for Adam's two moments. Any shape; a lower-precision state (bfloat16) is updated in the promoted
+    dtype of its inputs and rounded once. Below :data:`SCALE_FLOOR` the scale is folded back (scale 1).
+    """
+    scale = scale * beta
+    if scale < SCALE_FLOOR:
+        state.mul_(scale)
+        scale = 1.0
+    weight = (1 - beta) / scale
+    if y is None:
+        state.add_(x, alpha=weight)
+    else:
+        state.addcmul_(x, y, value=weight)
+    return scale
+
+
 def adamw_move_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
                 beta2: float, eps: float, weight_decay: float) -> Tensor:
     """In place: ``param ← (1 − lr·λ)·param − lr·m̂/(sqrt(v̂) + ε)`` from moments already updated; returns it."""
@@ -237,11 +265,16 @@ def projected_direction(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: S
     return out
 
 
-def reconstruct_moments(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor,
-                        basis: SecondMomentBasis) -> tuple[Tensor, Tensor]:
-    """Full-space first and second moments ``(m·Eᵀ, S·kernel(Eᵀ))`` (k×l each) for the frame E (l×r)."""
-    # clamp: roundoff can take a reconstructed second moment slightly below 0
-    return exp_avg @ E.mT, (exp_avg_sq @ basis.kernel(E.mT)).clamp_min_(0)
+def reconstruct_moments(exp_avg: Tensor, exp_avg_sq: Tensor, E: Tensor, basis: SecondMomentBasis,
+                        out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Full-space first and second moments ``(m·Eᵀ, S·kernel(Eᵀ))`` (k×l each) for the frame E (l×r); into
+    ``out`` (two k×l tensors, possibly transposed views: the product is written through them) when given."""
+    K = basis.kernel(E.mT)  # (T, l)
+    if out is None:
+        first, second = exp_avg @ E.mT, exp_avg_sq @ K
+    else:
+        first, second = torch.mm(exp_avg, E.mT, out=out[0]), torch.mm(exp_avg_sq, K, out=out[1])
+    return first, second.clamp_min_(0)  # roundoff can take a reconstructed second moment slightly below 0
 
 
 def adam_ratio_bound(step: int, betas: tuple[float, float]) -> float:

@@ -42,15 +42,10 @@ _STEP_KEYS = ("lr", "betas", "eps", "weight_decay", "lora_scale", "alternating",
 class FullSpaceMoments(NamedTuple):
     """A pair's moments in the weight's space, for probes: see :meth:`LoFT.full_space_moments`."""
 
-    first: Tensor  # (m, n)
-    second: Tensor  # (m, n)
+    first: Tensor  # (m, n), contiguous
+    second: Tensor  # (m, n), contiguous
     basis: Tensor  # orthonormal basis of what the factor that moved can express: (n, r) for B, (m, r) for A
     side: str  # "B" (X ↦ X·Q·Qᵀ) or "A" (X ↦ Q·Qᵀ·X)
-
-    def project(self, X: Tensor) -> Tensor:
-        """X (m×n) restricted to what the factor that moved can express."""
-        Q = self.basis.to(X.dtype)
-        return (X @ Q) @ Q.T if self.side == "B" else Q @ (Q.T @ X)
 
 
 class LoFT(torch.optim.Optimizer):
@@ -210,13 +205,14 @@ class LoFT(torch.optim.Optimizer):
         state_B = self.state[group["params"][0]]
         return _moving(group["alternating"], int(state_B["phase"]) if state_B else 0)
 
-    def full_space_moments(self, group: dict[str, Any], states: tuple[dict[str, Any], dict[str, Any]] | None = None
-                           ) -> FullSpaceMoments | None:
+    def full_space_moments(self, group: dict[str, Any], states: tuple[dict[str, Any], dict[str, Any]] | None = None,
+                           out: tuple[Tensor, Tensor] | None = None) -> FullSpaceMoments | None:
         """The moments of the factor that moved at the last step, in the weight's space (m×n each): ``M = m_B·E_Bᵀ``
         and ``V`` for a B-step (B when both moved), their A-side twins for an A-step; None before the first step.
-        The projection is onto what that factor could express, the partner's supported subspace. ``states``: the
+        The basis spans what that factor could express, the partner's supported subspace. ``states``: the
         pair's (B's, A's) state, default this optimizer's own; an FSDP2-sharded pair's must be given gathered
-        whole (plain tensors: :mod:`loft_probe.probe.gather` does so), not its shards."""
+        whole (plain tensors: :mod:`loft_probe.probe.gather` does so), not its shards. ``out``: two contiguous
+        m×n tensors of the state's dtype to write M and V into (default: new memory)."""
         B, A = group["params"]
         state_B, state_A = states if states is not None else (self.state.get(B, {}), self.state.get(A, {}))
         if (states is None and SH.is_dtensor(B)) or any(
@@ -230,12 +226,14 @@ class LoFT(torch.optim.Optimizer):
         state = state_B if B_moved else state_A
         m = state["exp_avg"] if B_moved else state["exp_avg"].T  # (k, r)
         frame = state["frame"]  # (l, r)
-        first, second = F.reconstruct_moments(m, state["exp_avg_sq"], frame, basis)
+        first, second = out or (m.new_empty(B.shape[0], A.shape[1]), m.new_empty(B.shape[0], A.shape[1]))
+        # the formula is B's (k×l); an A-step's moments are its transposes: written through transposed views,
+        # both sides come out in the weight's own m×n layout (metrics over mixed layouts run 8× slower)
+        F.reconstruct_moments(m, state["exp_avg_sq"], frame, basis, out=(first, second) if B_moved else
+                              (first.T, second.T))
         # the projected update's frame is already orthonormal; the factor-space ablation's is the raw partner
         orthonormal = frame if group["projected_update"] else F.PartnerFrame(frame.T, group["partner_cutoff"]).basis
-        if B_moved:
-            return FullSpaceMoments(first, second, orthonormal, "B")
-        return FullSpaceMoments(first.T, second.T, orthonormal, "A")
+        return FullSpaceMoments(first, second, orthonormal, "B" if B_moved else "A")
 
     def _buckets(self) -> list[FE.Bucket]:
         """The pair groups with a gradient (a pair without gradients does not step), bucketed for this step,

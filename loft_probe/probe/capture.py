@@ -23,6 +23,7 @@ class GradCapture:
         self.active = False
         self.grad: Tensor | None = None  # (m, n), allocated on first use and reused
         self.filled = False
+        self.bound: Tensor | None = None  # ≥ every |G_ij| (0-dim), or None: not taken (see entry_bound)
         self._handle = module.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -36,6 +37,10 @@ class GradCapture:
         m, n = self.shape
         g = grad_out.detach().reshape(-1, m).to(self.dtype)  # (tokens, m)
         inputs = x.reshape(-1, n).to(self.dtype)  # (tokens, n)
+        bound = entry_bound(g, inputs)
+        if self.filled:  # accumulating: the bounds add up
+            bound = None if bound is None or self.bound is None else self.bound + bound
+        self.bound = bound
         if self.grad is None:
             self.grad = g.T @ inputs
         elif not self.filled:
@@ -43,6 +48,12 @@ class GradCapture:
         else:
             self.grad.addmm_(g.T, inputs)
         self.filled = True
+
+    def certifies_finite(self) -> bool:
+        """Whether the accumulated G is finite, known without reading it: its entries are at most ``bound``, a
+        quarter of the dtype's largest number at most (the products' rounding, a factor 1 + tokens·ε, cannot
+        reach inf), and the inputs it was formed from were finite (else the bound is NaN or inf)."""
+        return self.bound is not None and bool(self.bound < torch.finfo(self.dtype).max / 4)
 
     def take(self) -> Tensor | None:
         """The accumulated G (m×n), or None when no backward pass ran since the last reset."""
@@ -53,3 +64,12 @@ class GradCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def entry_bound(g: Tensor, x: Tensor) -> Tensor | None:
+    """``‖g‖·‖x‖`` (0-dim) for g (tokens×m) and x (tokens×n): every entry of ``gᵀ·x`` is at most
+    ``‖g_:i‖·‖x_:j‖`` (Cauchy–Schwarz), so at most this; NaN or inf when an input is. None where reading the
+    inputs would cost more than reading ``gᵀ·x`` (tokens·(m + n) ≥ m·n: large batches), which is then checked."""
+    if g.numel() + x.numel() >= g.shape[1] * x.shape[1]:
+        return None
+    return torch.linalg.vector_norm(g) * torch.linalg.vector_norm(x)

@@ -111,15 +111,15 @@ def joint_norm(parts: list[Dense]) -> Tensor:
 
 class DenseMoments:
     """An optimizer's full-space first and second moments (m×n each, either None) as :class:`Dense`
-    quantities, with the preconditioned direction ``M/(sqrt(V) + ε)`` formed once, on first use, in the
-    scratch buffer of ``role``."""
+    quantities, with the preconditioned direction ``M/(sqrt(V) + ε)``: ``direction`` where the caller formed it
+    already, else formed once, on first use, in the scratch buffer of ``role``."""
 
     def __init__(self, quantities: Quantities, role: str, first: Tensor | None, second: Tensor | None,
-                 eps: float) -> None:
+                 eps: float, direction: Tensor | None = None) -> None:
         self.quantities, self.role, self.eps = quantities, role, eps
         self.first = None if first is None else quantities(first)
         self.second = None if second is None else quantities(second)
-        self._direction: Dense | None = None
+        self._direction = None if direction is None else quantities(direction)
 
     @property
     def direction(self) -> Dense:
@@ -197,18 +197,30 @@ def moment_metrics(q: Quantities, own: DenseMoments, shadow: DenseMoments) -> di
 
 
 def side_metrics(q: Quantities, sides: list[Side], shadow: DenseMoments) -> dict[str, float]:
-    """A pair's per-factor first moments and preconditioned directions (m×n each, in the subspace that factor
-    expresses) against the shadow's projected onto the same subspaces; both sides of a LoRA pair together
-    (as one vector), and each named side's cosine on its own (GaLore's one side has no name)."""
-    own = [q(side.first) for side in sides]
-    target = [q(side.project(shadow.first.x.to(side.first.dtype))) for side in sides]
+    """A pair's per-factor first moments (m×n each, in the subspace that factor expresses) and the projections of
+    its preconditioned directions against the shadow's projected onto the same subspaces; both sides of a LoRA
+    pair together (as one vector), and each named side's cosine on its own (GaLore's one side has no name).
+
+    Where every side's moment lies in its subspace (``within``), the projections are compared through their
+    coordinates (:class:`~loft_probe.probe.layouts.Subspace`: m×r or r×n numbers, inner products, norms and
+    differences the same as in m×n); otherwise they are formed."""
+    within = all(side.within for side in sides)
+
+    def seen(side: Side, x: Tensor, project: bool) -> Dense:
+        """x as compared: its projection's coordinates, or the projection (``project``) or x itself, formed."""
+        if within:
+            return q(side.subspace.coordinates(x))
+        return q(side.subspace.project(x) if project else x)
+
+    own = [seen(side, side.first, project=False) for side in sides]
+    target = [seen(side, shadow.first.x.to(side.first.dtype), project=True) for side in sides]
     out = {"shadow_m_proj_rel_error": q.relative_error(own, target), "shadow_m_proj_cosine": q.cosine(own, target)}
     for side, own_side, target_side in zip(sides, own, target, strict=True):
         if side.name is not None:
             out[f"shadow_m_proj_cosine_{side.name}"] = q.cosine([own_side], [target_side])
     if shadow.second is not None and all(side.direction is not None for side in sides):
-        directions = [q(side.direction) for side in sides]
-        projected = [q(side.project(shadow.direction.x.to(side.direction.dtype))) for side in sides]
+        directions = [seen(side, side.direction, project=True) for side in sides]
+        projected = [seen(side, shadow.direction.x.to(side.direction.dtype), project=True) for side in sides]
         out["shadow_precond_proj_cosine"] = q.cosine(directions, projected)
     return _defined(out)
 

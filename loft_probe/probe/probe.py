@@ -192,22 +192,33 @@ class Probe:
             self._disable(f"{type(exc).__name__}: {exc} at {traceback.format_tb(exc.__traceback__)[-1].strip()}")
 
     def _measure(self, t: int) -> None:
+        """Feeds each layer's shadow and, at a recorded step, measures the layer right after: its shadow's update
+        and every m×n temporary live in one set of work buffers reused from layer to layer, not one per layer."""
+        recorded = self.schedule(t)
+        if recorded:
+            self._log_values(t, RUN_LAYER, schedule_values(self.recorder.group(self.layers[0])))
+        scratch = Scratch()
         for layer in self.layers:
-            if layer.grad is not None and not all_finite(layer.grad):
+            if layer.grad is not None and not self._grad_finite(layer):
                 self._log_row(t, layer.name, "nonfinite_grad", 1.0)
                 layer.grad = None
             if layer.shadow is not None and layer.grad is not None:
                 weight = layer.weight_before_step if layer.before is not None else None  # formed if needed
-                layer.shadow.feed(layer.grad, self.recorder.group(layer), weight)
-        if self.schedule(t):
-            self._log_values(t, RUN_LAYER, schedule_values(self.recorder.group(self.layers[0])))
-            scratch = Scratch()  # one set of m×n work buffers for every layer of this step
-            for layer in self.layers:
+                layer.shadow.feed(layer.grad, self.recorder.group(layer), weight, scratch)
+            if recorded:
                 self._log_values(t, layer.name, self.recorder.step_values(layer, scratch))
         if self.snapshots(t):
             self._snapshot(t)
         if self.schedule(t) or self.snapshots(t):
             self._flush()  # recorded steps only: one Parquet part per record, not per step
+
+    def _grad_finite(self, layer: ProbedLayer) -> bool:
+        """Whether this step's G is finite: certified by its capture when G is the captured sum itself (no loss
+        scale divided out, no all-reduce: either could overflow past the capture's bound), else checked."""
+        capture = layer.capture
+        if capture is not None and layer.grad is capture.grad and capture.certifies_finite():
+            return True
+        return all_finite(layer.grad)
 
     def _snapshot(self, t: int) -> None:
         tensors, values = self.recorder.snapshot(self.layers)
@@ -236,6 +247,8 @@ class Probe:
         for layer in self.layers:
             layer.grad, layer.before, layer.grads_before, layer.layout_before = None, None, None, None
             layer.weight_before = None
+            if layer.shadow is not None:
+                layer.shadow.last_update = None  # it may live in this step's work buffers
             if layer.capture is not None:
                 layer.capture.reset()
             if layer.whole is not None:

@@ -16,7 +16,7 @@ from torch import Tensor
 from loft_probe import metrics
 from loft_probe.probe import measure
 from loft_probe.probe.layers import ProbedLayer
-from loft_probe.probe.layouts import Layout, Moments, Side
+from loft_probe.probe.layouts import Layout, Side
 from loft_probe.run.layout import snapshot_key
 
 INTRUDER_K = 10  # top singular vectors of the tuned weight checked for intruders (Shuttleworth et al.)
@@ -67,10 +67,10 @@ class Recorder:
             if layer.grad is not None:
                 values.update(measure.residual_metrics(q, grad, *layer.before))
             if layer.grad is not None or layer.shadow is not None:  # the sides are m×n work: only when read
-                sides = self.layout.pair_sides(self.optimizer, group, layer.pair, layer.compute_dtype(), after)
+                sides = self.layout.pair_sides(self.optimizer, group, layer.pair, layer.compute_dtype(), after,
+                                               scratch)
         eps = group.get("eps", 0.0)
-        full = self._full_space_moments(layer, group, sides)
-        full = None if full is None else measure.DenseMoments(q, "direction", full.first, full.second, eps)
+        full = self._full_space_moments(q, layer, group, sides)
         if full is not None and full.first is not None and grad is not None:
             values.update(measure.moment_grad_metrics(q, full.first, grad))
         elif layer.pair is not None:
@@ -81,7 +81,7 @@ class Recorder:
         shadow = layer.shadow
         if shadow is not None and shadow.last_update is not None:
             values.update(measure.shadow_metrics(q, update, q(shadow.last_update)))
-            moments = shadow.moments()
+            moments = shadow.moments(scratch)
             shadow_moments = measure.DenseMoments(q, "shadow direction", moments.first, moments.second, eps)
             if full is not None:
                 values.update(measure.moment_metrics(q, full, shadow_moments))
@@ -89,16 +89,21 @@ class Recorder:
                 values.update(measure.side_metrics(q, sides, shadow_moments))
         return values
 
-    def _full_space_moments(self, layer: ProbedLayer, group: dict[str, Any], sides: list[Side] | None
-                            ) -> Moments | None:
-        """The optimizer's moments in the weight's space (m×n): a dense weight's own, LoFT's reconstruction; a
-        LoRA pair's factor moments have no single full-space image (their lifts are per side)."""
+    def _full_space_moments(self, q: measure.Quantities, layer: ProbedLayer, group: dict[str, Any],
+                            sides: list[Side] | None) -> measure.DenseMoments | None:
+        """The optimizer's moments in the weight's space (m×n): a dense weight's own, LoFT's reconstruction (with
+        the direction its side formed); a LoRA pair's factor moments have no single full-space image (their
+        lifts are per side)."""
+        eps = group.get("eps", 0.0)
         if layer.pair is None and sides:  # a weight stepped in a subspace (GaLore): its one side, lifted once
-            return Moments(sides[0].first, sides[0].second)
+            return measure.DenseMoments(q, "direction", sides[0].first, sides[0].second, eps)
         if layer.pair is None:
-            return self.layout.moments(self.optimizer, group, layer.param)
+            moments = self.layout.moments(self.optimizer, group, layer.param)
+            return None if moments is None else measure.DenseMoments(q, "direction", moments.first,
+                                                                     moments.second, eps)
         if sides is not None and len(sides) == 1 and sides[0].second is not None:
-            return Moments(sides[0].first, sides[0].second)
+            side = sides[0]
+            return measure.DenseMoments(q, "direction", side.first, side.second, eps, direction=side.direction)
         return None
 
     def _factor_cosine(self, q: measure.Quantities, layer: ProbedLayer, group: dict[str, Any]

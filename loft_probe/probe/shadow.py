@@ -22,14 +22,21 @@ from torch import Tensor
 
 from loft_probe.optim import functional as F
 from loft_probe.probe.layouts import Layout, Moments
+from loft_probe.probe.measure import Scratch
 
 
 class ShadowAdamW:
     """AdamW's state for one m×n weight.
 
-    Moments may be stored in bfloat16 to halve the memory (2·m·n numbers); arithmetic is float32 then, or
-    float64 for float64 G. The step at a fed weight is AdamW's formula moving a zero weight, minus the decoupled
-    decay ``lr·λ·W``, so no large weight cancels out of it.
+    Moments in the compute dtype are stored divided by a scale, the product of their betas since the last fold
+    (``m = scale·exp_avg``, :func:`~loft_probe.optim.functional.scaled_ema_`): a step adds the new gradient term,
+    one pass per moment, and decays nothing. :meth:`moments` and :meth:`state_dict` fold the scales back in
+    first, so what they hand out are the moments themselves. Moments may be stored in bfloat16 to halve the
+    memory (2·m·n numbers); they are then stored as themselves, updated in float32 (float64 for float64 G) and
+    rounded once per step: a scaled moment only grows, and its increment, ~(1 − β2) of it, is under bfloat16's
+    half ulp (2⁻⁹), so rounding would drop it at every step and the moment would decay away. The step at a fed
+    weight is AdamW's formula moving a zero weight, minus the decoupled decay ``lr·λ·W``, so no large weight
+    cancels out of it.
     """
 
     needs_weight = False  # AdamW's moments never read the weight
@@ -38,41 +45,75 @@ class ShadowAdamW:
                  storage_dtype: torch.dtype | None = None) -> None:
         storage = storage_dtype or dtype
         self.compute_dtype = torch.promote_types(dtype, storage)  # float64 storage computes in float64
-        self.exp_avg = torch.zeros(shape, dtype=storage, device=device)  # (m, n)
-        self.exp_avg_sq = torch.zeros(shape, dtype=storage, device=device)  # (m, n)
+        self.exp_avg = torch.zeros(shape, dtype=storage, device=device)  # (m, n): the first moment / scales[0]
+        self.exp_avg_sq = torch.zeros(shape, dtype=storage, device=device)  # (m, n): the second / scales[1]
+        self.scales = (1.0, 1.0)  # stay 1 for a lower-precision storage
         self.step = 0
         self.last_update: Tensor | None = None
 
-    def feed(self, grad: Tensor, group: dict[str, Any], weight: Callable[[], Tensor] | None) -> None:
+    def feed(self, grad: Tensor, group: dict[str, Any], weight: Callable[[], Tensor] | None,
+             scratch: Scratch | None = None) -> None:
         """One step's gradient G (m×n) into the moments; with ``weight`` (forms W before the step, m×n: called
-        only for a decay term) the step AdamW takes from it is kept as :attr:`last_update`."""
+        only for a decay term) the step AdamW takes from it is kept as :attr:`last_update`, in ``scratch``'s
+        buffers when given (valid until the next layer uses them)."""
         self.step += 1
         beta1, beta2 = group["betas"]
-        m, v = self._compute_moments()
-        F.adam_moments_(grad.to(self.compute_dtype), m, v, beta1, beta2)
-        if m is not self.exp_avg:  # low-precision storage: computed in float32, stored back
-            self.exp_avg.copy_(m)
-            self.exp_avg_sq.copy_(v)
-        self.last_update = None
-        if weight is not None:
-            step = F.adamw_move_(torch.zeros_like(m), m, v, self.step, group["lr"], beta1, beta2, group["eps"], 0.0)
-            decay = group["lr"] * group.get("weight_decay", 0.0)
-            self.last_update = step.sub_(weight().to(self.compute_dtype), alpha=decay) if decay else step
+        grad = grad.to(self.compute_dtype)
+        if self.exp_avg.dtype == self.compute_dtype:
+            self.scales = (F.scaled_ema_(self.exp_avg, self.scales[0], beta1, grad),
+                           F.scaled_ema_(self.exp_avg_sq, self.scales[1], beta2, grad, grad))
+            moments = self.moments() if weight is not None else None
+        else:  # lower precision: computed in float32 work buffers, rounded into the storage
+            moments = self.moments(scratch)
+            F.adam_moments_(grad, moments.first, moments.second, beta1, beta2)
+            self.exp_avg.copy_(moments.first)
+            self.exp_avg_sq.copy_(moments.second)
+        self.last_update = None if weight is None else self._update(moments, group, weight, scratch)
 
-    def _compute_moments(self) -> tuple[Tensor, Tensor]:
-        return self.exp_avg.to(self.compute_dtype), self.exp_avg_sq.to(self.compute_dtype)
+    def _update(self, moments: Moments, group: dict[str, Any], weight: Callable[[], Tensor],
+                scratch: Scratch | None) -> Tensor:
+        """AdamW's step (m×n) from these moments at this step: its move of a zero weight, minus ``lr·λ·W``."""
+        beta1, beta2 = group["betas"]
+        m, v = moments.first, moments.second
+        denom = F.adam_denominator_(_buffer(scratch, "shadow denominator", v).copy_(v), self.step, beta2,
+                                    group["eps"])
+        step = _buffer(scratch, "shadow update", m).zero_()
+        step.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**self.step))
+        decay = group["lr"] * group.get("weight_decay", 0.0)
+        return step.sub_(weight().to(self.compute_dtype), alpha=decay) if decay else step
 
-    def moments(self) -> Moments:
-        """The first and second moments (m×n each) in the compute dtype."""
-        return Moments(*self._compute_moments())
+    def _fold(self) -> None:
+        """The scales folded into the stored moments (one pass each, where a scale is not 1)."""
+        for state, scale in zip((self.exp_avg, self.exp_avg_sq), self.scales, strict=True):
+            if scale != 1.0:
+                state.mul_(scale)
+        self.scales = (1.0, 1.0)
+
+    def moments(self, scratch: Scratch | None = None) -> Moments:
+        """The first and second moments (m×n each) in the compute dtype: the stored ones, or (bfloat16 storage)
+        their float32 copies, in ``scratch``'s buffers when given."""
+        self._fold()
+        return Moments(*(x if x.dtype == self.compute_dtype else
+                         _buffer(scratch, role, x, self.compute_dtype).copy_(x)
+                         for x, role in ((self.exp_avg, "shadow m"), (self.exp_avg_sq, "shadow v"))))
 
     def state_dict(self) -> dict[str, Any]:
+        self._fold()
         return {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.scales = (1.0, 1.0)
+
+
+def _buffer(scratch: Scratch | None, role: str, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised tensor of x's shape (and ``dtype``, default x's): ``scratch``'s buffer of ``role``, or
+    new memory without one."""
+    if scratch is None:
+        return torch.empty_like(x, dtype=dtype)
+    return scratch.get(role, x.shape, dtype or x.dtype, x.device)
 
 
 class ShadowOptimizer:
@@ -104,10 +145,11 @@ class ShadowOptimizer:
     def needs_weight(self) -> bool:
         return self.layout.reads_weight(self.group)
 
-    def feed(self, grad: Tensor, group: dict[str, Any], weight: Callable[[], Tensor] | None) -> None:
+    def feed(self, grad: Tensor, group: dict[str, Any], weight: Callable[[], Tensor] | None,
+             scratch: Scratch | None = None) -> None:
         """One step with G (m×n) and the run's hyperparameters of this step; ``weight``: forms W before the step
         (m×n), required when :attr:`needs_weight`, and then or otherwise the step's update is kept as
-        :attr:`last_update`."""
+        :attr:`last_update` (in ``scratch``'s buffer when given)."""
         self.group.update(self.hyperparameters(group))
         reads, decay = self.needs_weight, self.layout.decoupled_decay(self.group)
         if reads and weight is None:
@@ -125,10 +167,16 @@ class ShadowOptimizer:
         self.step += 1
         self.last_update = None
         if weight is not None:
-            update = self.param.detach() - W if reads else self.param.detach().clone()
-            self.last_update = update if reads or not decay else update.sub_(W, alpha=self.group["lr"] * decay)
+            param = self.param.detach()
+            if reads:
+                self.last_update = torch.sub(param, W, out=_buffer(scratch, "shadow update", param,
+                                                                   torch.result_type(param, W)))
+            else:
+                update = _buffer(scratch, "shadow update", param).copy_(param)
+                self.last_update = update.sub_(W, alpha=self.group["lr"] * decay) if decay else update
 
-    def moments(self) -> Moments:
+    def moments(self, scratch: Scratch | None = None) -> Moments:
+        """The optimizer's own moments (read in place: ``scratch`` is not needed)."""
         return self.layout.moments(self.optimizer, self.group, self.param) or Moments(None, None)
 
     def state_dict(self) -> dict[str, Any]:

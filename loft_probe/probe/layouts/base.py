@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from loft_probe.lora import LoraPair
 from loft_probe.probe.layouts.pairs import Side, lift_factor_state
+
+if TYPE_CHECKING:
+    from loft_probe.probe.measure import Scratch
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,13 @@ class Layout:
         return max(steps) if steps else (0 if not optimizer.state else None)
 
     def pair_sides(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], pair: LoraPair,
-                   dtype: torch.dtype, factors: tuple[Tensor, Tensor] | None = None) -> list[Side] | None:
+                   dtype: torch.dtype, factors: tuple[Tensor, Tensor] | None = None,
+                   scratch: Scratch | None = None) -> list[Side] | None:
         """A LoRA pair's state in the weight's space, one :class:`Side` per factor the optimizer holds a first
         moment for (a frozen factor has none): the factor's own moments lifted through its partner; None
         when neither has one. ``factors``: (B (m×r), A (r×n)) to lift through, default the pair's own (an
-        FSDP2-sharded pair's are given gathered whole)."""
+        FSDP2-sharded pair's are given gathered whole). ``scratch``: work buffers of the recorded step, for a
+        layout that forms m×n temporaries (LoFT's); a lift keeps its own, alive together."""
         moments = [self.moments(optimizer, group, p) for p in (pair.B, pair.A)]
         first = [m.first.to(dtype) if m is not None and m.first is not None else None for m in moments]
         second = [m.second.to(dtype) if m is not None and m.second is not None and "eps" in group else None

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from loft_probe import metrics
 from loft_probe.probe.layouts.base import Moments
-from loft_probe.probe.layouts.pairs import Side
+from loft_probe.probe.layouts.pairs import Side, Subspace
 from loft_probe.probe.layouts.torch_optim import AdamLayout
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -63,7 +63,7 @@ class GaLoreLayout(AdamLayout):
         if projector is None or "exp_avg" not in state:
             return None
         return [Side(None, lift(projector, state["exp_avg"]).to(dtype), None, None,
-                     lambda X: project(projector.ortho_matrix, X))]
+                     subspace(projector.ortho_matrix, param.shape), within=False)]  # P is float32: formed
 
     def reads_weight(self, group: dict[str, Any]) -> bool:
         return False  # decay after the step is λ·lr·(W − step): a zero weight's step carries the −step part
@@ -105,15 +105,14 @@ def lift(projector: Any, X: Tensor) -> Tensor:
     return projector.project_back(X) / projector.scale
 
 
-def project(P: Tensor | list[Tensor], X: Tensor) -> Tensor:
-    """X (m×n) onto the subspace GaLore steps in: ``X·Pᵀ·P`` for a right projector P (r×n), ``P·Pᵀ·X`` for a
-    left one (m×r), both for proj_type "full" ([left, right]). (A square P is orthogonal: either is X.)"""
+def subspace(P: Tensor | list[Tensor], shape: torch.Size) -> Subspace:
+    """The subspace GaLore steps an m×n weight in (``shape``): ``X·Pᵀ·P`` for a right projector P (r×n), ``P·Pᵀ·X``
+    for a left one (m×r), both for proj_type "full" ([left, right]). (A square P is orthogonal: either is X.)"""
     if isinstance(P, (list, tuple)):
-        return project(P[0], project(P[1], X))
-    P = P.to(X.dtype)
-    if P.shape[1] == X.shape[1] and P.shape[0] != X.shape[0]:
-        return (X @ P.mT) @ P
-    return P @ (P.mT @ X)
+        return Subspace(P[0], P[1].mT)
+    if P.shape[1] == shape[1] and P.shape[0] != shape[0]:
+        return Subspace(None, P.mT)
+    return Subspace(P, None)
 
 
 LAYOUTS = {GaLoreAdamW: GaLoreLayout()}

@@ -3,7 +3,7 @@ every other parameter is stepped by AdamW and read like it. Its full-rank limit,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,8 +11,11 @@ from loft_probe.lora import LoraPair
 from loft_probe.metrics import preconditioned_direction
 from loft_probe.optim import LoFT
 from loft_probe.probe.layouts.base import Moments
-from loft_probe.probe.layouts.pairs import Side
+from loft_probe.probe.layouts.pairs import Side, Subspace
 from loft_probe.probe.layouts.torch_optim import AdamLayout
+
+if TYPE_CHECKING:
+    from loft_probe.probe.measure import Scratch
 
 
 class LoFTLayout(AdamLayout):
@@ -22,19 +25,29 @@ class LoFTLayout(AdamLayout):
         return None if group.get("lora_scale") is not None else super().moments(optimizer, group, param)
 
     def pair_sides(self, optimizer: LoFT, group: dict[str, Any], pair: LoraPair, dtype: torch.dtype,
-                   factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Side] | None:
-        """The factor that moved at the last step: its reconstructed M and V (m×n), and the direction
-        ``M/(sqrt(V) + ε)`` restricted to what that factor can express (the step LoFT applies). Read from
-        ``optimizer.state``: a sharded pair's is the state the probe gathered whole (``factors`` is not needed:
-        LoFT's state holds its frames)."""
+                   factors: tuple[torch.Tensor, torch.Tensor] | None = None, scratch: Scratch | None = None
+                   ) -> list[Side] | None:
+        """The factor that moved at the last step: its reconstructed M and V (m×n) and the direction
+        ``M/(sqrt(V) + ε)``, whose restriction to what that factor can express is the step LoFT applies; in
+        ``scratch``'s buffers when given. Read from ``optimizer.state``: a sharded pair's is the state the probe
+        gathered whole (``factors`` is not needed: LoFT's state holds its frames)."""
         B, A = group["params"]
-        moments = optimizer.full_space_moments(group, (optimizer.state.get(B, {}), optimizer.state.get(A, {})))
+        states = (optimizer.state.get(B, {}), optimizer.state.get(A, {}))
+        if "exp_avg" not in states[0]:
+            return None
+        state_dtype, device = states[0]["exp_avg"].dtype, states[0]["exp_avg"].device
+        out = None if scratch is None else tuple(scratch.get(role, torch.Size((B.shape[0], A.shape[1])), state_dtype,
+                                                             device) for role in ("side first", "side second"))
+        moments = optimizer.full_space_moments(group, states, out=out)
         if moments is None:
             return None
-        # an A-step's moments come transposed; metrics over a mix of layouts run 8× slower than over one
-        first, second = moments.first.to(dtype).contiguous(), moments.second.to(dtype).contiguous()
-        direction = moments.project(preconditioned_direction(first, second, group["eps"]))
-        return [Side(moments.side.lower(), first, second, direction, moments.project)]
+        first, second = moments.first.to(dtype), moments.second.to(dtype)
+        direction = preconditioned_direction(first, second, group["eps"],
+                                             out=None if scratch is None else scratch.like("direction", first))
+        subspace = Subspace(None, moments.basis) if moments.side == "B" else Subspace(moments.basis, None)
+        # the projected update's moments are written in the subspace's own basis; the factor-space ablation's
+        # in the raw partner's, which may reach beyond the directions the cutoff keeps
+        return [Side(moments.side.lower(), first, second, direction, subspace, within=group["projected_update"])]
 
     def steps_taken(self, optimizer: LoFT) -> int | None:
         """Its steps plus the non-finite ones it skipped: each is a step of the record."""

@@ -19,7 +19,6 @@ side's preconditioner applies, ``m/(sqrt(v) + ε)`` on the factor, lifted the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -29,20 +28,53 @@ from loft_probe.optim.functional import PARTNER_CUTOFF, PartnerFrame
 
 
 @dataclass(frozen=True)
+class Subspace:
+    """The m×n matrices ``P·X = Q_L·Q_Lᵀ·X·Q_R·Q_Rᵀ`` one factor's step can reach: Q_L (m×r) keeps a column space
+    (an A-step: ``P_B·X``), Q_R (n×r) a row space (a B-step: ``X·P_A``), either None: all of it (GaLore's
+    two-sided projector has both). Q's columns are orthonormal or zero.
+
+    Metrics compare projections through their coordinates ``Q_Lᵀ·X·Q_R`` (r×n, m×r or r×r), never an m×n
+    product: ``⟨X, P·Y⟩ = ⟨P·X, P·Y⟩ = ⟨coords X, coords Y⟩`` and ``‖P·X‖ = ‖coords X‖`` (P is an orthogonal
+    projector).
+    """
+
+    left: Tensor | None
+    right: Tensor | None
+
+    def coordinates(self, X: Tensor) -> Tensor:
+        """``Q_Lᵀ·X·Q_R`` of X (m×n)."""
+        if self.left is not None:
+            X = self.left.mT.to(X.dtype) @ X
+        return X if self.right is None else X @ self.right.to(X.dtype)
+
+    def project(self, X: Tensor) -> Tensor:
+        """P·X (m×n)."""
+        C = self.coordinates(X)
+        if self.right is not None:
+            C = C @ self.right.mT.to(C.dtype)
+        return C if self.left is None else self.left.to(C.dtype) @ C
+
+
+@dataclass(frozen=True)
 class Side:
-    """One factor's state in the weight's space (m×n each) and the projection onto what that factor expresses
-    (or, for a dense weight stepped in a subspace, GaLore's, its state there and the projection onto it).
+    """One factor's state in the weight's space (m×n each) and the subspace that factor expresses (or, for a dense
+    weight stepped in a subspace, GaLore's, its state and that subspace).
 
     first: the first moment, lifted (LoRA) or reconstructed (LoFT). second: the full-space second moment where
-    one exists (LoFT), else None. direction: the preconditioned direction the factor's step applies, in the
-    subspace; None without a second moment. project: X (m×n) ↦ X·P_A ("B") or P_B·X ("A").
+    one exists (LoFT), else None. direction: the preconditioned direction, whose projection onto the subspace
+    the factor's step applies: with ``second``, ``first/(sqrt(second) + ε)`` itself (the moment metrics
+    compare it unprojected); None without a second moment. within: whether ``first`` lies in the subspace and
+    the subspace's basis is orthonormal to working precision (lifts through partner frames, LoFT's projected
+    update), so that metrics may compare coordinates; not so for LoFT's factor-space ablation (its moment
+    reaches beyond the partner directions kept) or GaLore's projector (orthonormal in float32 only).
     """
 
     name: str | None  # "b" or "a": which factor moves this way; None: a dense weight's (GaLore's subspace)
     first: Tensor
     second: Tensor | None
     direction: Tensor | None
-    project: Callable[[Tensor], Tensor]
+    subspace: Subspace
+    within: bool = True
 
 
 class PairSubspaces:
@@ -61,15 +93,13 @@ class PairSubspaces:
         """``(1/s)·B·(Bᵀ·B)⁺·X`` (m×n) for A-shaped X (r×n)."""
         return (self.frame_B.coordinates(X.mT / self.scale) @ self.frame_B.basis.mT.to(X.dtype)).mT
 
-    def project_b(self, X: Tensor) -> Tensor:
-        """X·P_A (m×n): what moving B can express."""
-        Q = self.frame_A.basis.to(X.dtype)
-        return (X @ Q) @ Q.mT
+    def subspace_b(self) -> Subspace:
+        """The matrices X·P_A (m×n): what moving B can express."""
+        return Subspace(None, self.frame_A.basis)
 
-    def project_a(self, X: Tensor) -> Tensor:
-        """P_B·X (m×n): what moving A can express."""
-        Q = self.frame_B.basis.to(X.dtype)
-        return Q @ (Q.mT @ X)
+    def subspace_a(self) -> Subspace:
+        """The matrices P_B·X (m×n): what moving A can express."""
+        return Subspace(self.frame_B.basis, None)
 
 
 def lift_factor_state(B: Tensor, A: Tensor, scale: float, first: list[Tensor | None],
@@ -79,9 +109,9 @@ def lift_factor_state(B: Tensor, A: Tensor, scale: float, first: list[Tensor | N
     direction for that side)."""
     spaces = PairSubspaces(B, A, scale)
     sides = []
-    for name, lift, project, m, v in (("b", spaces.lift_b, spaces.project_b, first[0], second[0]),
-                                      ("a", spaces.lift_a, spaces.project_a, first[1], second[1])):
+    for name, lift, subspace, m, v in (("b", spaces.lift_b, spaces.subspace_b, first[0], second[0]),
+                                       ("a", spaces.lift_a, spaces.subspace_a, first[1], second[1])):
         if m is not None:
             direction = None if v is None else lift(preconditioned_direction(m, v, eps))
-            sides.append(Side(name, lift(m), None, direction, project))
+            sides.append(Side(name, lift(m), None, direction, subspace()))
     return sides

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,9 +26,10 @@ from typer.testing import CliRunner
 import loft_probe
 from loft_probe import cli
 from loft_probe.run import read_meta
-from loft_probe.runner import RunConfig
+from loft_probe.runner import RunConfig, run
 from loft_probe.sweeps import Alpha, final_metric, is_finished, make_grid, parse_alpha
-from loft_probe.sweeps.pool import run_cells
+from loft_probe.sweeps.execute import FAILED, RUNS, _record
+from loft_probe.sweeps.pool import Outcome, run_cells
 from loft_probe.sweeps.selection import choose_lrs
 
 TINY = ["--option", "pretrain_steps=20", "--jobs", "2"]
@@ -142,6 +144,15 @@ def _workers(sweep: psutil.Process) -> list[psutil.Process]:
     return [worker for server in servers for worker in server.children()]
 
 
+def _running_a_cell(workers: list[psutil.Process], runs: list[Path]) -> psutil.Process:
+    """The worker writing one of ``runs``: it holds the run's lock file open (the first worker may be between
+    cells, or done with one it has not yet reported)."""
+    for worker in workers:
+        if any(Path(f.path).parent in runs for f in worker.open_files()):
+            return worker
+    raise AssertionError(f"no worker holds a lock in {runs}")
+
+
 def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
     out = tmp_path / "sw"
     command = [sys.executable, "-m", "loft_probe.cli", "sweep", "digits", "--method", "lora,loft", "--rank", "2,4",
@@ -157,7 +168,7 @@ def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
                 break
             time.sleep(0.05)
         finished_before = {p.name for p in (out / "runs").iterdir() if is_finished(p)}
-        victim = _workers(psutil.Process(sweep.pid))[0]
+        victim = _running_a_cell(_workers(psutil.Process(sweep.pid)), running)
         victim.send_signal(signal.SIGKILL)
         stdout, stderr = sweep.communicate(timeout=180)
     finally:
@@ -217,6 +228,24 @@ def test_a_worker_dead_before_its_cell_fails_that_cell_and_the_next_runs(tmp_pat
     assert [(o.name, o.ok) for o in ended] == [("a", False), ("b", True)]
     assert ended[0].error == "the worker process died before the cell started (killed by SIGKILL)"
     assert is_finished(tmp_path / "b") and not (tmp_path / "a").exists()
+
+
+def test_a_worker_dead_after_its_run_closed_leaves_the_cell_done(tmp_path):
+    """A worker killed between closing its run and reporting it: the run is whole, so the cell is done, as a
+    rerun and the sweep's tally would count it, not failed with an error file beside a finished run."""
+    run_dir = tmp_path / RUNS / "a"
+    run(RunConfig(task="digits", method="lora", rank=2, steps=2, every=1, shadow=False,
+                  out=run_dir, task_options={"pretrain_steps": 5}))
+    (tmp_path / FAILED).mkdir()
+    events = []
+    died = Outcome("a", False, 1.0, "the worker process died while running the cell (killed by SIGKILL)")
+    _record(tmp_path, died, events.append)
+    assert [(e.kind, e.cell) for e in events] == [("done", "a")]
+    assert not (tmp_path / FAILED / "a.json").exists()
+    unfinished = Outcome("b", False, 1.0, "the worker process died while running the cell (killed by SIGKILL)")
+    _record(tmp_path, unfinished, events.append)
+    assert (events[-1].kind, events[-1].error) == ("failed", unfinished.error)
+    assert (tmp_path / FAILED / "b.json").is_file()
 
 
 def test_library_sweep_chooses_lr_on_the_first_seed(tmp_path):

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,9 @@ def _open(out: Path, task: str, settings: dict) -> None:
 
 
 def _record(out: Path, outcome: Outcome, notify: Callable[[SweepEvent], None]) -> None:
+    if not outcome.ok and is_finished(out / RUNS / outcome.name):
+        # its worker died after the run closed, before reporting: the run is whole, and a rerun would skip it
+        outcome = replace(outcome, ok=True, error="", detail="")
     failure = out / FAILED / f"{outcome.name}.json"
     timing = {"cell": outcome.name, "ok": outcome.ok, "seconds": round(outcome.seconds, 3),
               "cpu_seconds": None if math.isnan(outcome.cpu_seconds) else round(outcome.cpu_seconds, 3)}

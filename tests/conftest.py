@@ -80,17 +80,3 @@ def distributed(request, tmp_path_factory):
     assert len(jobs) == sum(len(module.DISTRIBUTED_JOBS) for module in modules), "job names must differ"
     return spawn_jobs(jobs, tmp_path_factory.mktemp("distributed"))
 
-
-# Session fixtures that take seconds, and the group of the tests that use each: with pytest-xdist's
-# ``--dist loadgroup`` (pyproject's addopts) a group runs on one worker, so each is made once, not once per worker.
-SHARED_FIXTURES = {"distributed": "distributed", "tiny_demo": "minilm-demo", "digits_run_dirs": "digits-runs",
-                   "digits_runs": "digits-runs"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        groups = {SHARED_FIXTURES[name] for name in item.fixturenames if name in SHARED_FIXTURES}
-        if len(groups) > 1:  # a test needing two of them would split a group: make it one group then
-            raise pytest.UsageError(f"{item.nodeid} uses fixtures of several xdist groups: {sorted(groups)}")
-        if groups:
-            item.add_marker(pytest.mark.xdist_group(groups.pop()))

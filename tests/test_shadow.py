@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import F64, randn
 from torch.testing import assert_close
 
-from helpers import F64, randn
 from loft_probe.optim import functional as F
 from loft_probe.probe.measure import Scratch
 from loft_probe.probe.shadow import ShadowAdamW
@@ -34,7 +34,8 @@ def test_scaled_moments_and_steps_are_adamw_through_a_schedule(scratch):
         W.grad = randn(*SHAPE, seed=t)
         optimizer.step()
         recorded = t % 16 == 0
-        shadow.feed(randn(*SHAPE, seed=t), schedule(t), (lambda: W_before) if recorded else None, scratch)
+        weight = (lambda W_before=W_before: W_before) if recorded else None  # bound now: W_before is rebound
+        shadow.feed(randn(*SHAPE, seed=t), schedule(t), weight, scratch)
         if recorded:
             assert_close(shadow.last_update, W.detach() - W_before, rtol=1e-10, atol=1e-14)
         else:

@@ -25,6 +25,14 @@ def test_quantities_give_the_dense_cosine_and_relative_error_of_one_matrix_and_o
     assert q(X) is q(X) and torch.isnan(q.cosine([q(X)], [q(torch.zeros_like(X))]))  # undefined at zero
 
 
+
+def test_a_freed_16_bit_temporary_does_not_lend_its_quantity_to_the_next_tensor():
+    """Quantities are found by id; a 16-bit tensor is upcast, and a temporary freed after the call could leave its
+    id to the next tensor, which would then read the first one's numbers."""
+    q = Quantities(Scratch())
+    quantities = [q(torch.full((64, 64), float(k), dtype=torch.bfloat16)) for k in range(8)]  # each freed at once
+    assert [float(quantity.norm) for quantity in quantities] == [64.0 * k for k in range(8)]
+
 def test_moments_direction_is_formed_once_in_its_buffer():
     m, v = randn(6, 4, seed=0), randn(6, 4, seed=1).abs()
     q = Quantities(Scratch())

@@ -70,15 +70,16 @@ class Quantities:
 
     def __init__(self, scratch: Scratch) -> None:
         self.scratch = scratch
-        self._dense: dict[int, Dense] = {}
+        # by id, with the tensor itself kept alive beside it: a freed temporary's id could name another tensor
+        self._dense: dict[int, tuple[Tensor, Dense]] = {}
         self._inner: dict[tuple[int, int], Tensor] = {}
 
     def __call__(self, x: Tensor) -> Dense:
         """x as a :class:`Dense`, the same one for the same tensor; 16-bit state upcast to float32 (no metric is
         computed in 16-bit arithmetic)."""
         if id(x) not in self._dense:
-            self._dense[id(x)] = Dense(x if x.dtype in (torch.float32, torch.float64) else x.float())
-        return self._dense[id(x)]
+            self._dense[id(x)] = (x, Dense(x if x.dtype in (torch.float32, torch.float64) else x.float()))
+        return self._dense[id(x)][1]
 
     def inner(self, a: Dense, b: Dense) -> Tensor:
         """⟨a, b⟩ over every dim: a dot product (no m×n temporary) where both are contiguous in one dtype."""

@@ -54,8 +54,9 @@ class Recorder:
         if layer.pair is not None and layer.grad is None and layer.shadow is None:
             update = layer.update(layer.before, after, lowrank=True)
         else:
-            update = q(layer.update(layer.before, after, out=scratch.like("update", layer.before[0].new_empty(
-                layer.shape))))
+            start = layer.before[0]  # ΔW comes out in the saved state's dtype and device
+            update = q(layer.update(layer.before, after,
+                                    out=scratch.get("update", layer.shape, start.dtype, start.device)))
         grad = None if layer.grad is None else q(layer.grad)
         values = measure.update_metrics(q, update, layer.before_norm(), grad, group.get("lr"))
         values.update(measure.cumulative_metrics(self.cumulative_delta_norm(layer, after)))

@@ -105,3 +105,23 @@ def test_bfloat16_storage_rounds_the_float32_moments_once_per_step():
     bias1, bias2 = 1 - 0.8**7, 1 - 0.9**7
     expected = -group["lr"] * (m / bias1) / ((v / bias2).sqrt() + group["eps"])
     assert_close(shadow.last_update, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_float32_scaled_moments_stay_as_accurate_as_adamws_own_over_long_runs():
+    """In float32 (what users run), 2 000 steps with AdamW's default betas (β1's scale folds every 105 steps, β2's
+    never): both moments within 1e-5 of a float64 torch.optim.AdamW fed the same gradients (norm-relative),
+    as close as torch's own float32 AdamW gets (measured: v 5e-7 scaled, 9e-6 torch's)."""
+    gen = torch.Generator().manual_seed(0)
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    shadow = ShadowAdamW((64, 48), torch.float32, torch.device("cpu"))
+    W = torch.nn.Parameter(torch.zeros(64, 48, dtype=F64))
+    oracle = torch.optim.AdamW([W], **group)
+    for t in range(1, 2001):
+        G = torch.randn(64, 48, generator=gen) * 1e-3 * (11 if t % 37 == 0 else 1)  # occasional large gradients
+        W.grad = G.double()
+        oracle.step()
+        shadow.feed(G, group, None)
+    moments = shadow.moments()
+    for own, exact in ((moments.first, oracle.state[W]["exp_avg"]), (moments.second, oracle.state[W]["exp_avg_sq"])):
+        assert own.dtype == torch.float32
+        assert float((own.double() - exact).norm() / exact.norm()) < 1e-5

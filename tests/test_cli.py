@@ -235,16 +235,24 @@ def test_demo_without_the_model_package(tmp_path, monkeypatch):
 
 
 def test_demo_is_reproducible(tiny_demo):
-    """The library's demo recipe gives the command's metrics to the bit (CPU, fixed seeds) and its findings;
-    each run is its method, trained to its last step, and the report names all three."""
-    library = tiny_demo.library
+    """The command runs the library's recipe on the library's configs and prints the recipe's findings; each run
+    is its method, trained to its last step, and the report names all three; a run trained again from its config
+    gives the command's metrics to the bit (CPU, fixed seeds)."""
+    from conftest import RERUN, TINY_DEMO
+
+    from loft_probe.demo import demo_configs
+
+    assert tiny_demo.configs == demo_configs(tiny_demo.cli_out, **TINY_DEMO)
+    recipe = tiny_demo.recipe
     for method in ("full", "lora", "loft"):
-        mine, theirs = library.runs[method], load_run(tiny_demo.cli_out / method)
-        assert (mine.method, mine.last_step, mine.path) == (method, tiny_demo.steps, tiny_demo.library_out / method)
-        pd.testing.assert_frame_equal(mine.metrics, theirs.metrics)
+        mine = recipe.runs[method]
+        assert (mine.method, mine.last_step, mine.path) == (method, tiny_demo.steps, tiny_demo.cli_out / method)
         assert len(mine.metrics) > 0
-    assert list(library.findings) == ["loft", "lora"]
-    for method, findings in library.findings.items():
+    theirs = load_run(tiny_demo.cli_out / RERUN)
+    assert (tiny_demo.rerun.method, tiny_demo.rerun.path) == (RERUN, tiny_demo.rerun_out)
+    pd.testing.assert_frame_equal(tiny_demo.rerun.metrics, theirs.metrics)
+    assert list(recipe.findings) == ["loft", "lora"]
+    for method, findings in recipe.findings.items():
         assert format_findings(findings) in tiny_demo.cli_output, method
-    assert library.report == tiny_demo.library_out / "report" / "report.html"
-    assert all(f"{name} (" in library.report.read_text() for name in ("full", "lora", "loft"))
+    assert recipe.report == tiny_demo.cli_out / "report" / "report.html"
+    assert all(f"{name} (" in recipe.report.read_text() for name in ("full", "lora", "loft"))

@@ -19,7 +19,7 @@ import loft_probe
 from loft_probe import cli
 
 TRAINING = """
-import os, sys, torch
+import os, sys, torch, torch._dynamo  # the first optimizer built imports torch._dynamo: here, before the forks
 from loft_probe import LoFT, Snapshots, add_lora, attach
 
 def train(run_dir):

@@ -126,7 +126,7 @@ def test_transport_keeps_full_space_moments(factor_coordinates):
     if not factor_coordinates:
         assert float(torch.linalg.matrix_norm(C, ord=2)) <= 1 + 1e-12  # a contraction: nothing is amplified
     before = F.reconstruct_moments(exp_avg, exp_avg_sq, E_old, basis)
-    after = F.reconstruct_moments(exp_avg @ C, exp_avg_sq @ basis.transport(C), E_new, basis)
+    after = F.reconstruct_moments(exp_avg @ C, basis.transport_(exp_avg_sq.clone(), C), E_new, basis)
     assert_close(after[0], before[0], rtol=0, atol=1e-12)
     assert_close(after[1], before[1], rtol=0, atol=1e-12)
     # The published code's transposed form C·S·Cᵀ breaks the invariant: the test can fail.
@@ -134,20 +134,22 @@ def test_transport_keeps_full_space_moments(factor_coordinates):
     assert (wrong[1] - before[1]).abs().max() > 1e-3
 
 
-def test_packed_transport_equals_dense_congruence():
+@pytest.mark.parametrize("rows", [3, 20], ids=["unpacked rows (k < T)", "the map's matrix (k >= T)"])
+def test_packed_transport_equals_dense_congruence(rows):
     gen = torch.Generator().manual_seed(4)
-    r = 5
+    r = 5  # T = 15 stored entries per row of a full second moment
     basis = F.SecondMomentBasis(r, full=True)
-    S = torch.randn(3, r, r, generator=gen, dtype=F64)
-    S = S + S.transpose(1, 2)
-    C = torch.randn(r, r, generator=gen, dtype=F64)
+    S = torch.randn(2, rows, r, r, generator=gen, dtype=F64)  # a stack of two pairs' states
+    S = S + S.mT
+    C = torch.randn(2, r, r, generator=gen, dtype=F64)  # each pair's own transport
     p, q = basis.p, basis.q
-    dense = C.T @ S @ C
-    assert_close(S[:, p, q] @ basis.transport(C), dense[:, p, q], rtol=0, atol=1e-12)
+    dense = C.mT[:, None] @ S @ C[:, None]
+    assert_close(basis.transport_(S[..., p, q].clone(), C), dense[..., p, q], rtol=0, atol=1e-12)
+    assert_close(S[0][:, p, q] @ basis.transport(C[0]), dense[0][:, p, q], rtol=0, atol=1e-12)
     simple = F.SecondMomentBasis(r, full=False)
-    diag = torch.diagonal(S, dim1=1, dim2=2)
-    assert_close(diag @ simple.transport(C), torch.diagonal(C.T @ torch.diag_embed(diag) @ C, dim1=1, dim2=2),
-                 rtol=0, atol=1e-12)
+    diag = torch.diagonal(S, dim1=-2, dim2=-1)
+    expected = torch.diagonal(C.mT[:, None] @ torch.diag_embed(diag) @ C[:, None], dim1=-2, dim2=-1)
+    assert_close(simple.transport_(diag.clone(), C), expected, rtol=0, atol=1e-12)
 
 
 def test_rectangular_full_rank_square_partner_step_is_exact():

@@ -68,7 +68,7 @@ def pair_step_(sides: tuple[Side, Side], frames: tuple[F.PartnerFrame, F.Partner
                 C = F.transport_matrix(side.frame, frame, in_factor_space, rows,
                                        None if shards is None else shards.total)  # (r, r)
                 side.exp_avg.copy_(side.exp_avg @ C)
-                side.exp_avg_sq.copy_(side.exp_avg_sq @ basis.transport(C))
+                basis.transport_(side.exp_avg_sq, C)
             side.frame.copy_(frame.matrix(in_factor_space)[..., rows, :])
         side.exp_avg.lerp_(h, 1 - beta1)
         side.exp_avg_sq.mul_(beta2).add_(basis.features(h), alpha=1 - beta2)

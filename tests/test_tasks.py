@@ -135,6 +135,14 @@ def test_defaults_name_steps_rank_and_a_rate_per_method(built, name):
     assert set(defaults["lr"]) == {"full", "lora", "loft"} and all(lr > 0 for lr in defaults["lr"].values())
 
 
+def test_the_minilm_tasks_carry_their_own_learning_rates(built):
+    """The plot task's lrs were chosen on it (seed 0), not taken from sentiment; each build gets its own copy."""
+    plot, sentiment_task = built("minilm-plot"), built("minilm-sentiment")
+    assert plot.defaults == sentiment.PLOT_DEFAULTS and sentiment_task.defaults == sentiment.SENTIMENT_DEFAULTS
+    assert all(plot.defaults["lr"][m] < sentiment_task.defaults["lr"][m] for m in ("full", "lora", "loft"))
+    assert plot.defaults["lr"] is not sentiment.PLOT_DEFAULTS["lr"]
+
+
 def test_build_is_deterministic_and_leaves_the_global_rng_alone():
     """The pretraining is memoised per process: a build equals a pretraining done afresh, even after an earlier
     build's model was changed in place (a run trains it), and no build draws from the global generator."""

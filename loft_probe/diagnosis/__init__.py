@@ -88,7 +88,7 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
                   "lr_too_high", "step_too_large"):  # each explains a still loss; undertrained would say raise the lr
         findings += training.undertrained(run, values)
     if not _fired(findings, "diverged", "lr_too_high"):  # a held-out rise after those is their consequence
-        findings += held_out.overfitting(run)
+        findings += held_out.overfitting(run, training.late_step_ratio(values))
     findings += stuck
     findings += gap.subspace(run, values)
     broken = _fired(findings, *TRAINING_FAULTS)

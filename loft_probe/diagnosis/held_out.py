@@ -148,17 +148,26 @@ def worse_at_the_end(run: Run, step_ratio: float = math.nan) -> list[Finding]:
                     f"near step {int(risen['best_step'])}.")]
 
 
-def overfitting(run: Run) -> list[Finding]:
+def overfitting(run: Run, step_ratio: float = math.nan) -> list[Finding]:
     """The held-out loss rose from its best by more than the noise while the training loss fell, and did not
-    end above its start (that, or large steps, is :func:`worse_at_the_end`)."""
+    end above its start (that, or large steps, is :func:`worse_at_the_end`). ``step_ratio``, the late steps'
+    median ‖ΔW‖/‖W‖, is said where it is known: under UPDATE_WEIGHT_RATIO_OVERFIT the records cannot tell too
+    many steps from too high a learning rate (the diagnosis benchmark's lr ×10 runs on its held-out task look
+    like this), and the finding says so instead of naming one."""
     risen = rise(run)
     if not risen or risen["loss_late"] >= risen["loss_at_best"] or risen["eval_last"] - risen["eval_first"] > \
             risen["noise"]:
         return []
+    why = ""
+    if math.isfinite(step_ratio):
+        risen = risen | {"update_weight_ratio_median": step_ratio}
+        why = (f" Its late steps are {step_ratio:.2%} of the weights (median over layers), under the "
+               f"{T.UPDATE_WEIGHT_RATIO_OVERFIT.value:.1%} that marks steps too large for the data: from these "
+               "records, too many steps and too high a learning rate look alike.")
     return [Finding(
         "overfitting", "warning",
         f"The held-out loss rose from its best {number(risen['eval_best'])} at step {int(risen['best_step'])} to "
         f"{number(risen['eval_last'])} at step {int(risen['last_step'])} while the training loss kept falling "
-        f"({number(risen['loss_at_best'])} → {number(risen['loss_late'])}): the run trained past its best.",
+        f"({number(risen['loss_at_best'])} → {number(risen['loss_late'])}): the run trained past its best.{why}",
         risen, f"Keep the model of step {int(risen['best_step'])} (evaluate and checkpoint more often near it), "
                "train fewer steps, or lower the learning rate; compare methods at their best held-out loss.")]

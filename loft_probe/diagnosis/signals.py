@@ -10,7 +10,7 @@ import pandas as pd
 from loft_probe.diagnosis import held_out
 from loft_probe.diagnosis import thresholds as T
 from loft_probe.diagnosis.reading import LayerValues, last_snapshot, ranks
-from loft_probe.diagnosis.training import dead_layers, frozen_factors, loss_curve
+from loft_probe.diagnosis.training import dead_layers, frozen_factors, late_step_ratio, loss_curve
 from loft_probe.run import Run
 
 
@@ -26,7 +26,7 @@ def signals(run: Run) -> dict[str, float]:
                 "eval_still_falling": held_out.still_falling(run)}
     out["update_lr_ratio_max"] = _max(values.late("update_lr_ratio"))
     out["update_weight_ratio_max"] = _max(values.late("update_weight_ratio"))
-    out["update_weight_ratio_median"] = _median(values.late("update_weight_ratio"))
+    out["update_weight_ratio_median"] = late_step_ratio(values)
     residual = values.late("residual_tangent")
     out["residual_tangent_median"] = _median(residual[residual.index.isin(adapters)])
     out["shadow_update_cosine_median"] = _median(values.late("shadow_update_cosine"))

@@ -174,7 +174,7 @@ def step_size(run: Run, values: LayerValues) -> list[Finding]:
             {"loss_first": curve["loss_first"], "loss_mid": curve["loss_mid"], "loss_late": curve["loss_late"]},
             "Lower the learning rate (a third to a tenth); for LoRA, α/r scales every step as well.")]
     ratio = values.late("update_weight_ratio")
-    if worse := held_out_curve.worse_at_the_end(run, float(ratio.median()) if len(ratio) else math.nan):
+    if worse := held_out_curve.worse_at_the_end(run, late_step_ratio(values)):
         return worse
     if jumped := held_out_curve.spiked(run):
         return jumped
@@ -311,3 +311,9 @@ def frozen_factor(run: Run, values: LayerValues) -> list[Finding]:
         {"factors_frozen": float(len(frozen)), "factors": ", ".join(frozen[:T.WORST_SHOWN])},
         "Make both factors trainable and give them to the optimizer (model.named_parameters() with "
         "requires_grad=True).")]
+
+
+def late_step_ratio(values: LayerValues) -> float:
+    """The late steps' size against the weights: the median over layers of the late ‖ΔW‖/‖W‖ (NaN without any)."""
+    ratio = values.late("update_weight_ratio")
+    return float(ratio.median()) if len(ratio) else math.nan

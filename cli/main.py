@@ -1,8 +1,9 @@
 """The ``loft-probe`` command: parse arguments, call the library, print its results.
 
 Errors become one ``error: ...`` line and exit code 2 in one place (`cli/errors.py`); ``--debug``
-shows the traceback instead. The report's matplotlib and the comparison are imported inside the commands
-that use them, so ``--help`` stays quick.
+shows the traceback instead. The report's matplotlib and seaborn are imported inside the commands that draw,
+so ``--help`` does not pay for them; it still imports torch (about 2 s here), through the library modules whose
+names and defaults the options show.
 """
 
 from __future__ import annotations

@@ -82,10 +82,11 @@ def tiny_demo(tmp_path_factory) -> TinyDemo:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cli.main, "run_demo", spy)
         result = CliRunner().invoke(cli.app, ["demo", *options, "--out", str(root / "cli")])
-    (configs, returned), = calls or [([], None)]
-    again = [config for config in configs if config.method == RERUN]
+    assert len(calls) == 1, f"the command called run_demo {len(calls)} times: {result.output}"
+    (configs, returned), = calls
+    again, = (config for config in configs if config.method == RERUN)
     rerun_out = root / "rerun" / RERUN
-    rerun = load_run(run(replace(again[0], out=rerun_out))) if again else None
+    rerun = load_run(run(replace(again, out=rerun_out)))
     return TinyDemo(root / "cli", result.stdout, result.exit_code, configs, returned, rerun, rerun_out,
                     TINY_DEMO["steps"])
 

@@ -102,31 +102,30 @@ def _run_jobs(rank: int, jobs: dict, root: Path) -> None:
 def spawn_jobs(jobs: dict[str, tuple[Callable, tuple[str, ...]]], root: Path, world: int = 2,
                deadline_s: float = 300.0) -> SpawnedJobs:
     """Runs ``worker(rank, init_file, *paths)`` for each job ``name: (worker, paths)``, in order, on ``world``
-    processes started once, forked from a fork server that imported the jobs' modules, torch._dynamo (the
-    first optimizer built imports it) and peft once: a process that imports them itself spends seconds, a worker
-    on the tests' tiny models a fraction of that. ``init_file`` (a file:// rendezvous) and ``paths`` lie in
+    processes started once. They fork from a fork server that imported torch, torch._dynamo (the first optimizer
+    built imports it), peft and the sweeps' preload once: a process importing those itself spends seconds, a job
+    on the tests' tiny models a fraction of that (each worker imports the tests' own modules: Python 3.11's fork
+    server does not take the parent's sys.path). ``init_file`` (a file:// rendezvous) and ``paths`` lie in
     ``root / name``; each worker sets up and tears down its own process group. A job that raises on a rank ends
     the processes, and so the jobs after it; so does passing ``deadline_s`` (all jobs together: a hung
-    collective)."""
-    import importlib.util
+    collective). What ended them is the result's ``error``, for the tests to report."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
-    from loft_probe.sweeps.pool import PRELOAD
+    from loft_probe.sweeps.pool import fork_server_preload
 
     # One fork server per process: a sweep later in the session forks its workers from this one too (its own
-    # preload is then ignored), so the server imports the sweeps' preload as well (torch._dynamo among it).
-    modules = {worker.__module__ for worker, _ in jobs.values()} | {__name__, *PRELOAD}
-    if importlib.util.find_spec("peft"):
-        modules.add("peft")
-    multiprocessing.get_context("forkserver").set_forkserver_preload(sorted(modules))
+    # preload is then ignored), so this one imports the sweeps' preload as well.
+    start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    if start_method == "forkserver":
+        multiprocessing.get_context("forkserver").set_forkserver_preload(_importable([*fork_server_preload(), "peft"]))
     for name in jobs:
         (root / name).mkdir()
-    context = mp.start_processes(_run_jobs, args=(jobs, root), nprocs=world, join=False,
-                                   start_method="forkserver")
     deadline, error = time.monotonic() + deadline_s, ""
     try:
+        context = mp.start_processes(_run_jobs, args=(jobs, root), nprocs=world, join=False,
+                                     start_method=start_method)
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
                 for process in context.processes:
@@ -134,7 +133,23 @@ def spawn_jobs(jobs: dict[str, tuple[Callable, tuple[str, ...]]], root: Path, wo
                     process.join()
                 error = f"the workers hung: killed after {deadline_s:.0f} s"
                 break
-    except Exception as exc:  # a worker raised (its traceback) or died
+    except Exception as exc:  # a worker raised (its traceback) or died, or none could start
         error = f"{type(exc).__name__}: {exc}"
     finished = {name for name in jobs if all((root / name / f"done.{rank}").is_file() for rank in range(world))}
     return SpawnedJobs(root, finished, error)
+
+
+def _importable(names: list[str]) -> list[str]:
+    """The modules among ``names`` that import here without error. A fork server skips a preload that raises
+    ImportError but dies of any other error (a version skew between peft and transformers raises RuntimeError),
+    and then no job could start."""
+    import importlib
+
+    importable = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 (whatever it raises, the workers import it themselves if they need it)
+            continue
+        importable.append(name)
+    return importable

@@ -250,7 +250,7 @@ def test_demo_is_reproducible(tiny_demo):
         assert len(mine.metrics) > 0
     theirs = load_run(tiny_demo.cli_out / RERUN)
     assert (tiny_demo.rerun.method, tiny_demo.rerun.path) == (RERUN, tiny_demo.rerun_out)
-    pd.testing.assert_frame_equal(tiny_demo.rerun.metrics, theirs.metrics)
+    pd.testing.assert_frame_equal(tiny_demo.rerun.metrics, theirs.metrics, check_exact=True)
     assert list(recipe.findings) == ["loft", "lora"]
     for method, findings in recipe.findings.items():
         assert format_findings(findings) in tiny_demo.cli_output, method

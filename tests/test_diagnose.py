@@ -217,6 +217,17 @@ def test_a_held_out_rise_with_large_steps_is_lr_too_high(tmp_path, ratio, expect
         assert "0.10% of the weights" in finding.title and "look alike" in finding.title
 
 
+def test_overfitting_beside_step_too_large_does_not_call_its_steps_small(tmp_path):
+    """Steps 1000× the lr's scale stop the lr checks at step_too_large; the held-out rise is still overfitting,
+    but its text must not call 2% of the weights "under" the 0.5% that marks steps too large."""
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY | {"update_lr_ratio": 1e3, "update_weight_ratio": 2e-2},
+                    snapshot=SNAPSHOT, evals={0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}, eval_se=0.01)
+    findings = diagnose(run)
+    assert {"step_too_large", "overfitting"} <= set(codes(findings))
+    finding = only(findings, "overfitting")
+    assert finding.evidence["update_weight_ratio_median"] == 2e-2 and "look alike" not in finding.title
+
+
 @pytest.mark.parametrize("peak, se, expected", [
     (1.2, 0.01, True),  # 20% above its start mid-run, beyond 2·0.01
     (1.04, 0.001, False),  # under HELD_OUT_SPIKE's 5%

@@ -235,17 +235,18 @@ def test_step_on_B_A_equals_the_step_on_At_Bt_with_phases_swapped(alternating):
 
 
 def _stack_core(B, A, gB, gA, mB, SB, EB, mA, SA, EA, group, basis):
-    """The batched step on stacked tensors, frames included: what ``torch.compile`` is asked to trace."""
+    """The batched step on stacked tensors, frames included: what ``torch.compile`` is asked to trace. Both
+    factors move (LoFT without alternation), so both sides transport their second moments."""
     frames = (F.PartnerFrame(A, group["partner_cutoff"]), F.PartnerFrame(B.mT, group["partner_cutoff"]))
     sides = FE.sides_of(B, A, gB, gA, {"exp_avg": mB, "exp_avg_sq": SB, "frame": EB},
                         {"exp_avg": mA, "exp_avg_sq": SA, "frame": EA})
-    FE.pair_step_(sides, frames, (0,), 3, group, basis, FE.STACK_BLOCK_ELEMENTS["accelerator"])
+    FE.pair_step_(sides, frames, (0, 1), 3, group, basis, FE.STACK_BLOCK_ELEMENTS["accelerator"])
     return B, A
 
 
 def test_the_batched_core_compiles_and_matches_eager():
     pytest.importorskip("torch._inductor")
-    P, m, n, r = 3, 16, 12, 4
+    P, m, n, r = 3, 16, 12, 5  # T = 15: B's 16 rows transport through the (T, T) map, A's 12 unpacked
     gen = torch.Generator().manual_seed(21)
     basis = F.SecondMomentBasis(r, True)
     shapes = ((P, m, r), (P, r, n), (P, m, r), (P, r, n), (P, m, r), (P, m, basis.width), (P, n, r),

@@ -29,7 +29,7 @@ from loft_probe.run import read_meta
 from loft_probe.runner import RunConfig, run
 from loft_probe.sweeps import Alpha, final_metric, is_finished, make_grid, parse_alpha
 from loft_probe.sweeps.execute import FAILED, RUNS, _record
-from loft_probe.sweeps.pool import Outcome, run_cells
+from loft_probe.sweeps.pool import PRELOAD, Outcome, fork_server_preload, run_cells
 from loft_probe.sweeps.selection import choose_lrs
 
 TINY = ["--option", "pretrain_steps=20", "--jobs", "2"]
@@ -210,6 +210,19 @@ def test_a_killed_sweep_takes_its_workers_along_and_a_rerun_finishes_it(tmp_path
     assert not any(is_finished(p) for p in (out / "runs").iterdir())
     again = invoke(*command[3:])  # the same sweep again, in this process
     assert again.exit_code == 0 and "2 cells finished (2 now, 0 before), 0 failed." in again.stdout, again.output
+
+
+def test_the_fork_server_preloads_loft_probe_only_where_the_working_directory_cannot_shadow_it(tmp_path,
+                                                                                                monkeypatch):
+    """The fork server puts the working directory first on its path: with another copy of loft_probe there it
+    would preload that copy, so it preloads only torch's and scikit-learn's modules."""
+    monkeypatch.chdir(tmp_path)
+    assert fork_server_preload() == PRELOAD  # nothing to shadow it here
+    (tmp_path / "loft_probe").mkdir()
+    (tmp_path / "loft_probe" / "__init__.py").touch()
+    assert fork_server_preload() == [name for name in PRELOAD if not name.startswith("loft_probe")] != PRELOAD
+    monkeypatch.chdir(Path(loft_probe.__file__).parents[1])  # a checkout's root, its own package there
+    assert fork_server_preload() == PRELOAD
 
 
 def test_a_worker_dead_before_its_cell_fails_that_cell_and_the_next_runs(tmp_path):

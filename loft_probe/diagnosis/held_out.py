@@ -161,6 +161,7 @@ def overfitting(run: Run, step_ratio: float = math.nan) -> list[Finding]:
     why = ""
     if math.isfinite(step_ratio):
         risen = risen | {"update_weight_ratio_median": step_ratio}
+    if step_ratio <= T.UPDATE_WEIGHT_RATIO_OVERFIT.value:  # larger steps are step_too_large's to name (NaN: unknown)
         why = (f" Its late steps are {step_ratio:.2%} of the weights (median over layers), under the "
                f"{T.UPDATE_WEIGHT_RATIO_OVERFIT.value:.1%} that marks steps too large for the data: from these "
                "records, too many steps and too high a learning rate look alike.")

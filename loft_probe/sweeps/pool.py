@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing import connection, get_all_start_methods, get_context, parent_process
+from pathlib import Path
 
 from loft_probe.runner import RunConfig
 from loft_probe.tasks import Task, build_task
@@ -126,8 +127,20 @@ def _context():
     if "forkserver" not in get_all_start_methods():
         return get_context("spawn")
     context = get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)  # imported once by the server; a module that fails is skipped
+    context.set_forkserver_preload(fork_server_preload())  # imported once by the server; an ImportError is skipped
     return context
+
+
+def fork_server_preload() -> list[str]:
+    """PRELOAD, without loft_probe's own modules when the working directory holds another copy of loft_probe:
+    the fork server starts with the working directory first on its path (Python 3.11 does not give it the
+    parent's sys.path), so it would preload that copy and the workers would run its code. Without the preload
+    they import loft_probe through the parent's path, as a spawned process does."""
+    here = Path(__file__).resolve().parents[1]  # the loft_probe package this process runs
+    there = Path.cwd() / "loft_probe"
+    if there.is_dir() and there.resolve() != here:
+        return [name for name in PRELOAD if name.split(".")[0] != "loft_probe"]
+    return PRELOAD
 
 
 def _answer(worker: _Worker) -> Outcome | None:

@@ -147,19 +147,21 @@ def test_build_is_deterministic_and_leaves_the_global_rng_alone():
     """The pretraining is memoised per process: a build equals a pretraining done afresh, even after an earlier
     build's model was changed in place (a run trains it), and no build draws from the global generator."""
     needs("digits")
-    from loft_probe.tasks.digits import DigitsConfig, pretrained_weights
+    from loft_probe.tasks.digits import DigitsConfig, _pretrained_weights
 
     state = torch.get_rng_state()
     a = build_task("digits", seed=3, pretrain_steps=20)
     with torch.no_grad():
         a.model.fc1.weight.add_(1.0)
     b = build_task("digits", seed=3, pretrain_steps=20)
-    fresh = pretrained_weights.__wrapped__(3, DigitsConfig.hidden, 20, DigitsConfig.pretrain_lr)  # not memoised
+    fresh = _pretrained_weights.__wrapped__(3, DigitsConfig.hidden, 20, DigitsConfig.pretrain_lr,
+                                            torch.get_num_threads())  # pretrained again, not memoised
     assert torch.equal(torch.get_rng_state(), state)
     for key, x in b.model.state_dict().items():
         torch.testing.assert_close(x, fresh[key], rtol=0, atol=0, msg=key)
-    c = build_task("digits", seed=4, pretrain_steps=20)
-    assert not torch.equal(b.model.fc1.weight, c.model.fc1.weight)
+    for other in ({"seed": 4, "pretrain_steps": 20}, {"seed": 3, "pretrain_steps": 21},
+                  {"seed": 3, "pretrain_steps": 20, "pretrain_lr": 1e-3}):  # each argument is in the memo's key
+        assert not torch.equal(b.model.fc1.weight, build_task("digits", **other).model.fc1.weight), other
 
 
 # --- errors ------------------------------------------------------------------------------------------

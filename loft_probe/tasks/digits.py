@@ -107,11 +107,12 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr:
 
 
 @lru_cache(maxsize=8)
-def pretrained_weights(seed: int, hidden: int, steps: int, lr: float) -> dict[str, torch.Tensor]:
+def _pretrained_weights(seed: int, hidden: int, steps: int, lr: float, threads: int) -> dict[str, torch.Tensor]:
     """The state of the MLP drawn from `seed` after its pretraining on every 0–4 image, computed once per
     process and arguments: the pretraining is full-batch and draws nothing, so a memoised copy equals a fresh
-    one, and a process that builds the task many times (the diagnosis benchmark, a notebook, the tests)
-    skips 0.46 s of Adam steps per build. `build` loads it into a new model: the tensors here stay untouched."""
+    one, and a process that builds the task many times (the diagnosis benchmark, a notebook, the tests) skips
+    0.46 s of Adam steps per build. `threads` (torch's) is in the key because the float bits depend on it.
+    Private: `build` loads it into a new model, and nothing may change the tensors here."""
     with seeded_rng(seed):
         model = DigitsMLP(hidden)
     images = load_digits_data(seed, DigitsConfig.eval_fraction).pretrain  # every 0–4 image: the same for any split
@@ -142,7 +143,8 @@ def build(seed: int = 0, **options) -> Task:
         raise ValueError(f"batch_size must be in [1, {n_train}] (the 5–9 train images), got {cfg.batch_size}")
     with seeded_rng(seed):  # the global generator stays as it was
         model = DigitsMLP(cfg.hidden)
-    model.load_state_dict(pretrained_weights(seed, cfg.hidden, cfg.pretrain_steps, cfg.pretrain_lr))
+    model.load_state_dict(_pretrained_weights(seed, cfg.hidden, cfg.pretrain_steps, cfg.pretrain_lr,
+                                              torch.get_num_threads()))
     return Task(
         name="digits",
         model=model,

@@ -55,7 +55,6 @@ class Labelling:
 
 SENTIMENT = Labelling({"rotten": 0, "fresh": 1}, balanced=False)
 PLOT = Labelling({"fresh": 0, "rotten": 0, "plot": 1}, balanced=True)  # summaries are 8% of the rows: balance them
-LABELS = SENTIMENT.classes
 
 
 @dataclass

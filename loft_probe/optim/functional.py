@@ -220,10 +220,13 @@ def scaled_ema_(state: Tensor, scale: float, beta: float, x: Tensor, y: Tensor |
 
 
 def adamw_move_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
-                beta2: float, eps: float, weight_decay: float) -> Tensor:
-    """In place: ``param ← (1 − lr·λ)·param − lr·m̂/(sqrt(v̂) + ε)`` from moments already updated; returns it."""
-    param.mul_(1 - lr * weight_decay)
-    denom = adam_denominator_(exp_avg_sq.clone(), step, beta2, eps)
+                beta2: float, eps: float, weight_decay: float, denominator: Tensor | None = None) -> Tensor:
+    """In place: ``param ← (1 − lr·λ)·param − lr·m̂/(sqrt(v̂) + ε)`` from moments already updated; returns it.
+    ``denominator``: a work buffer of exp_avg_sq's shape for ``sqrt(v̂) + ε`` (default: new memory)."""
+    if weight_decay:  # a factor of exactly 1 would leave param as it is
+        param.mul_(1 - lr * weight_decay)
+    denom = adam_denominator_(exp_avg_sq.clone() if denominator is None else denominator.copy_(exp_avg_sq), step,
+                              beta2, eps)
     return param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 

@@ -73,12 +73,9 @@ class ShadowAdamW:
     def _update(self, moments: Moments, group: dict[str, Any], weight: Callable[[], Tensor],
                 scratch: Scratch | None) -> Tensor:
         """AdamW's step (m×n) from these moments at this step: its move of a zero weight, minus ``lr·λ·W``."""
-        beta1, beta2 = group["betas"]
         m, v = moments.first, moments.second
-        denom = F.adam_denominator_(_buffer(scratch, "shadow denominator", v).copy_(v), self.step, beta2,
-                                    group["eps"])
-        step = _buffer(scratch, "shadow update", m).zero_()
-        step.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**self.step))
+        step = F.adamw_move_(_buffer(scratch, "shadow update", m).zero_(), m, v, self.step, group["lr"],
+                             *group["betas"], group["eps"], 0.0, denominator=_buffer(scratch, "shadow denominator", v))
         decay = group["lr"] * group.get("weight_decay", 0.0)
         return step.sub_(weight().to(self.compute_dtype), alpha=decay) if decay else step
 

@@ -1,5 +1,6 @@
 """Small helpers the tests share: float64, tight tolerances, seeded random tensors, the tiny float64 MLP (plain
-and with LoRA), a damaged run file; distributed jobs run in processes spawned once."""
+and with LoRA), a damaged run file; processes forked from one fork server per session: a training process to
+kill, distributed jobs on processes started once."""
 
 from __future__ import annotations
 
@@ -99,27 +100,70 @@ def _run_jobs(rank: int, jobs: dict, root: Path) -> None:
         (root / name / f"done.{rank}").touch()
 
 
-def spawn_jobs(jobs: dict[str, tuple[Callable, tuple[str, ...]]], root: Path, world: int = 2,
-               deadline_s: float = 300.0) -> SpawnedJobs:
-    """Runs ``worker(rank, init_file, *paths)`` for each job ``name: (worker, paths)``, in order, on ``world``
-    processes started once. They fork from a fork server that imported torch, torch._dynamo (the first optimizer
-    built imports it), peft and the sweeps' preload once: a process importing those itself spends seconds, a job
-    on the tests' tiny models a fraction of that (each worker imports the tests' own modules: Python 3.11's fork
-    server does not take the parent's sys.path). ``init_file`` (a file:// rendezvous) and ``paths`` lie in
-    ``root / name``; each worker sets up and tears down its own process group. A job that raises on a rank ends
-    the processes, and so the jobs after it; so does passing ``deadline_s`` (all jobs together: a hung
-    collective). What ended them is the result's ``error``, for the tests to report."""
+def fork_server():
+    """The multiprocessing context the tests start processes from: one fork server per pytest process, which
+    imported torch, torch._dynamo (the first optimizer built imports it), peft and the sweeps' preload once. A
+    process forked from it starts in milliseconds, where a fresh interpreter spends seconds importing those. A
+    sweep later in the session forks its workers from this server too (its own preload is then ignored), hence
+    the sweeps' preload here. Each child imports the tests' own modules itself: Python 3.11's fork server does
+    not take the parent's sys.path, so they cannot be preloaded. Spawn where there is no fork server."""
     import multiprocessing
-
-    import torch.multiprocessing as mp
 
     from loft_probe.sweeps.pool import fork_server_preload
 
-    # One fork server per process: a sweep later in the session forks its workers from this one too (its own
-    # preload is then ignored), so this one imports the sweeps' preload as well.
-    start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    if start_method == "forkserver":
-        multiprocessing.get_context("forkserver").set_forkserver_preload(_importable([*fork_server_preload(), "peft"]))
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_importable([*fork_server_preload(), "peft"]))  # no effect once it runs
+    return context
+
+
+def start(target: Callable, *args, **kwargs):
+    """``target(*args, **kwargs)`` in a new daemon process from :func:`fork_server` (killed at exit if a test
+    leaves it); the started ``multiprocessing.Process``: ``kill()`` SIGKILLs it."""
+    process = fork_server().Process(target=target, args=args, kwargs=kwargs, daemon=True)
+    process.start()
+    return process
+
+
+def train_until_killed(run_dir: str, snapshots: list[int] | None = None, shadow: bool = False, lr: float = 1e-2,
+                       pause: float = 0.0, ready=None) -> None:
+    """A kill test's training process: a LoRA MLP (16 → 16 → 4, r = 2) trained by LoFT on random batches under a
+    probe that records every step into ``run_dir``, until something kills it. ``snapshots``: the probe's
+    snapshot steps (None: its default); ``pause``: seconds between steps; ``ready`` (a queue) gets
+    ``(run_dir, pid)`` once the probe is attached."""
+    import os
+
+    from loft_probe import LoFT, Snapshots, attach
+
+    torch.manual_seed(0)
+    model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
+                     rank=2, targets=["0", "2"])
+    optimizer = LoFT.from_model(model, lr=lr)
+    options = {} if snapshots is None else {"snapshots": Snapshots(snapshots)}
+    probe = attach(model, optimizer, run_dir, every=1, shadow=shadow, **options)
+    if ready is not None:
+        ready.put((run_dir, os.getpid()))
+    while True:
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        probe.log(loss=loss.item())
+        time.sleep(pause)
+
+
+def spawn_jobs(jobs: dict[str, tuple[Callable, tuple[str, ...]]], root: Path, world: int = 2,
+               deadline_s: float = 300.0) -> SpawnedJobs:
+    """Runs ``worker(rank, init_file, *paths)`` for each job ``name: (worker, paths)``, in order, on ``world``
+    processes started once from :func:`fork_server` (a job on the tests' tiny models costs a fraction of a
+    process's imports). ``init_file`` (a file:// rendezvous) and ``paths`` lie in ``root / name``; each worker
+    sets up and tears down its own process group. A job that raises on a rank ends the processes, and so the
+    jobs after it; so does passing ``deadline_s`` (all jobs together: a hung collective). What ended them is the
+    result's ``error``, for the tests to report."""
+    import torch.multiprocessing as mp
+
+    start_method = fork_server().get_start_method()
     for name in jobs:
         (root / name).mkdir()
     deadline, error = time.monotonic() + deadline_s, ""

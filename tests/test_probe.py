@@ -5,16 +5,13 @@ from __future__ import annotations
 import atexit
 import copy
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 import warnings
 
 import pandas as pd
 import pytest
 import torch
-from helpers import F64, lora_mlp, mlp
+from helpers import F64, lora_mlp, mlp, start, train_until_killed
 from torch.testing import assert_close
 
 import loft_probe
@@ -277,32 +274,17 @@ def test_unknown_optimizer_is_probed_for_gradients_and_updates_with_one_warning(
     assert not {"cos_moment_grad", "shadow_m_cosine"} & metrics
 
 
-KILLED_RUN = """
-import sys, time, torch
-from loft_probe import LoFT, Snapshots, add_lora, attach
-torch.manual_seed(0)
-model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
-                 rank=2, targets=["0", "2"])
-opt = LoFT.from_model(model, lr=1e-2)
-probe = attach(model, opt, sys.argv[1], every=1, snapshots=Snapshots([3]), shadow=True)
-for step in range(100000):
-    opt.zero_grad()
-    model(torch.randn(8, 16)).pow(2).mean().backward()
-    opt.step()
-    time.sleep(0.01)
-"""
-
-
 def test_killed_run_leaves_a_readable_directory(tmp_path):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_RUN), str(run_dir)])
+    process = start(train_until_killed, str(run_dir), snapshots=[3], shadow=True, pause=0.01)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and len(list((run_dir / "metrics").glob("part-*.parquet"))) < 8:
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        process.kill()
+        process.join()
+    assert process.exitcode == -signal.SIGKILL  # it was still training when killed
     run = load_run(run_dir)
     assert run.meta["closed"] is False
     assert run.last_step >= 8

@@ -5,16 +5,13 @@ from __future__ import annotations
 import atexit
 import io
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 import warnings
 
 import pandas as pd
 import pytest
 import torch
-from helpers import lora_mlp, mlp, train
+from helpers import lora_mlp, mlp, start, train, train_until_killed
 from torch.testing import assert_close
 
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
@@ -159,34 +156,19 @@ class _opened:
         self.writer.release()
 
 
-WRITER = """
-import sys, time, torch
-from loft_probe import LoFT, add_lora, attach
-torch.manual_seed(0)
-model = add_lora(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
-                 rank=2, targets=["0", "2"])
-opt = LoFT.from_model(model, lr=float(sys.argv[2]))
-probe = attach(model, opt, sys.argv[1], every=1)
-for step in range(100000):
-    opt.zero_grad()
-    model(torch.randn(8, 16)).pow(2).mean().backward()
-    opt.step()
-    time.sleep(0.01)
-"""
-
-
 def test_the_lock_refuses_another_process_and_dies_with_a_sigkilled_writer(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(run_dir), "0.01"])
+    process = start(train_until_killed, str(run_dir), lr=0.01, pause=0.01)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and len(layout.list_parts(run_dir) if run_dir.is_dir() else []) < 2:
             time.sleep(0.05)
-        with pytest.raises(RunDirError, match=f"another probe is writing to it \\('pid {proc.pid} "):
+        with pytest.raises(RunDirError, match=f"another probe is writing to it \\('pid {process.pid} "):
             RunWriter.open(run_dir)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        process.kill()
+        process.join()
+    assert process.exitcode == -signal.SIGKILL  # it held the lock until killed
     with _opened(run_dir) as writer:  # the kill released the lock: a resume is never blocked
         assert writer.existing_meta()["hyperparameters"]["lr"] == 0.01
 

@@ -118,10 +118,11 @@ def fork_server():
     return context
 
 
-def start(target: Callable, *args, **kwargs):
-    """``target(*args, **kwargs)`` in a new daemon process from :func:`fork_server` (killed at exit if a test
-    leaves it); the started ``multiprocessing.Process``: ``kill()`` SIGKILLs it."""
-    process = fork_server().Process(target=target, args=args, kwargs=kwargs, daemon=True)
+def start(target: Callable, *args, daemon: bool = True, **kwargs):
+    """``target(*args, **kwargs)`` in a new process from :func:`fork_server`; the started
+    ``multiprocessing.Process`` (``kill()`` SIGKILLs it). A daemon is killed at exit if a test leaves it, but
+    cannot start processes of its own."""
+    process = fork_server().Process(target=target, args=args, kwargs=kwargs, daemon=daemon)
     process.start()
     return process
 
@@ -151,6 +152,14 @@ def train_until_killed(run_dir: str, snapshots: list[int] | None = None, shadow:
         optimizer.step()
         probe.log(loss=loss.item())
         time.sleep(pause)
+
+
+def run_cli(*args: str) -> None:
+    """The ``loft-probe`` command with ``args``, as :func:`start`'s target: a real process (its exit code is
+    the command's) without an interpreter's imports."""
+    from loft_probe import cli
+
+    cli.app(args=list(args), prog_name="loft-probe")
 
 
 def spawn_jobs(jobs: dict[str, tuple[Callable, tuple[str, ...]]], root: Path, world: int = 2,

@@ -2,9 +2,10 @@
 cell, a rerun skips finished cells and redoes the rest, and LoFT's α-invariance holds across a sweep.
 
 The sweeps train digits with a short pretraining (pretrain_steps=20) and a few steps, on 2 worker processes. A
-sweep that is killed runs as a real process; everything else, reruns of killed sweeps included, runs in this one
-through typer's CliRunner (its workers still fork from this process's fork server, started once): a sweep process
-spends most of its seconds importing torch, twice (itself and its fork server), and its cells a fraction of one.
+sweep that is killed runs as a real process forked from the tests' fork server; everything else, sweeps whose
+worker is killed included, runs in this one through typer's CliRunner (its workers fork from this process's fork
+server, started once): a sweep process started afresh spends most of its seconds importing torch, twice (itself
+and its fork server), and its cells a fraction of one.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import run_cli, start
 from typer.testing import CliRunner
 
 import loft_probe
@@ -157,36 +157,40 @@ def _running_a_cell(workers: list[psutil.Process], runs: list[Path]) -> psutil.P
 
 
 def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
+    """The sweep runs here; a thread SIGKILLs the worker of a cell caught mid-run once another cell finished."""
     out = tmp_path / "sw"
-    command = [sys.executable, "-m", "loft_probe.cli", "sweep", "digits", "--method", "lora,loft", "--rank", "2,4",
-               "--steps", "400", "--every", "50", *TINY, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline, victim = time.monotonic() + 120, None
-        while victim is None and time.monotonic() < deadline:  # one cell finished, another mid-run (it has
-            runs = [p for p in (out / "runs").glob("*")] if (out / "runs").is_dir() else []  # written metrics)
+    args = ["sweep", "digits", "--method", "lora,loft", "--rank", "2,4", "--steps", "400", "--every", "50", *TINY,
+            "--out", out]
+    caught = {}
+
+    def kill_a_worker_mid_cell() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # one cell finished, another mid-run (it has written metrics)
+            runs = [p for p in (out / "runs").glob("*")] if (out / "runs").is_dir() else []
             running = [p for p in runs if not is_finished(p) and any((p / "metrics").glob("part-*"))]
             if any(is_finished(p) for p in runs) and running:
-                victim = _running_a_cell(_workers(psutil.Process(sweep.pid)), running)  # a cell ~0.7 s long
-            if victim is None:
-                time.sleep(0.05)
-        assert victim is not None, "no worker was caught in the middle of a cell"
-        finished_before = {p.name for p in (out / "runs").iterdir() if is_finished(p)}
-        victim.send_signal(signal.SIGKILL)
-        stdout, stderr = sweep.communicate(timeout=180)
-    finally:
-        sweep.kill()
-    assert sweep.returncode == 1, stdout + stderr  # one failed cell: the killed worker's
+                victim = _running_a_cell(_workers(psutil.Process()), running)  # a cell ~0.7 s long
+                if victim is not None:
+                    caught["finished before"] = {p.name for p in runs if is_finished(p)}
+                    victim.send_signal(signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_mid_cell)
+    killer.start()
+    first = invoke(*args)
+    killer.join()
+    assert caught, "no worker was caught in the middle of a cell"
+    assert first.exit_code == 1, first.output  # one failed cell: the killed worker's
     killed = [p.stem for p in (out / "failed").glob("*.json")]
-    assert len(killed) == 1 and killed[0] not in finished_before
+    assert len(killed) == 1 and killed[0] not in caught["finished before"]
     assert "died while running the cell (killed by SIGKILL)" in json.loads((out / "failed" / f"{killed[0]}.json")
                                                                           .read_text())["error"]
     assert not is_finished(out / "runs" / killed[0])
     others = {p.name: (p / "meta.json").stat().st_mtime_ns for p in (out / "runs").iterdir() if is_finished(p)}
     assert len(others) == 3
 
-    again = invoke(*command[3:])  # the same sweep again, in this process
+    again = invoke(*args)  # the same sweep again
     assert again.exit_code == 0, again.output
     assert "4 cells finished (1 now, 3 before), 0 failed. CPU time" in again.stdout
     assert not list((out / "failed").glob("*.json")) and is_finished(out / "runs" / killed[0])
@@ -195,24 +199,25 @@ def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
 
 
 def test_a_killed_sweep_takes_its_workers_along_and_a_rerun_finishes_it(tmp_path):
+    """The sweep is a real process (forked from the tests' fork server: no interpreter's imports), killed."""
     out = tmp_path / "sw"
-    command = [sys.executable, "-m", "loft_probe.cli", "sweep", "digits", "--method", "lora", "--rank", "1,2",
-               "--steps", "300", "--every", "50", *TINY, "--out", str(out)]
-    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["sweep", "digits", "--method", "lora", "--rank", "1,2", "--steps", "300", "--every", "50", *TINY,
+            "--out", str(out)]
+    sweep = start(run_cli, *args, daemon=False)  # a daemon could not start the sweep's workers
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(list(out.glob("runs/*/metrics/part-*"))) < 2:
             time.sleep(0.05)  # both cells mid-run
         workers = _workers(psutil.Process(sweep.pid))
-        sweep.kill()
-        sweep.wait(10)
     finally:
         sweep.kill()
+        sweep.join()
+    assert sweep.exitcode == -signal.SIGKILL  # it was still running when killed
     assert len(workers) == 2
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive  # no orphan goes on writing into a run directory the rerun will redo
     assert not any(is_finished(p) for p in (out / "runs").iterdir())
-    again = invoke(*command[3:])  # the same sweep again, in this process
+    again = invoke(*args)  # the same sweep again, in this process
     assert again.exit_code == 0 and "2 cells finished (2 now, 0 before), 0 failed." in again.stdout, again.output
 
 

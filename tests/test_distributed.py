@@ -11,6 +11,8 @@ from torch.testing import assert_close
 
 from loft_probe import LoFT, add_lora, attach, load_run, lora_pairs
 
+pytestmark = pytest.mark.forks  # starts processes from the tests' fork server
+
 STEPS, BATCH = 6, 16
 
 

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 import loft_probe
 from loft_probe import cli
 
+pytestmark = pytest.mark.forks  # starts processes from the tests' fork server
+
 SEEDS = (1, 2, 3)
 
 

@@ -27,6 +27,8 @@ from loft_probe import LoFT, Snapshots, add_lora, attach, load_run, lora_pairs
 from loft_probe.probe import ProbeWarning, every
 from loft_probe.run import RUN_LAYER
 
+pytestmark = pytest.mark.forks  # starts processes from the tests' fork server
+
 STEPS, BATCH, WORLD = 10, 8, 2
 OPTIONS = {"lr": 1e-2, "eps": 1e-6, "weight_decay": 0.01, "max_grad_norm": 0.05}
 # (name, dtype, PEFT's B = 0 or a non-zero B, options): the cases of the equality test. foreach=True: torch's

@@ -274,6 +274,7 @@ def test_unknown_optimizer_is_probed_for_gradients_and_updates_with_one_warning(
     assert not {"cos_moment_grad", "shadow_m_cosine"} & metrics
 
 
+@pytest.mark.forks
 def test_killed_run_leaves_a_readable_directory(tmp_path):
     run_dir = tmp_path / "killed"
     process = start(train_until_killed, str(run_dir), snapshots=[3], shadow=True, pause=0.01)

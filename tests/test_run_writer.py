@@ -156,6 +156,7 @@ class _opened:
         self.writer.release()
 
 
+@pytest.mark.forks
 def test_the_lock_refuses_another_process_and_dies_with_a_sigkilled_writer(tmp_path):
     run_dir = tmp_path / "run"
     process = start(train_until_killed, str(run_dir), lr=0.01, pause=0.01)

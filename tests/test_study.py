@@ -21,6 +21,8 @@ from loft_probe.study.frames import summary
 from loft_probe.study.stats import resample_indices
 from loft_probe.sweeps import final_metric
 
+pytestmark = pytest.mark.forks  # starts processes from the tests' fork server
+
 F64 = {"rtol": 1e-12, "atol": 1e-12}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("alpha", "rank", "gap", "alignment", "correlation", "reference")

@@ -32,6 +32,8 @@ from loft_probe.sweeps.execute import FAILED, RUNS, _record
 from loft_probe.sweeps.pool import PRELOAD, Outcome, fork_server_preload, run_cells
 from loft_probe.sweeps.selection import choose_lrs
 
+pytestmark = pytest.mark.forks  # starts processes from the tests' fork server
+
 TINY = ["--option", "pretrain_steps=20", "--jobs", "2"]
 
 

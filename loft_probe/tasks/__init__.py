@@ -10,15 +10,16 @@ Tasks:
     digits            an MLP pretrained on digits 0–4 and fine-tuned on 5–9 (scikit-learn data)
     minilm-sentiment  MiniLM-L6's first layers plus a head on Rotten Tomatoes snippets (offline weights)
     minilm-plot       the same model on the same corpus: is a text a plot summary or a critic's snippet?
+    minilm-convention the same model on the 2012 US convention speeches: a Democrat's sentence or a Republican's?
 """
 
 from __future__ import annotations
 
-from loft_probe.tasks import digits, matfact, sentiment
+from loft_probe.tasks import convention, digits, matfact, sentiment
 from loft_probe.tasks.base import Task
 
 BUILDERS = {"matfact": matfact.build, "digits": digits.build, "minilm-sentiment": sentiment.build,
-            "minilm-plot": sentiment.build_plot}
+            "minilm-plot": sentiment.build_plot, "minilm-convention": convention.build}
 TASKS = tuple(BUILDERS)
 
 __all__ = ["TASKS", "Task", "build_task"]
@@ -28,7 +29,7 @@ def build_task(name: str, seed: int = 0, **options) -> Task:
     """Build task `name` (one of TASKS); everything random in it is drawn from `seed`.
 
     Options are the fields of the task's config (`MatFactConfig`, `DigitsConfig`, `SentimentConfig`,
-    `PlotConfig`).
+    `PlotConfig`, `ConventionConfig`).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")

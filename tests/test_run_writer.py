@@ -162,7 +162,8 @@ def test_the_lock_refuses_another_process_and_dies_with_a_sigkilled_writer(tmp_p
     process = start(train_until_killed, str(run_dir), lr=0.01, pause=0.01)
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and len(layout.list_parts(run_dir) if run_dir.is_dir() else []) < 2:
+        while process.is_alive() and time.time() < deadline and (not run_dir.is_dir()
+                                                                  or len(layout.list_parts(run_dir)) < 2):
             time.sleep(0.05)
         with pytest.raises(RunDirError, match=f"another probe is writing to it \\('pid {process.pid} "):
             RunWriter.open(run_dir)

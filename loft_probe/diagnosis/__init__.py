@@ -19,7 +19,9 @@ Findings, in the order shown (warnings first):
                           with the loss above twice its best,
                           or the held-out loss ended above its start (or rose from its   eval_loss(_se)
                           best with large steps) while the training loss fell, or it
-                          jumped above its start mid-run
+                          jumped above its start before it learned; against a reference:
+                          a rise from its best that full fine-tuning, as long, did not
+                          show, with a loss gap
     undertrained          the loss (and the held-out loss, beyond its noise) still       loss, eval_loss(_se),
                           falling at the end, or not fallen yet, or the weights          update_weight_ratio
                           barely moving
@@ -44,6 +46,7 @@ benchmark that measures the whole diagnosis on runs with known causes is :mod:`l
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from loft_probe.comparison import compare
@@ -104,6 +107,9 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
         elif loss_gap and not warned and "shortfall" in loss_gap[0].evidence:  # a warning: a finite gap, which
             # only LoRA's misaligned steps (when they fired) can explain
             findings = [_costs(f, loss_gap[0]) if _lora_mismatch(f) else f for f in findings]
+        if loss_gap and loss_gap[0].severity == "warning":  # overfitting that full fine-tuning did not show
+            shortfall = loss_gap[0].evidence.get("shortfall", math.nan)
+            findings = [held_out.outpaced(f, reference, shortfall) for f in findings]
         findings += loss_gap + gap.intruders(run, reference, frame)
     findings += gap.not_recorded(run, values)
     return sorted(findings, key=lambda f: f.severity != "warning")  # stable: the check order stays

@@ -1,6 +1,7 @@
 """The held-out loss: how large a change its evaluation can resolve, whether it still falls at the end, whether
 it rose while the training loss fell (overfitting; above its start, or with large steps: steps too large), and
-whether it jumped above its start mid-run (steps too large).
+whether it jumped above its start before the model learned (steps too large); against a full fine-tuning reference,
+whether a rise from its best is one the reference did not show (steps too large, not too many).
 
 A change between two evaluations is noise when it is within ``HELD_OUT_NOISE`` times the standard error of the
 lower one, from the ``eval_loss_se`` the built-in classifier tasks record (std of the per-example loss over
@@ -88,16 +89,23 @@ def rise(run: Run) -> dict[str, float]:
 
 
 def spike(run: Run) -> dict[str, float]:
-    """The held-out loss's highest evaluation after the first, when it lies above the first by more than
-    HELD_OUT_SPIKE of the first and beyond the noise; {} otherwise, and where no standard error was recorded (a
-    deterministic loss, e.g. matfact's, is the training loss's to judge: LOSS_RISE)."""
+    """The held-out loss's highest evaluation after the first and before the model learned (the first evaluation
+    below the first by more than the noise), when it lies above the first by more than HELD_OUT_SPIKE of the first
+    and beyond the noise; {} otherwise, and where no standard error was recorded (a deterministic loss, e.g.
+    matfact's, is the training loss's to judge: LOSS_RISE). A jump after the model learned is the swing of a
+    noisy curve, or, where it stays to the end, :func:`rise`'s to judge."""
     evals = evaluations(run)
     if len(evals) < 2 or not math.isfinite(evals["se"].iloc[0]):
         return {}
-    first = float(evals["loss"].iloc[0])
-    peak_at = 1 + int(np.argmax(evals["loss"].to_numpy()[1:]))
-    peak = float(evals["loss"].iloc[peak_at])
-    allowed = max(margin(float(evals["se"].iloc[0])), T.HELD_OUT_SPIKE.value * abs(first))
+    losses = evals["loss"].to_numpy()
+    first, noise = float(losses[0]), margin(float(evals["se"].iloc[0]))
+    learned = np.flatnonzero(losses[1:] < first - noise)
+    before = losses[1:1 + learned[0]] if len(learned) else losses[1:]
+    if not len(before):
+        return {}
+    peak_at = 1 + int(np.argmax(before))
+    peak = float(losses[peak_at])
+    allowed = max(noise, T.HELD_OUT_SPIKE.value * abs(first))
     if peak - first <= allowed:
         return {}
     return {"eval_first": first, "eval_peak": peak, "peak_step": float(evals.index[peak_at]),
@@ -146,6 +154,26 @@ def worse_at_the_end(run: Run, step_ratio: float = math.nan) -> list[Finding]:
     return [Finding("lr_too_high", "warning", what, risen,
                     "Lower the learning rate (a third to a tenth; for LoRA, α/r scales the steps too), or stop "
                     f"near step {int(risen['best_step'])}.")]
+
+
+def outpaced(finding: Finding, reference: Run, shortfall: float) -> Finding:
+    """An ``overfitting`` finding read against the reference: where full fine-tuning, trained at least as long,
+    did not rise from its held-out best and this run ends over GAP_SHORTFALL of the reference's gain short of it
+    (``shortfall``, from the loss gap), the run did not train too long, its steps were too large for its length:
+    lr_too_high. Otherwise the finding as it was."""
+    risen = finding.evidence
+    if finding.code != "overfitting" or not shortfall > T.GAP_SHORTFALL.value or rise(reference) or \
+            reference.last_step < risen["last_step"]:
+        return finding
+    return Finding(
+        "lr_too_high", "warning",
+        f"The held-out loss rose from its best {number(risen['eval_best'])} at step {int(risen['best_step'])} to "
+        f"{number(risen['eval_last'])} while the training loss kept falling, and the run ends {shortfall:.0%} of "
+        f"the reference's gain short of {reference.name}, whose held-out loss did not rise over its "
+        f"{reference.last_step} steps: this run did not train too long, its steps were too large for its length.",
+        risen | {"shortfall": shortfall, "reference": reference.name},
+        "Lower the learning rate (a third to a tenth; for LoRA, α/r scales the steps too); until then, the model "
+        f"of step {int(risen['best_step'])} is the better one.")
 
 
 def overfitting(run: Run, step_ratio: float = math.nan) -> list[Finding]:

@@ -164,6 +164,7 @@ def test_undertrained_when_the_loss_still_falls(tmp_path, loss, expected):
 
 
 HELD_OUT_FALLING = {0: 1.0, 10: 0.8, 20: 0.6, 30: 0.4}  # training loss still falling too (linear below)
+OVERFIT = {0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}  # best 0.4 at step 20, then a rise beyond 2·0.01
 
 
 @pytest.mark.parametrize("se, expected", [(0.01, True), (0.2, False)])
@@ -198,7 +199,7 @@ def test_both_losses_worse_at_the_end_is_lr_too_high_not_overfitting(tmp_path, l
     def bounced(step):
         return converged(step) if step <= 20 else converged(20) + late_rise * (step - 20)
     run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, loss=bounced,
-                    evals={0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}, eval_se=0.01)
+                    evals=OVERFIT, eval_se=0.01)
     found = [code for code in codes(diagnose(run)) if code in ("overfitting", "lr_too_high")]
     assert found == ([expected] if expected else [])
 
@@ -208,7 +209,7 @@ def test_a_held_out_rise_with_large_steps_is_lr_too_high(tmp_path, ratio, expect
     """Held-out 1.0 → best 0.4 → 0.6, the training loss falling: overfitting, unless the late steps are over
     UPDATE_WEIGHT_RATIO_OVERFIT (median over layers) of the weights."""
     run = write_run(tmp_path / "loft", "loft", late=HEALTHY | {"update_weight_ratio": ratio}, snapshot=SNAPSHOT,
-                    evals={0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}, eval_se=0.01)
+                    evals=OVERFIT, eval_se=0.01)
     findings = diagnose(run)
     assert [code for code in codes(findings) if code in ("overfitting", "lr_too_high")] == [expected]
     finding = only(findings, expected)
@@ -217,11 +218,25 @@ def test_a_held_out_rise_with_large_steps_is_lr_too_high(tmp_path, ratio, expect
         assert "0.10% of the weights" in finding.title and "look alike" in finding.title
 
 
+@pytest.mark.parametrize("late, expected", [(0.05, "lr_too_high"), (0.01, "overfitting")])
+def test_a_held_out_rise_with_a_training_loss_that_cannot_settle_is_lr_too_high(tmp_path, late, expected):
+    """Held-out 1.0 → best 0.4 → 0.6 while the training loss fell from 0.3 (at the held-out best) to 0.01, then
+    bounced back to `late` (5× its best: the steps are too large to settle; 1×: it settled and overfits)."""
+    def loss(step):
+        return 1.0 if step <= 10 else 0.3 if step <= 20 else 0.01 if step <= 24 else late
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, loss=loss, evals=OVERFIT,
+                    eval_se=0.01)
+    findings = diagnose(run)
+    assert [code for code in codes(findings) if code in ("overfitting", "lr_too_high")] == [expected]
+    if expected == "lr_too_high":
+        assert only(findings, "lr_too_high").evidence["loss_above_best"] == pytest.approx(5.0)
+
+
 def test_overfitting_beside_step_too_large_does_not_call_its_steps_small(tmp_path):
     """Steps 1000× the lr's scale stop the lr checks at step_too_large; the held-out rise is still overfitting,
     but its text must not call 2% of the weights "under" the 0.5% that marks steps too large."""
     run = write_run(tmp_path / "lora", "lora", late=HEALTHY | {"update_lr_ratio": 1e3, "update_weight_ratio": 2e-2},
-                    snapshot=SNAPSHOT, evals={0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}, eval_se=0.01)
+                    snapshot=SNAPSHOT, evals=OVERFIT, eval_se=0.01)
     findings = diagnose(run)
     assert {"step_too_large", "overfitting"} <= set(codes(findings))
     finding = only(findings, "overfitting")
@@ -253,9 +268,6 @@ def test_a_held_out_jump_after_the_model_learned_is_not_a_spike(tmp_path):
                        evals={0: 1.0, 10: 1.1, 20: 1.2, 30: 0.45}, eval_se=0.01)
     assert "lr_too_high" not in codes(diagnose(after))
     assert only(diagnose(before), "lr_too_high").evidence["peak_step"] == 20
-
-
-OVERFIT = {0: 1.0, 10: 0.5, 20: 0.4, 30: 0.6}  # best 0.4 at step 20, then a rise beyond 2·0.01
 
 
 @pytest.mark.parametrize("reference_evals, expected", [

@@ -18,7 +18,8 @@ Findings, in the order shown (warnings first):
     lr_too_high           a mid-run loss spike, or late steps large against the weights  loss, update_weight_ratio
                           with the loss above twice its best,
                           or the held-out loss ended above its start (or rose from its   eval_loss(_se)
-                          best with large steps) while the training loss fell, or it
+                          best with large steps, or with a training loss that cannot
+                          settle) while the training loss fell, or it
                           jumped above its start before it learned; against a reference:
                           a rise from its best that full fine-tuning, as long, did not
                           show, with a loss gap

@@ -126,11 +126,12 @@ def spiked(run: Run) -> list[Finding]:
         "Lower the learning rate (a third to a tenth; for LoRA, α/r scales the steps too).")]
 
 
-def worse_at_the_end(run: Run, step_ratio: float = math.nan) -> list[Finding]:
+def worse_at_the_end(run: Run, step_ratio: float = math.nan, above_best: float = math.nan) -> list[Finding]:
     """lr_too_high: both losses got worse late in the run (the training loss over LOSS_ABOVE_BEST × its value at
     the held-out best), or the held-out loss rose from its best while the training loss fell and either ended
-    above its start or the late steps (``step_ratio``, the median over layers of ‖ΔW‖/‖W‖) are over
-    UPDATE_WEIGHT_RATIO_OVERFIT: the steps are too large for what the data supports."""
+    above its start, or cannot settle (its late value over LOSS_ABOVE_BEST × the best it reached: ``above_best``,
+    from :func:`loft_probe.diagnosis.training.loss_curve`), or the late steps (``step_ratio``, the median over
+    layers of ‖ΔW‖/‖W‖) are over UPDATE_WEIGHT_RATIO_OVERFIT: the steps are too large for what the data supports."""
     risen = rise(run)
     if not risen:
         return []
@@ -143,6 +144,11 @@ def worse_at_the_end(run: Run, step_ratio: float = math.nan) -> list[Finding]:
     elif risen["loss_late"] < risen["loss_at_best"] and risen["eval_last"] - risen["eval_first"] > risen["noise"]:
         what = (f"The held-out loss ended above where it started ({span}) while the training loss kept falling "
                 f"({training}): the steps are too large for what the data supports.")
+    elif risen["loss_late"] < risen["loss_at_best"] and above_best > T.LOSS_ABOVE_BEST.value:
+        risen = risen | {"loss_above_best": above_best}
+        what = (f"The held-out loss rose from its best while the training loss, lower than then ({training}), is "
+                f"{above_best:.3g}× the best it reached (held-out {span}): the steps are too large for the run to "
+                "settle, and the model overfits on their account.")
     elif risen["loss_late"] < risen["loss_at_best"] and step_ratio > T.UPDATE_WEIGHT_RATIO_OVERFIT.value:
         risen = risen | {"update_weight_ratio_median": step_ratio}
         what = (f"The held-out loss rose from its best while the training loss kept falling (held-out {span}, "
@@ -178,10 +184,10 @@ def outpaced(finding: Finding, reference: Run, shortfall: float) -> Finding:
 
 def overfitting(run: Run, step_ratio: float = math.nan) -> list[Finding]:
     """The held-out loss rose from its best by more than the noise while the training loss fell, and did not
-    end above its start (that, or large steps, is :func:`worse_at_the_end`). ``step_ratio``, the late steps'
-    median ‖ΔW‖/‖W‖, is said where it is known: under UPDATE_WEIGHT_RATIO_OVERFIT the records cannot tell too
-    many steps from too high a learning rate (the diagnosis benchmark's lr ×10 runs on its held-out task look
-    like this), and the finding says so instead of naming one."""
+    end above its start (that, large steps, or a training loss that cannot settle, is :func:`worse_at_the_end`).
+    ``step_ratio``, the late steps' median ‖ΔW‖/‖W‖, is said where it is known: under UPDATE_WEIGHT_RATIO_OVERFIT,
+    with a settled training loss, the records cannot tell too many steps from too high a learning rate (a full
+    fine-tuning reference can: :func:`outpaced`), and the finding says so instead of naming one."""
     risen = rise(run)
     if not risen or risen["loss_late"] >= risen["loss_at_best"] or risen["eval_last"] - risen["eval_first"] > \
             risen["noise"]:

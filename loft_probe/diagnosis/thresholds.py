@@ -39,7 +39,9 @@ UPDATE_WEIGHT_RATIO = Threshold(
 LOSS_ABOVE_BEST = Threshold(
     2.0, "late training loss over twice the best it reached (lowest median of ten windows): the run got worse",
     "healthy ≤ 2.1 (digits LoFT at a loss of 1e-3, minibatch noise); digits full lr ×100: 4.3–5.1; short runs "
-    "1.0–1.4")
+    "1.0–1.4. Also read where the held-out loss rose from its best (since the plot task was read): there healthy "
+    "runs never rise; plot lr ×10, ×100 and α = 64r 2.1–4.2, where overfitting had been said; LoRA at rank 64 (not "
+    "hurt) 2.3; calibration unchanged but for digits LoFT lr ×10 (seed 1, not hurt), which is now lr_too_high")
 LOSS_STILL_FALLING = Threshold(
     0.2, "the loss fell by more than 20% of its total drop between the middle and the last third of the run",
     "healthy ≤ 0.14 (matfact LoRA, slow at its lr of 10); lr ÷100 and a tenth of the steps where they hurt: "

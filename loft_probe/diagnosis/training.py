@@ -174,7 +174,7 @@ def step_size(run: Run, values: LayerValues) -> list[Finding]:
             {"loss_first": curve["loss_first"], "loss_mid": curve["loss_mid"], "loss_late": curve["loss_late"]},
             "Lower the learning rate (a third to a tenth); for LoRA, α/r scales every step as well.")]
     ratio = values.late("update_weight_ratio")
-    if worse := held_out_curve.worse_at_the_end(run, late_step_ratio(values)):
+    if worse := held_out_curve.worse_at_the_end(run, late_step_ratio(values), curve.get("loss_above_best", math.nan)):
         return worse
     if jumped := held_out_curve.spiked(run):
         return jumped

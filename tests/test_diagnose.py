@@ -259,6 +259,21 @@ def test_a_held_out_loss_that_jumped_above_its_start_mid_run_is_lr_too_high(tmp_
         assert finding.evidence["peak_step"] == 10 and "undertrained" not in codes(findings)
 
 
+@pytest.mark.parametrize("last, expected", [(1.5, True), (1.1, False)])
+def test_a_held_out_loss_that_ends_far_above_its_start_is_a_divergence(tmp_path, last, expected):
+    """The training loss fell (converged) but the held-out loss ended ×1.5 its start (over LOSS_RISE): the run
+    left the model worse than it found it; ×1.1 is not a divergence (lr_too_high names it)."""
+    run = write_run(tmp_path / "full", "full", late=HEALTHY, snapshot=SNAPSHOT,
+                    evals={0: 1.0, 10: 1.3, 20: 0.9, 30: last}, eval_se=0.01)
+    findings = diagnose(run)
+    assert ("diverged" in codes(findings)) is expected
+    if expected:
+        finding = only(findings, "diverged")
+        assert finding.evidence["began_step"] == 10 and "×1.5" in finding.title
+    else:
+        assert "lr_too_high" in codes(findings)
+
+
 def test_a_held_out_jump_after_the_model_learned_is_not_a_spike(tmp_path):
     """1.0 → 0.8 (learned: beyond 2·0.01 below the start) → 1.2 → 0.45: a noisy curve's swing, which ends at its
     best; the same jump before the model learned (0.8 → 1.1 at step 10) is lr_too_high."""

@@ -10,9 +10,9 @@ fine-tuning.
 Findings, in the order shown (warnings first):
 
     code                  what it says                                                  decided on
-    diverged              NaN/Inf at the end, a late loss 20% above the start,           loss, non-finite rows,
-                          gradients that died mid-run, or a collapse (large steps,       grad_norm,
-                          loss never fell); the step and the layer where it began        update_weight_ratio
+    diverged              NaN/Inf at the end, a late (or last held-out) loss 20% above   loss, non-finite rows,
+                          the start, gradients that died mid-run, or a collapse (large   grad_norm, eval_loss,
+                          steps, loss never fell); the step and the layer where it began update_weight_ratio
     nonfinite_steps       NaN/Inf at some steps, finite again later                      non-finite rows
     step_too_large        steps beyond Adam's bound in units of the lr                   update_lr_ratio
     lr_too_high           a mid-run loss spike, or late steps large against the weights  loss, update_weight_ratio

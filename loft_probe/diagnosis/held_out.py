@@ -88,6 +88,21 @@ def rise(run: Run) -> dict[str, float]:
             "loss_at_best": float(at_best.median()), "loss_late": float(late.median())}
 
 
+def ended_above_start(run: Run) -> dict[str, float]:
+    """The last held-out evaluation over LOSS_RISE × the first and beyond the noise (the run left the model worse
+    than it found it), with the first evaluation step above the start beyond the noise; {} otherwise."""
+    evals = evaluations(run)
+    if len(evals) < 2:
+        return {}
+    losses = evals["loss"].to_numpy()
+    first, last = float(losses[0]), float(losses[-1])
+    noise = margin(float(evals["se"].iloc[0]))
+    if not (first > 0 and last > T.LOSS_RISE.value * first and last - first > noise):
+        return {}
+    above = evals.index[1:][losses[1:] - first > noise]
+    return {"eval_first": first, "eval_last": last, "eval_rise": last / first, "began_step": float(above[0])}
+
+
 def spike(run: Run) -> dict[str, float]:
     """The held-out loss's highest evaluation after the first and before the model learned (the first evaluation
     below the first by more than the noise), when it lies above the first by more than HELD_OUT_SPIKE of the first

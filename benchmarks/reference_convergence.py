@@ -13,6 +13,7 @@ loft_probe.diagnosis.thresholds.REFERENCE_STILL_FALLING).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -51,10 +52,13 @@ def main() -> None:
                 record = load_run(path)
                 curve = run_series(record, "eval_loss")
                 drop = last_interval_drop(curve)
-                flag = "" if drop <= REFERENCE_STILL_FALLING.value else " (still falling)"
+                if math.isnan(drop):  # no drop to take a share of: the curve ended at or above its start
+                    shown = "— (ended at or above its start)"
+                else:
+                    shown = f"{drop:.1%}" + ("" if drop <= REFERENCE_STILL_FALLING.value else " (still falling)")
                 points = " → ".join(f"{v:.3g}" for v in curve.to_numpy())
                 print(f"| {task} | {seed} | {record.last_step} | {record.meta['hyperparameters']['lr']:g} | {points} | "
-                      f"{curve.min():.3g} ({int(curve.idxmin())}) | {drop:.1%}{flag} |"
+                      f"{curve.min():.3g} ({int(curve.idxmin())}) | {shown} |"
                       f"  <!-- {time.perf_counter() - started:.0f} s -->")
 
 

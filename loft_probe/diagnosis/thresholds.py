@@ -23,10 +23,10 @@ class Threshold:
 LOSS_RISE = Threshold(
     1.2, "late training loss 20% above the start: the run made things worse (diverged); mid-run: a spike",
     "healthy late/first ≤ 0.19 (matfact LoRA); lr ×100 and ×1000 on matfact: 52–4e4. Digits starts at a loss "
-    "of ~20 (new classes), so its diverged runs never rise above it: their gradients die instead (training.loss_rose). The same ratio on "
-    "the last held-out loss (since the plot task was read): plot full fine-tuning at lr ×1000 ends 1.22–1.50× its "
-    "start while its training loss fell to 0.47–0.58 of its first; no healthy run ends above its start, and every "
-    "other run ending over 1.2× was already called diverged")
+    "of ~20 (new classes), so its diverged runs never rise above it: their gradients die instead "
+    "(training.loss_rose). The same ratio on the last held-out loss (since the plot task was read): plot full "
+    "fine-tuning at lr ×1000 ends 1.22–1.50× its start while its training loss fell to 0.47–0.58 of its first; "
+    "no healthy run ends above its start, and every other run ending over 1.2× was already called diverged")
 STEP_LR_RATIO = Threshold(
     7.3, "a step ‖ΔW‖/(lr·sqrt(mn)) beyond K(∞) = 7.27 for betas (0.9, 0.999): no Adam-like step reaches it",
     "the bound itself (optim.functional.adam_ratio_bound); calibration maxima: full 0.81 (lr ÷100, steady "

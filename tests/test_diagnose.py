@@ -175,6 +175,19 @@ def test_undertrained_needs_a_held_out_drop_beyond_its_noise(tmp_path, se, expec
     assert ("undertrained" in codes(diagnose(run))) is expected
 
 
+@pytest.mark.parametrize("evals, flat", [({0: 1.0, 10: 0.9, 20: 0.85, 30: 0.85}, True),  # fell, then flat
+                                          ({0: 1.0, 10: 0.95, 20: 0.9, 30: 0.8}, False),  # still falling
+                                          (None, False)])
+def test_a_loss_that_has_not_fallen_says_when_the_records_cannot_tell_why(tmp_path, evals, flat):
+    """The training loss at 0.95 of its first (over LOSS_NOT_FALLEN): undertrained either way, but where the
+    held-out loss fell beyond its noise and flattened, the finding says a run at what its data allow looks the
+    same."""
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT,
+                    loss=lambda step: 1.0 if step == 1 else 0.95, evals=evals, eval_se=0.01)
+    finding = only(diagnose(run), "undertrained")
+    assert ("cannot tell the two apart" in finding.title) is flat and ("eval_first" in finding.evidence) is flat
+
+
 @pytest.mark.parametrize("se, last, expected", [
     (0.01, 0.6, "overfitting"),  # rose 0.2 from its best 0.4, still below its start 1.0
     (0.15, 0.6, None),  # 0.2 is within 2·0.15

@@ -60,6 +60,21 @@ def still_falling(run: Run) -> float:
     return -math.inf if math.isnan(share) else share
 
 
+def flattened(run: Run) -> dict[str, float]:
+    """The held-out loss fell below its first evaluation beyond the noise and no longer falls (its second half
+    gained at most HELD_OUT_STILL_FALLING of its drop): {eval_first, eval_last}; {} otherwise, with fewer than
+    four evaluations, or without a standard error. A run whose training loss barely fell may then be at what its
+    data allows rather than stopped early: the records alone cannot tell (the diagnosis benchmark's convention
+    task, at its held-out optimum, against MiniLM runs cut to a tenth of their steps)."""
+    evals = evaluations(run)
+    if len(evals) < 4 or not math.isfinite(evals["se"].iloc[-1]):
+        return {}
+    first, last = float(evals["loss"].iloc[0]), float(evals["loss"].iloc[-1])
+    if first - last <= margin(float(evals["se"].iloc[-1])) or still_falling(run) > T.HELD_OUT_STILL_FALLING.value:
+        return {}
+    return {"eval_first": first, "eval_last": last}
+
+
 def rise(run: Run) -> dict[str, float]:
     """The held-out loss's rise from its lowest evaluation to its last, when it exceeds the noise, with the
     training loss over the same interval (the median of its values between the evaluation before the best and

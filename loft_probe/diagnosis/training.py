@@ -235,14 +235,19 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
     moved = values.late("update_weight_ratio")
     not_fallen = bool(curve) and curve["loss_late"] >= T.LOSS_NOT_FALLEN.value * curve["loss_first"]
     if not_fallen and not (len(moved) and moved.max() < T.UPDATE_TINY.value):
+        flat = held_out_curve.flattened(run)
+        why = "the run stopped before it started to learn." if not flat else (
+            "the run stopped before it started to learn, or its data give little more to learn: its held-out loss "
+            f"fell beyond its noise ({number(flat['eval_first'])} → {number(flat['eval_last'])}) and has stopped "
+            "falling, and these records cannot tell the two apart.")
         return [Finding(
             "undertrained", "warning",
             f"The training loss has not fallen after {steps} steps ({number(curve['loss_first'])} → "
-            f"{number(curve['loss_late'])}) while the steps are of a normal size: the run stopped before it "
-            "started to learn.",
+            f"{number(curve['loss_late'])}) while the steps are of a normal size: {why}",
             {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"], "steps": float(steps),
-             **evidence_lr},
-            "Train longer (or raise the learning rate); compare with a run of the reference's length.")]
+             **evidence_lr, **flat},
+            "Train longer (or raise the learning rate); compare with a run of the reference's length"
+            + (", whose held-out curve shows whether more steps help." if flat else "."))]
     if not_fallen:
         return [Finding(
             "undertrained", "warning",

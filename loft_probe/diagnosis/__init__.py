@@ -47,7 +47,6 @@ benchmark that measures the whole diagnosis on runs with known causes is :mod:`l
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from loft_probe.comparison import compare
@@ -78,12 +77,20 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
                         "Let it reach its first recorded step (the probe's `every`), or check that the probe "
                         "is attached to the optimizer that steps.")]
     frame = compare([run, reference], reference=reference) if reference is not None else None
+    against = gap.loss_gap(run, reference) if reference is not None else []
     values = LayerValues(run)
     findings = training.nonfinite(run)
     stuck = training.dead_gradients(run, values) + training.frozen_factor(run, values)
     if not _fired(findings, "diverged"):
         findings += training.loss_rose(run, values, collapse=not stuck)
     findings += training.step_size(run, values)
+    # a held-out rise after a divergence or too large steps is their consequence; one that full fine-tuning, as
+    # long, did not show is too large steps itself (decided here: undertrained must not be said beside it)
+    risen = [] if _fired(findings, "diverged", "lr_too_high") else \
+        held_out.overfitting(run, training.late_step_ratio(values))
+    if risen and against:
+        risen = [held_out.outpaced(risen[0], reference, gap.share_missing(against[0]))]
+    findings += [f for f in risen if f.code == "lr_too_high"]
     # LoFT's steps far below its lr's scale: its update keeps the run still, not the lr (undertrained would say
     # raise it)
     short = [] if _fired(findings + stuck, "diverged", "dead_gradients", "frozen_factor") else \
@@ -91,8 +98,7 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
     if not _fired(findings + stuck + short, "diverged", "dead_gradients", "frozen_factor", "optimizer_state",
                   "lr_too_high", "step_too_large"):  # each explains a still loss; undertrained would say raise the lr
         findings += training.undertrained(run, values)
-    if not _fired(findings, "diverged", "lr_too_high"):  # a held-out rise after those is their consequence
-        findings += held_out.overfitting(run, training.late_step_ratio(values))
+    findings += [f for f in risen if f.code == "overfitting"]
     findings += stuck
     findings += gap.subspace(run, values)
     broken = _fired(findings, *TRAINING_FAULTS)
@@ -102,16 +108,14 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
         findings += gap.rank_spare(run, values)
     if reference is not None:
         warned = any(f.severity == "warning" for f in findings)
-        loss_gap = gap.loss_gap(run, reference, explained=warned or _fired(findings, "optimizer_state"))
-        if loss_gap and loss_gap[0].severity == "info":  # no gap to the reference: a limit that cost nothing
+        if against and against[0].severity == "info":  # no gap to the reference: a limit that cost nothing
             findings = [_no_cost(f, reference) if f.code in SUBSPACE or _lora_mismatch(f) else f for f in findings]
-        elif loss_gap and not warned and "shortfall" in loss_gap[0].evidence:  # a warning: a finite gap, which
+        elif against and not warned and "shortfall" in against[0].evidence:  # a warning: a finite gap, which
             # only LoRA's misaligned steps (when they fired) can explain
-            findings = [_costs(f, loss_gap[0]) if _lora_mismatch(f) else f for f in findings]
-        if loss_gap and loss_gap[0].severity == "warning":  # overfitting that full fine-tuning did not show
-            shortfall = loss_gap[0].evidence.get("shortfall", math.nan)
-            findings = [held_out.outpaced(f, reference, shortfall) for f in findings]
-        findings += loss_gap + gap.intruders(run, reference, frame)
+            findings = [_costs(f, against[0]) if _lora_mismatch(f) else f for f in findings]
+        if against and against[0].severity == "warning" and not (warned or _fired(findings, "optimizer_state")):
+            against = [gap.unexplained(against[0])]
+        findings += against + gap.intruders(run, reference, frame)
     findings += gap.not_recorded(run, values)
     return sorted(findings, key=lambda f: f.severity != "warning")  # stable: the check order stays
 

@@ -5,6 +5,7 @@ of the run against its reference (the loss gap, intruder dimensions); and what t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 
@@ -182,10 +183,11 @@ def last_interval_drop(curve: pd.Series) -> float:
     return drop_share(float(curve.iloc[0]), float(curve.iloc[-2]), float(curve.iloc[-1]))
 
 
-def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:
+def loss_gap(run: Run, reference: Run) -> list[Finding]:
     """The run's final loss against the reference's, as a share of what the reference gained from the start
     (an absolute floor: two converged runs at 1e-8 and 1e-9 do not differ). Says when the reference has not
-    converged, and never calls a shorter run better. ``explained``: another warning already names a cause."""
+    converged, and never calls a shorter run better. A warning is :func:`unexplained` where nothing else names a
+    cause."""
     metric, step, value = final_loss(run)
     ref_metric, ref_step, ref_value = final_loss(reference)
     if not metric or metric != ref_metric:
@@ -226,15 +228,25 @@ def loss_gap(run: Run, reference: Run, explained: bool) -> list[Finding]:
                         f"{T.HELD_OUT_NOISE.value:g} standard errors). {tail}".strip(), evidence,
                         "Evaluate on more held-out data (or several seeds) before acting on this gap.")]
     if shortfall > T.GAP_SHORTFALL.value:
-        cause = "" if explained else " Nothing else in the record names a cause."
         return [Finding("loss_gap", "warning",
-                        f"{said}: {shortfall:.0%} of the reference's gain is missing.{cause} {tail}".strip(),
+                        f"{said}: {shortfall:.0%} of the reference's gain is missing. {tail}".strip(),
                         evidence, "The other findings say where the gap comes from; a learning rate tuned for "
                                   "this method matters too.")]
     verdict = ("no worse than the reference" if shortfall <= 0 and step >= ref_step
                else f"within {T.GAP_SHORTFALL.value:.0%} of the reference's gain")
     return [Finding("loss_gap", "info", f"{said}: {verdict}. {tail}".strip(), evidence,
                     "No loss gap to close; compare task metrics before calling the methods equal.")]
+
+
+def share_missing(loss_gap: Finding) -> float:
+    """The share of the reference's gain a ``loss_gap`` warning says is missing (beyond the held-out noise); NaN
+    for an info (no gap beyond the noise) or a run that ended non-finite."""
+    return float(loss_gap.evidence.get("shortfall", math.nan)) if loss_gap.severity == "warning" else math.nan
+
+
+def unexplained(loss_gap: Finding) -> Finding:
+    """A loss_gap warning in a run where no other warning names a cause, which says so."""
+    return replace(loss_gap, title=loss_gap.title + " Nothing else in the record names a cause.")
 
 
 def intruders(run: Run, reference: Run, frame: pd.DataFrame | None) -> list[Finding]:

@@ -32,6 +32,14 @@ def evaluations(run: Run) -> pd.DataFrame:
     return pd.DataFrame({"loss": evals, "se": se.reindex(evals.index)})
 
 
+def at_the_start(run: Run) -> bool:
+    """Whether the first held-out evaluation came before any training step, so that it is the loss the run
+    started from (the built-in runner evaluates at step 0; the HF Trainer first evaluates after some steps). The
+    checks that compare with "the start" need it."""
+    evals, loss = evaluations(run), run_series(run, "loss")
+    return len(evals) > 0 and (not len(loss) or evals.index[0] <= loss.index[0])
+
+
 def margin(se: float) -> float:
     """The smallest rise above an evaluation with standard error ``se`` that is not noise: HELD_OUT_NOISE × se;
     0 when it is unknown. Always the lower evaluation's error: a broken run's huge per-example losses make its
@@ -103,11 +111,16 @@ def rise(run: Run) -> dict[str, float]:
             "loss_at_best": float(at_best.median()), "loss_late": float(late.median())}
 
 
+def ended_above(run: Run, risen: dict[str, float]) -> bool:
+    """A held-out rise (:func:`rise`) that ended above the run's start beyond the noise."""
+    return risen["eval_last"] - risen["eval_first"] > risen["noise"] and at_the_start(run)
+
+
 def ended_above_start(run: Run) -> dict[str, float]:
     """The last held-out evaluation over LOSS_RISE × the first and beyond the noise (the run left the model worse
     than it found it), with the first evaluation step above the start beyond the noise; {} otherwise."""
     evals = evaluations(run)
-    if len(evals) < 2:
+    if len(evals) < 2 or not at_the_start(run):
         return {}
     losses = evals["loss"].to_numpy()
     first, last = float(losses[0]), float(losses[-1])
@@ -125,7 +138,7 @@ def spike(run: Run) -> dict[str, float]:
     matfact's, is the training loss's to judge: LOSS_RISE). A jump after the model learned is the swing of a
     noisy curve, or, where it stays to the end, :func:`rise`'s to judge."""
     evals = evaluations(run)
-    if len(evals) < 2 or not math.isfinite(evals["se"].iloc[0]):
+    if len(evals) < 2 or not math.isfinite(evals["se"].iloc[0]) or not at_the_start(run):
         return {}
     losses = evals["loss"].to_numpy()
     first, noise = float(losses[0]), margin(float(evals["se"].iloc[0]))
@@ -143,13 +156,14 @@ def spike(run: Run) -> dict[str, float]:
 
 
 def spiked(run: Run) -> list[Finding]:
-    """lr_too_high: the held-out loss went above its start mid-run (HELD_OUT_SPIKE, beyond its noise)."""
+    """lr_too_high: the held-out loss went above its start before the model learned (HELD_OUT_SPIKE, beyond its
+    noise)."""
     jump = spike(run)
     if not jump:
         return []
     return [Finding(
         "lr_too_high", "warning",
-        f"The held-out loss rose above its start during the run ({number(jump['eval_first'])} → "
+        f"The held-out loss rose above its start before the model learned ({number(jump['eval_first'])} → "
         f"{number(jump['eval_peak'])} at step {int(jump['peak_step'])}, more than "
         f"{T.HELD_OUT_SPIKE.value:.0%} and beyond its noise) and ended at {number(jump['eval_last'])}: the steps "
         "threw the model off what it started from before it learned.", jump,
@@ -171,11 +185,11 @@ def worse_at_the_end(run: Run, step_ratio: float = math.nan, above_best: float =
     if risen["loss_late"] > T.LOSS_ABOVE_BEST.value * risen["loss_at_best"]:
         what = (f"Both losses got worse at the end of the run: held-out {span}, training {training} (over "
                 f"{T.LOSS_ABOVE_BEST.value:g}× its value at the held-out best): the steps destabilise the run.")
-    elif risen["loss_late"] < risen["loss_at_best"] and risen["eval_last"] - risen["eval_first"] > risen["noise"]:
+    elif risen["loss_late"] < risen["loss_at_best"] and ended_above(run, risen) and not ended_above_start(run):
         what = (f"The held-out loss ended above where it started ({span}) while the training loss kept falling "
                 f"({training}): the steps are too large for what the data supports.")
     elif risen["loss_late"] < risen["loss_at_best"] and above_best > T.LOSS_ABOVE_BEST.value:
-        risen = risen | {"loss_above_best": above_best}
+        risen = risen | {"loss_above_best": above_best, "loss_above_best_max": T.LOSS_ABOVE_BEST.value}
         what = (f"The held-out loss rose from its best while the training loss, lower than then ({training}), is "
                 f"{above_best:.3g}× the best it reached (held-out {span}): the steps are too large for the run to "
                 "settle, and the model overfits on their account.")
@@ -197,16 +211,17 @@ def outpaced(finding: Finding, reference: Run, shortfall: float) -> Finding:
     did not rise from its held-out best and this run ends over GAP_SHORTFALL of the reference's gain short of it
     (``shortfall``, from the loss gap), the run did not train too long, its steps were too large for its length:
     lr_too_high. Otherwise the finding as it was."""
-    risen = finding.evidence
-    if finding.code != "overfitting" or not shortfall > T.GAP_SHORTFALL.value or rise(reference) or \
-            reference.last_step < risen["last_step"]:
+    risen, evals = finding.evidence, evaluations(reference)
+    # rise() needs four evaluations and a training loss to see a rise: with fewer, "did not rise" is unknown
+    if finding.code != "overfitting" or not shortfall > T.GAP_SHORTFALL.value or len(evals) < 4 or \
+            not len(run_series(reference, "loss")) or evals.index[-1] < risen["last_step"] or rise(reference):
         return finding
     return Finding(
         "lr_too_high", "warning",
         f"The held-out loss rose from its best {number(risen['eval_best'])} at step {int(risen['best_step'])} to "
         f"{number(risen['eval_last'])} while the training loss kept falling, and the run ends {shortfall:.0%} of "
         f"the reference's gain short of {reference.name}, whose held-out loss did not rise over its "
-        f"{reference.last_step} steps: this run did not train too long, its steps were too large for its length.",
+        f"{int(evals.index[-1])} steps: this run did not train too long, its steps were too large for its length.",
         risen | {"shortfall": shortfall, "reference": reference.name},
         "Lower the learning rate (a third to a tenth; for LoRA, α/r scales the steps too); until then, the model "
         f"of step {int(risen['best_step'])} is the better one.")
@@ -219,8 +234,7 @@ def overfitting(run: Run, step_ratio: float = math.nan) -> list[Finding]:
     with a settled training loss, the records cannot tell too many steps from too high a learning rate (a full
     fine-tuning reference can: :func:`outpaced`), and the finding says so instead of naming one."""
     risen = rise(run)
-    if not risen or risen["loss_late"] >= risen["loss_at_best"] or risen["eval_last"] - risen["eval_first"] > \
-            risen["noise"]:
+    if not risen or risen["loss_late"] >= risen["loss_at_best"] or ended_above(run, risen):
         return []
     why = ""
     if math.isfinite(step_ratio):

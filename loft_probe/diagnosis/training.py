@@ -92,11 +92,12 @@ def loss_rose(run: Run, values: LayerValues, collapse: bool = True) -> list[Find
                                             "loss_rise_max": T.LOSS_RISE.value}
     elif worse := held_out_curve.ended_above_start(run):
         began = int(worse.pop("began_step"))
-        training = f" (its training loss ×{curve['loss_rise']:.3g} its first)" if curve else ""
+        training = f" (its training loss ×{curve['loss_rise']:.3g} its first)" if math.isfinite(
+            curve.get("loss_rise", math.nan)) else ""
         what = (f"its final held-out loss {number(worse['eval_last'])} is above its first "
                 f"{number(worse['eval_first'])} (×{worse['eval_rise']:.3g}){training}: it left the model worse than "
                 f"it found it; the held-out loss first rose above its start at step {began}")
-        evidence = worse | {"loss_rise_max": T.LOSS_RISE.value}
+        evidence = worse | {"eval_rise_max": T.LOSS_RISE.value}
     elif collapse and curve and curve["loss_late"] >= T.LOSS_NOT_FALLEN.value * curve["loss_first"] and (
             peak := _peak_step(run)) > T.UPDATE_WEIGHT_RATIO_PEAK.value:
         began = int(run_series(run, "loss").index[0])
@@ -152,8 +153,9 @@ def _largest_step(run: Run, until: int) -> tuple[str, float]:
 def step_size(run: Run, values: LayerValues) -> list[Finding]:
     """Steps beyond what the learning rate accounts for (update_lr_ratio), then steps too large for the run:
     a loss that rose above its start mid-run, both losses worse at the end (or the held-out one above its
-    start, or rising from its best with large steps), a held-out loss that jumped above its start mid-run, or
-    late steps large against the weights while the loss no longer falls."""
+    start, or rising from its best with large steps or a training loss that cannot settle), a held-out loss that
+    jumped above its start before the model learned, or late steps large against the weights while the loss no
+    longer falls."""
     findings = []
     ratios = values.late("update_lr_ratio")
     bound = _step_bound(run)
@@ -237,17 +239,17 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
     if not_fallen and not (len(moved) and moved.max() < T.UPDATE_TINY.value):
         flat = held_out_curve.flattened(run)
         why = "the run stopped before it started to learn." if not flat else (
-            "the run stopped before it started to learn, or its data give little more to learn: its held-out loss "
-            f"fell beyond its noise ({number(flat['eval_first'])} → {number(flat['eval_last'])}) and has stopped "
-            "falling, and these records cannot tell the two apart.")
+            "either the run stopped early or its data give little more to learn: its held-out loss fell beyond its "
+            f"noise ({number(flat['eval_first'])} → {number(flat['eval_last'])}) and has stopped falling, and these "
+            "records cannot tell the two apart.")
         return [Finding(
             "undertrained", "warning",
             f"The training loss has not fallen after {steps} steps ({number(curve['loss_first'])} → "
             f"{number(curve['loss_late'])}) while the steps are of a normal size: {why}",
             {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"], "steps": float(steps),
              **evidence_lr, **flat},
-            "Train longer (or raise the learning rate); compare with a run of the reference's length"
-            + (", whose held-out curve shows whether more steps help." if flat else "."))]
+            "Train once for twice the steps and compare the held-out loss: if it does not improve, the run is done."
+            if flat else "Train longer (or raise the learning rate); compare with a run of the reference's length.")]
     if not_fallen:
         return [Finding(
             "undertrained", "warning",

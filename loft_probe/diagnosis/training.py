@@ -90,7 +90,7 @@ def loss_rose(run: Run, values: LayerValues, collapse: bool = True) -> list[Find
                 f"step {began}")
         evidence: dict[str, float | str] = {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"],
                                             "loss_rise_max": T.LOSS_RISE.value}
-    elif worse := held_out_curve.ended_above_start(run):
+    elif worse := held_out_curve.diverged(run):
         began = int(worse.pop("began_step"))
         training = f" (its training loss ×{curve['loss_rise']:.3g} its first)" if math.isfinite(
             curve.get("loss_rise", math.nan)) else ""

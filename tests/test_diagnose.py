@@ -186,6 +186,41 @@ def test_a_loss_that_has_not_fallen_says_when_the_records_cannot_tell_why(tmp_pa
                     loss=lambda step: 1.0 if step == 1 else 0.95, evals=evals, eval_se=0.01)
     finding = only(diagnose(run), "undertrained")
     assert ("cannot tell the two apart" in finding.title) is flat and ("eval_first" in finding.evidence) is flat
+    assert finding.severity == ("info" if flat else "warning")  # what cannot be told is not a warning
+
+
+NOT_FALLEN = {"loss": lambda step: 1.0 if step == 1 else 0.95, "evals": {0: 1.0, 10: 0.9, 20: 0.85, 30: 0.85}}
+
+
+@pytest.mark.parametrize("reference_evals, severity, said", [
+    ({0: 1.0, 10: 0.88, 20: 0.845, 30: 0.84}, None, ""),  # converged, as long, 6% of its gain ahead: no more to get
+    ({0: 1.0, 10: 0.7, 20: 0.61, 30: 0.6}, "warning", "so it stopped early"),  # converged, 62% ahead
+    ({0: 1.0, 10: 0.95, 20: 0.9, 30: 0.84}, "info", "cannot tell the two apart"),  # still falling: no answer
+    ({0: 1.0, 10: 0.88, 20: 0.845, 30: 0.84, 40: 0.84}, "info", "cannot tell the two apart"),  # trained longer
+])
+def test_the_reference_tells_a_run_stopped_early_from_one_at_what_its_data_give(tmp_path, reference_evals, severity,
+                                                                                said):
+    """A training loss at 0.95 of its first, a held-out loss that fell and flattened: the run's own records cannot
+    tell (an info); a converged reference, as long, can."""
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, eval_se=0.01, **NOT_FALLEN)
+    full = write_run(tmp_path / "full", "full", late={}, snapshot=SNAPSHOT, evals=reference_evals, eval_se=0.01)
+    findings = diagnose(run, reference=full)
+    if severity is None:
+        assert "undertrained" not in codes(findings) and only(findings, "loss_gap").severity == "info"
+    else:
+        finding = only(findings, "undertrained")
+        assert finding.severity == severity and said in finding.title
+
+
+def test_a_loss_still_falling_that_a_converged_reference_matches_is_not_a_warning(tmp_path):
+    """Training and held-out losses still falling at the end (a warning alone), ending where full fine-tuning,
+    converged over as many steps, ends."""
+    run = write_run(tmp_path / "lora", "lora", late=HEALTHY, snapshot=SNAPSHOT, loss=lambda step: 1.0 - 0.03 * step,
+                    evals=HELD_OUT_FALLING, eval_se=0.01)
+    full = write_run(tmp_path / "full", "full", late={}, snapshot=SNAPSHOT, evals={0: 1.0, 10: 0.5, 20: 0.41, 30: 0.4},
+                     eval_se=0.01)
+    assert only(diagnose(run), "undertrained").severity == "warning"
+    assert "undertrained" not in codes(diagnose(run, reference=full))
 
 
 @pytest.mark.parametrize("se, last, expected", [
@@ -307,7 +342,8 @@ def test_a_held_out_jump_after_the_model_learned_is_not_a_spike(tmp_path):
 
 
 @pytest.mark.parametrize("reference_evals, expected", [
-    ({0: 1.0, 10: 0.7, 20: 0.5, 30: 0.45}, "lr_too_high"),  # full fine-tuning, as long, did not rise: 27% short
+    ({0: 1.0, 10: 0.6, 20: 0.46, 30: 0.45}, "lr_too_high"),  # full fine-tuning, as long, did not rise: 27% short
+    ({0: 1.0, 10: 0.7, 20: 0.5, 30: 0.45}, "overfitting"),  # the same, still falling (0.05 > 2·0.01): no rise yet
     ({0: 1.0, 10: 0.4, 20: 0.3, 30: 0.45}, "overfitting"),  # it rose too (27% short): the run trained too long
     ({0: 1.0, 10: 0.7, 20: 0.6, 30: 0.58}, "overfitting"),  # 4% of its gain short: no gap to explain
     ({0: 1.0, 5: 0.7, 10: 0.5, 20: 0.45}, "overfitting"),  # its last evaluation at step 20, before the run's rise
@@ -331,7 +367,7 @@ def test_steps_too_large_against_the_reference_are_a_training_fault(tmp_path):
     late = HEALTHY | {"shadow_precond_proj_cosine": 0.5}
     run = write_run(tmp_path / "lora", "lora", late=late, snapshot=SNAPSHOT, evals=OVERFIT, eval_se=0.01,
                     loss=lambda step: 1.0 if step == 1 else 0.97 - 0.001 * step)
-    full = write_run(tmp_path / "full", "full", late={}, snapshot=SNAPSHOT, evals={0: 1.0, 10: 0.7, 20: 0.5, 30: 0.45},
+    full = write_run(tmp_path / "full", "full", late={}, snapshot=SNAPSHOT, evals={0: 1.0, 10: 0.6, 20: 0.46, 30: 0.45},
                      eval_se=0.01)
     alone = codes(diagnose(run))
     assert {"undertrained", "overfitting"} <= set(alone)

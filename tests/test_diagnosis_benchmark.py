@@ -69,6 +69,18 @@ def test_the_score_counts_hits_and_false_alarms(rows):
     assert findings.loc["diverged", "precision"] == 1.0 and math.isnan(findings.loc["gap_from_subspace", "precision"])
 
 
+def test_a_cause_named_by_an_info_alone_is_counted_as_a_hedge():
+    """undertrained as an info (the records cannot tell) names the cause, and is counted apart; an info by design
+    (rank_more_than_needed) is no hedge."""
+    rows = pd.DataFrame([
+        {"split": "s", "task": "t", "seed": 0, "method": "lora", "cause": cause, "gap_to_full": False, "hurt": True,
+         "warnings": warned, "infos": informed, "warnings_ref": warned, "infos_ref": informed}
+        for cause, warned, informed in (("too_few_steps", "", "undertrained"), ("lr_div100", "undertrained", ""),
+                                        ("rank_far_too_high", "", "rank_more_than_needed"))])
+    summary = score(rows, reference=False).summary
+    assert summary["hurt runs named correctly"] == 1.0 and summary["hurt runs named by an info only"] == 1 / 3
+
+
 def test_a_lora_gap_that_its_loft_twin_closes_is_the_ground_truth_of_optimizer_state():
     """A LoRA run short of full fine-tuning whose LoFT twin (same task, seed, cause) is not: LoRA's optimizer
     state made the gap, so an optimizer_state warning there is true; anywhere else it is a wrong cause."""

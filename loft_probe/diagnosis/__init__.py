@@ -21,11 +21,14 @@ Findings, in the order shown (warnings first):
                           best with large steps, or with a training loss that cannot
                           settle) while the training loss fell, or it
                           jumped above its start before it learned; against a reference:
-                          a rise from its best that full fine-tuning, as long, did not
-                          show, with a loss gap
+                          a rise from its best that full fine-tuning, converged and as
+                          long, did not show, with a loss gap
     undertrained          the loss (and the held-out loss, beyond its noise) still       loss, eval_loss(_se),
                           falling at the end, or not fallen yet, or the weights          update_weight_ratio
-                          barely moving
+                          barely moving (an info where the held-out loss fell and
+                          flattened: the records cannot tell); against a reference: a    eval_loss (reference)
+                          warning with a loss gap, none where full fine-tuning,
+                          converged and as long, got no further
     overfitting           the held-out loss rose from its best beyond its noise while    eval_loss(_se), loss
                           the training loss fell
     dead_gradients        layers whose gradient is exactly 0                             grad_norm
@@ -89,7 +92,7 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
     risen = [] if _fired(findings, "diverged", "lr_too_high") else \
         held_out.overfitting(run, training.late_step_ratio(values))
     if risen and against:
-        risen = [held_out.outpaced(risen[0], reference, gap.share_missing(against[0]))]
+        risen = [held_out.outpaced(risen[0], reference, gap.share_missing(against[0]), gap.converged(against[0]))]
     findings += [f for f in risen if f.code == "lr_too_high"]
     # LoFT's steps far below its lr's scale: its update keeps the run still, not the lr (undertrained would say
     # raise it)
@@ -97,11 +100,12 @@ def diagnose(run: Run, reference: Run | None = None) -> list[Finding]:
         gap.loft_short_steps(run, training.loft_steps_short(run, values))
     if not _fired(findings + stuck + short, "diverged", "dead_gradients", "frozen_factor", "optimizer_state",
                   "lr_too_high", "step_too_large"):  # each explains a still loss; undertrained would say raise the lr
-        findings += training.undertrained(run, values)
+        slow = training.undertrained(run, values)
+        findings += [kept for f in slow for kept in gap.stopped_early(f, against[0], reference)] if against else slow
     findings += [f for f in risen if f.code == "overfitting"]
     findings += stuck
     findings += gap.subspace(run, values)
-    broken = _fired(findings, *TRAINING_FAULTS)
+    broken = _fired([f for f in findings if f.severity == "warning"], *TRAINING_FAULTS)
     state = gap.optimizer_state(run, values, broken)
     findings += state or short
     if not broken:  # a broken run's ΔW says nothing about the rank it needs

@@ -183,6 +183,23 @@ def last_interval_drop(curve: pd.Series) -> float:
     return drop_share(float(curve.iloc[0]), float(curve.iloc[-2]), float(curve.iloc[-1]))
 
 
+def still_falling(reference: Run, metric: str) -> float:
+    """The share of the reference's whole drop in ``metric`` (``eval_loss`` or ``loss``) that came in its last
+    interval, where that last drop is beyond the noise of its last held-out evaluation; 0 within the noise; NaN with
+    fewer than three values or no drop. Over REFERENCE_STILL_FALLING: the reference has not converged."""
+    curve = run_series(reference, metric)
+    share = last_interval_drop(curve)
+    evals = held_out.evaluations(reference)
+    noise = held_out.margin(float(evals["se"].iloc[-1])) if metric == "eval_loss" and len(evals) else 0.0
+    return 0.0 if math.isfinite(share) and float(curve.iloc[-2] - curve.iloc[-1]) <= noise else share
+
+
+def converged(loss_gap: Finding) -> bool:
+    """Whether the reference of a ``loss_gap`` finding had converged (its last interval gained at most
+    REFERENCE_STILL_FALLING of its drop, beyond the noise); False where that is unknown."""
+    return float(loss_gap.evidence.get("reference_still_falling", math.nan)) <= T.REFERENCE_STILL_FALLING.value
+
+
 def loss_gap(run: Run, reference: Run) -> list[Finding]:
     """The run's final loss against the reference's, as a share of what the reference gained from the start
     (an absolute floor: two converged runs at 1e-8 and 1e-9 do not differ). Says when the reference has not
@@ -204,12 +221,10 @@ def loss_gap(run: Run, reference: Run) -> list[Finding]:
                         f"{reference.name} is possible.", evidence, "See the divergence finding.")]
     notes = []
     noise = held_out.margin(held_out.last_se(reference)) if metric == "eval_loss" else 0.0
-    last_drop = last_interval_drop(start)
+    last_drop = still_falling(reference, metric)
     if math.isfinite(last_drop):
         evidence["reference_still_falling"] = last_drop
-        evals = held_out.evaluations(reference)
-        last_noise = held_out.margin(float(evals["se"].iloc[-1])) if metric == "eval_loss" else 0.0
-        if last_drop > T.REFERENCE_STILL_FALLING.value and float(start.iloc[-2] - start.iloc[-1]) > last_noise:
+        if last_drop > T.REFERENCE_STILL_FALLING.value:
             notes.append(f"{reference.name} itself has not converged (its {metric} still fell by {last_drop:.0%} "
                          "of its gain in its last evaluation interval): train it longer for a fair reference")
     if step < ref_step:
@@ -242,6 +257,28 @@ def share_missing(loss_gap: Finding) -> float:
     """The share of the reference's gain a ``loss_gap`` warning says is missing (beyond the held-out noise); NaN
     for an info (no gap beyond the noise) or a run that ended non-finite."""
     return float(loss_gap.evidence.get("shortfall", math.nan)) if loss_gap.severity == "warning" else math.nan
+
+
+def stopped_early(finding: Finding, loss_gap: Finding, reference: Run) -> list[Finding]:
+    """An ``undertrained`` finding read against the reference, which tells a run stopped early from one at what
+    its data give in this many steps. Where the run ends short of the reference beyond the noise (a ``loss_gap``
+    warning), a warning (an info that could not tell becomes one). Where it does not, and the reference converged
+    (:func:`converged`) over as many steps, none: full fine-tuning, as long, got no further, and the loss gap's
+    info says so. Otherwise the finding as it was (a reference trained longer, or still falling, cannot tell)."""
+    shortfall, ends = share_missing(loss_gap), loss_gap.evidence
+    if shortfall > T.GAP_SHORTFALL.value:
+        if finding.severity == "warning":
+            return [finding]
+        return [replace(finding, severity="warning",
+                        title=finding.title + f" Against {reference.name} they can: the run ends {shortfall:.0%} of "
+                                              f"the reference's gain short of it (final {ends['metric']} "
+                                              f"{number(ends['loss'])} against {number(ends['reference_loss'])}), "
+                                              "so it stopped early.",
+                        evidence=finding.evidence | {"shortfall": shortfall, "reference": reference.name},
+                        suggestion="Train longer (or raise the learning rate); compare with a run of the reference's "
+                                   "length.")]
+    as_long = ends.get("step") == ends.get("reference_step")
+    return [] if loss_gap.severity == "info" and converged(loss_gap) and as_long else [finding]
 
 
 def unexplained(loss_gap: Finding) -> Finding:

@@ -209,15 +209,17 @@ def worse_at_the_end(run: Run, step_ratio: float = math.nan, above_best: float =
                     f"near step {int(risen['best_step'])}.")]
 
 
-def outpaced(finding: Finding, reference: Run, shortfall: float) -> Finding:
-    """An ``overfitting`` finding read against the reference: where full fine-tuning, trained at least as long,
-    did not rise from its held-out best and this run ends over GAP_SHORTFALL of the reference's gain short of it
-    (``shortfall``, from the loss gap), the run did not train too long, its steps were too large for its length:
-    lr_too_high. Otherwise the finding as it was."""
+def outpaced(finding: Finding, reference: Run, shortfall: float, converged: bool) -> Finding:
+    """An ``overfitting`` finding read against the reference: where full fine-tuning, trained at least as long
+    and ``converged`` (from the loss gap), did not rise from its held-out best and this run ends over GAP_SHORTFALL
+    of the reference's gain short of it (``shortfall``, from the loss gap), the run did not train too long, its
+    steps were too large for its length: lr_too_high. Otherwise the finding as it was: a reference still falling
+    has not shown where its own rise would begin."""
     risen, evals = finding.evidence, evaluations(reference)
     # rise() needs TREND_EVALS evaluations and a training loss to see a rise: without, "did not rise" is unknown
-    if finding.code != "overfitting" or not shortfall > T.GAP_SHORTFALL.value or len(evals) < TREND_EVALS or \
-            not len(run_series(reference, "loss")) or evals.index[-1] < risen["last_step"] or rise(reference):
+    if finding.code != "overfitting" or not converged or not shortfall > T.GAP_SHORTFALL.value or \
+            len(evals) < TREND_EVALS or not len(run_series(reference, "loss")) or \
+            evals.index[-1] < risen["last_step"] or rise(reference):
         return finding
     return Finding(
         "lr_too_high", "warning",

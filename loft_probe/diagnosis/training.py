@@ -242,8 +242,8 @@ def undertrained(run: Run, values: LayerValues) -> list[Finding]:
             "either the run stopped early or its data give little more to learn: its held-out loss fell beyond its "
             f"noise ({number(flat['eval_first'])} → {number(flat['eval_last'])}) and has stopped falling, and these "
             "records cannot tell the two apart.")
-        return [Finding(
-            "undertrained", "warning",
+        return [Finding(  # an info where the records cannot tell: a reference can (gap.stopped_early)
+            "undertrained", "info" if flat else "warning",
             f"The training loss has not fallen after {steps} steps ({number(curve['loss_first'])} → "
             f"{number(curve['loss_late'])}) while the steps are of a normal size: {why}",
             {"loss_first": curve["loss_first"], "loss_late": curve["loss_late"], "steps": float(steps),
